@@ -1,0 +1,123 @@
+//! The library's errors. Each has a stable machine-readable reason
+//! ([`Error::reason`]) that the gRPC layer turns into a status an executor can
+//! act on. No error ever carries secret bytes or key material, and a
+//! decryption failure never says why.
+
+use crate::crypto::DecryptionFailed;
+use crate::crypto::root::RootKeyError;
+use crate::store::StoreError;
+
+/// Bad input: rejected before anything is stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("tenant id must be 1-64 characters of [A-Za-z0-9_-]")]
+    TenantId,
+    #[error("credential id must be 1-256 characters of [A-Za-z0-9._:/@-]")]
+    CredentialId,
+    #[error("secret is {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("{count} labels; at most {limit} are allowed")]
+    TooManyLabels { count: usize, limit: usize },
+    #[error("label keys must be 1-63 characters of [A-Za-z0-9._/-]")]
+    LabelKey,
+    #[error("label values must be at most 256 characters")]
+    LabelValue,
+    #[error("unknown credential kind")]
+    Kind,
+    #[error("version must be at least 1")]
+    Version,
+    #[error("expires_at is not in the future")]
+    Expiry,
+    #[error("{field} must be at most {limit} characters")]
+    TooLong { field: &'static str, limit: usize },
+    #[error("page token is malformed")]
+    PageToken,
+}
+
+impl Invalid {
+    /// The stable reason code.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Invalid::TenantId | Invalid::CredentialId => "INVALID_ID",
+            Invalid::TooLarge { .. } => "TOO_LARGE",
+            Invalid::TooManyLabels { .. } => "TOO_MANY_LABELS",
+            Invalid::LabelKey | Invalid::LabelValue => "INVALID_LABEL",
+            Invalid::Kind => "INVALID_KIND",
+            Invalid::Version => "INVALID_VERSION",
+            Invalid::Expiry => "INVALID_EXPIRY",
+            Invalid::TooLong { .. } => "TOO_LONG",
+            Invalid::PageToken => "INVALID_PAGE_TOKEN",
+        }
+    }
+}
+
+/// Everything a vault operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; nothing was stored.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// No such credential or version (also what another tenant sees).
+    #[error("credential not found")]
+    NotFound,
+    /// The credential was revoked.
+    #[error("credential has been revoked")]
+    Revoked,
+    /// The credential's expiry time has passed.
+    #[error("credential has expired")]
+    Expired,
+    /// The tenant was deleted.
+    #[error("tenant has been deleted")]
+    TenantDeleted,
+    /// Compare-and-set failed: the current version is not the expected one.
+    #[error("expected version {expected}, but the current version is {actual}")]
+    VersionMismatch { expected: u32, actual: u32 },
+    /// A ciphertext did not open. Deliberately says nothing more.
+    #[error("decryption failed")]
+    DecryptionFailed,
+    /// The root key given at start-up is not the one this store was made with.
+    #[error(
+        "the root key does not match this data directory (its check value does not open): start with the root key the store was created with"
+    )]
+    WrongRootKey,
+    /// The root key could not be loaded.
+    #[error(transparent)]
+    RootKey(#[from] RootKeyError),
+    /// Concurrent writers kept conflicting; the caller may retry.
+    #[error("too many concurrent changes to this credential; retry")]
+    Contention,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store holds something it should not (a bug or tampering).
+    #[error("store is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl From<DecryptionFailed> for Error {
+    fn from(_: DecryptionFailed) -> Self {
+        Error::DecryptionFailed
+    }
+}
+
+impl Error {
+    /// The stable, machine-readable reason code.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Invalid(invalid) => invalid.reason(),
+            Error::NotFound => "NOT_FOUND",
+            Error::Revoked => "REVOKED",
+            Error::Expired => "EXPIRED",
+            Error::TenantDeleted => "TENANT_DELETED",
+            Error::VersionMismatch { .. } => "VERSION_MISMATCH",
+            Error::DecryptionFailed => "DECRYPTION_FAILED",
+            Error::WrongRootKey => "WRONG_ROOT_KEY",
+            Error::RootKey(_) => "ROOT_KEY_UNAVAILABLE",
+            Error::Contention => "CONTENTION",
+            Error::Store(_) => "STORAGE",
+            Error::Corrupt(_) => "CORRUPT",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,4 @@
+//! The `credvault` binary.
+#![forbid(unsafe_code)]
+
+fn main() {}

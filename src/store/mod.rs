@@ -1,0 +1,118 @@
+//! Storage: a narrow key-value trait and its sled backend.
+//!
+//! The vault sees only [`Store`]: point reads, ordered prefix scans, and atomic
+//! batches with preconditions and counters. A batch is applied with
+//! [`Store::apply`] (atomic and visible at once) and acknowledged only after
+//! [`Store::durable`] resolves (on disk, fsync'd). Only `store::sled` imports
+//! sled; another backend (a replicated SQL database) implements the same trait.
+//!
+//! What the keys and values mean lives in [`layout`] and [`records`], which are
+//! backend-neutral.
+
+pub mod layout;
+pub mod records;
+mod sled;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use self::sled::{Durability, SledStore, StoreOptions};
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A precondition of the batch did not hold; nothing was written.
+    #[error("a concurrent change conflicted with this write; nothing was written")]
+    Conflict,
+    /// The backend failed; what was written may not be durable.
+    #[error("storage failure: {0}")]
+    Backend(String),
+    /// An earlier flush failed, so the store refuses further writes.
+    #[error("the store could not make writes durable and refuses further writes: {0}")]
+    Poisoned(String),
+}
+
+/// One change inside a [`Batch`].
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Set `key` to `value`.
+    Put(Vec<u8>, Vec<u8>),
+    /// Remove `key` (no error if absent).
+    Delete(Vec<u8>),
+    /// Add to the big-endian u64 counter at `key` (absent = 0).
+    Add(Vec<u8>, u64),
+}
+
+/// An atomic, conditional set of changes: either every op applies, or none.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    /// Each `(key, expected)` must hold when the batch applies (`None` = absent).
+    pub checks: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The changes, applied in order.
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    /// Requires `key` to hold exactly `expected` (`None`: to be absent).
+    pub fn check(&mut self, key: Vec<u8>, expected: Option<Vec<u8>>) -> &mut Self {
+        self.checks.push((key, expected));
+        self
+    }
+
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Put(key, value));
+        self
+    }
+
+    pub fn delete(&mut self, key: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Delete(key));
+        self
+    }
+
+    pub fn add(&mut self, key: Vec<u8>, delta: u64) -> &mut Self {
+        self.ops.push(Op::Add(key, delta));
+        self
+    }
+}
+
+/// The result of [`Store::apply`].
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// Pass to [`Store::durable`] before acknowledging the write.
+    pub ticket: u64,
+    /// The new value of each [`Op::Add`] counter, in batch order.
+    pub counters: Vec<u64>,
+}
+
+/// A future that resolves once a write is durable.
+pub type DurableFuture<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
+/// The storage the vault needs, and nothing more.
+pub trait Store: Send + Sync + 'static {
+    /// The value at `key`.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Up to `limit` entries whose key starts with `prefix`, in key order,
+    /// strictly after `start_after` when given.
+    fn scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+
+    /// Applies `batch` atomically if all its checks hold ([`StoreError::Conflict`]
+    /// otherwise). The change is visible at once but not yet durable.
+    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError>;
+
+    /// Resolves once the write that returned `ticket` is on disk. Concurrent
+    /// writers share one flush (group commit).
+    fn durable(&self, ticket: u64) -> DurableFuture<'_>;
+}
+
+/// Applies `batch` and waits until it is durable: the only way the vault writes.
+pub async fn commit(store: &dyn Store, batch: &Batch) -> Result<Vec<u64>, StoreError> {
+    let applied = store.apply(batch)?;
+    store.durable(applied.ticket).await?;
+    Ok(applied.counters)
+}

@@ -1,0 +1,145 @@
+//! The stored records, encoded as protocol buffers (prost) so that fields can be
+//! added later without a migration. `docs/format.md` lists every field.
+//!
+//! Records hold wrapped keys and ciphertexts, never plaintext keys or secrets.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+
+use super::StoreError;
+
+/// State of a key version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum KeyState {
+    /// Unknown (never written).
+    Unspecified = 0,
+    /// The primary: seals (or wraps) new data, and opens old data.
+    Active = 1,
+    /// Opens data it sealed before, seals nothing new.
+    DecryptOnly = 2,
+    /// Its key bytes are gone; nothing it sealed can be opened.
+    Destroyed = 3,
+}
+
+/// State of a stored credential version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, prost::Enumeration)]
+#[repr(i32)]
+pub enum VersionState {
+    Unspecified = 0,
+    /// Holds a ciphertext that can be unsealed.
+    Live = 1,
+    /// Revoked: the ciphertext is gone, a tombstone remains.
+    Revoked = 2,
+}
+
+/// The root key's check value and version (`m\0root`).
+#[derive(Clone, PartialEq, Message)]
+pub struct RootCheck {
+    /// The root key's version; KEK wraps name it in their header.
+    #[prost(uint32, tag = "1")]
+    pub root_version: u32,
+    /// seal[root](ROOT_CHECK_PLAINTEXT, root_check context).
+    #[prost(bytes = "vec", tag = "2")]
+    pub check: Vec<u8>,
+    /// When this root key was put in place (ms since the Unix epoch).
+    #[prost(uint64, tag = "3")]
+    pub created_at_ms: u64,
+}
+
+/// One KEK version (`k\0{v}`).
+#[derive(Clone, PartialEq, Message)]
+pub struct KekRecord {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    #[prost(enumeration = "KeyState", tag = "2")]
+    pub state: i32,
+    #[prost(uint64, tag = "3")]
+    pub created_at_ms: u64,
+    /// seal[root](KEK bytes, kek_wrap(version)); empty once destroyed.
+    #[prost(bytes = "vec", tag = "4")]
+    pub wrapped: Vec<u8>,
+}
+
+/// A tenant (`t\0{tenant}`).
+#[derive(Clone, PartialEq, Message)]
+pub struct TenantRecord {
+    #[prost(uint64, tag = "1")]
+    pub created_at_ms: u64,
+}
+
+/// One DEK version of a tenant (`d\0{tenant}\0{v}`).
+#[derive(Clone, PartialEq, Message)]
+pub struct DekRecord {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// The KEK version that wraps it.
+    #[prost(uint32, tag = "2")]
+    pub kek_version: u32,
+    #[prost(enumeration = "KeyState", tag = "3")]
+    pub state: i32,
+    #[prost(uint64, tag = "4")]
+    pub created_at_ms: u64,
+    /// seal[kek](DEK bytes, dek_wrap(tenant, version, kek_version)); empty once destroyed.
+    #[prost(bytes = "vec", tag = "5")]
+    pub wrapped: Vec<u8>,
+}
+
+/// A credential's head (`h\0{tenant}\0{credential}`): what the latest version is.
+#[derive(Clone, PartialEq, Message)]
+pub struct CredentialHead {
+    #[prost(uint32, tag = "1")]
+    pub latest_version: u32,
+    #[prost(uint64, tag = "2")]
+    pub created_at_ms: u64,
+    #[prost(uint64, tag = "3")]
+    pub updated_at_ms: u64,
+}
+
+/// Who revoked a credential, when and why.
+#[derive(Clone, PartialEq, Message)]
+pub struct Tombstone {
+    #[prost(uint64, tag = "1")]
+    pub revoked_at_ms: u64,
+    #[prost(string, tag = "2")]
+    pub revoked_by: String,
+    #[prost(string, tag = "3")]
+    pub reason: String,
+}
+
+/// One stored version of a credential (`v\0{tenant}\0{credential}\0{v}`).
+#[derive(Clone, PartialEq, Message)]
+pub struct VersionRecord {
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// The credential kind (`vault::Kind` as a number).
+    #[prost(uint32, tag = "2")]
+    pub kind: u32,
+    #[prost(btree_map = "string, string", tag = "3")]
+    pub labels: BTreeMap<String, String>,
+    #[prost(uint64, tag = "4")]
+    pub created_at_ms: u64,
+    /// 0 = never expires.
+    #[prost(uint64, tag = "5")]
+    pub expires_at_ms: u64,
+    /// The DEK version that sealed the payload.
+    #[prost(uint32, tag = "6")]
+    pub dek_version: u32,
+    #[prost(enumeration = "VersionState", tag = "7")]
+    pub state: i32,
+    /// seal[dek](secret, payload(tenant, credential, version, kind, dek_version));
+    /// empty once revoked.
+    #[prost(bytes = "vec", tag = "8")]
+    pub ciphertext: Vec<u8>,
+    /// Plaintext length, for metadata.
+    #[prost(uint64, tag = "9")]
+    pub size: u64,
+    #[prost(message, optional, tag = "10")]
+    pub tombstone: Option<Tombstone>,
+}
+
+/// Decodes a record, turning a malformed one into a storage error.
+pub fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Backend(format!("malformed record: {e}")))
+}

@@ -1,0 +1,392 @@
+//! The key rings: the root key check, the KEK ring, and per-tenant DEK rings.
+//!
+//! Wrapped keys live in the store; unwrapped ones live here, in memory only,
+//! wiped on drop. The primary version of a ring is its highest `Active`
+//! version. Every change to a ring is a conditional batch: it names the exact
+//! record bytes it replaces, so a concurrent rotation makes it conflict and be
+//! retried against fresh state instead of silently overwriting.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use prost::Message;
+use zeroize::Zeroizing;
+
+use crate::clock::Clock;
+use crate::crypto::envelope::{self, Context};
+use crate::crypto::keys::{Dek, KEY_LEN, Kek, RootKey, SymmetricKey};
+use crate::error::{Error, Result};
+use crate::store::records::{self, DekRecord, KekRecord, KeyState, RootCheck, TenantRecord};
+use crate::store::{Batch, Store, StoreError, commit, layout};
+
+/// The plaintext of the root key's check value.
+const ROOT_CHECK_PLAINTEXT: &[u8] = b"credvault root key check v1";
+
+/// A key version as loaded: its record (exactly as stored) and, unless
+/// destroyed, its unwrapped key.
+pub(crate) struct Loaded<K> {
+    pub key: Option<Arc<K>>,
+    pub record_bytes: Vec<u8>,
+    pub state: KeyState,
+}
+
+impl<K> Loaded<K> {
+    fn usable(&self) -> Option<&Arc<K>> {
+        self.key.as_ref().filter(|_| self.state != KeyState::Destroyed)
+    }
+}
+
+/// Highest `Active` version of a ring.
+fn primary<K>(ring: &BTreeMap<u32, Loaded<K>>) -> Option<(u32, &Loaded<K>)> {
+    ring.iter().rev().find(|(_, l)| l.state == KeyState::Active).map(|(v, l)| (*v, l))
+}
+
+/// The DEK ring of one tenant.
+pub(crate) struct TenantKeys {
+    pub deks: BTreeMap<u32, Loaded<Dek>>,
+}
+
+impl TenantKeys {
+    /// The primary DEK and its record bytes (for the seal's precondition).
+    pub fn primary(&self) -> Result<(&Arc<Dek>, &[u8])> {
+        let (version, loaded) = primary(&self.deks)
+            .ok_or_else(|| Error::Corrupt("tenant has no active data key".into()))?;
+        let key = loaded
+            .usable()
+            .ok_or_else(|| Error::Corrupt(format!("active data key v{version} has no key bytes")))?;
+        Ok((key, &loaded.record_bytes))
+    }
+
+    /// The DEK of `version`, if it exists and is not destroyed.
+    pub fn get(&self, version: u32) -> Option<&Arc<Dek>> {
+        self.deks.get(&version).and_then(Loaded::usable)
+    }
+}
+
+/// All unwrapped keys, and the logic that creates and rotates them.
+pub(crate) struct KeyRing {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    root: RootKey,
+    keks: RwLock<BTreeMap<u32, Loaded<Kek>>>,
+    tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
+    rotate_after: u64,
+}
+
+impl KeyRing {
+    /// Checks the root key against the store (initialising a new store), then
+    /// loads and unwraps the KEK ring.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        root: SymmetricKey,
+        rotate_after: u64,
+    ) -> Result<Self> {
+        let root_version = match store.get(layout::ROOT_CHECK)? {
+            Some(bytes) => {
+                let check: RootCheck = records::decode(&bytes)?;
+                let opened = envelope::open(&root, &Context::root_check(), &check.check)
+                    .map_err(|_| Error::WrongRootKey)?;
+                if opened.as_slice() != ROOT_CHECK_PLAINTEXT {
+                    return Err(Error::WrongRootKey);
+                }
+                check.root_version
+            }
+            None => Self::initialise(&*store, &*clock, &root).await?,
+        };
+        let root = RootKey::new(root_version, root);
+        let mut keks = BTreeMap::new();
+        for (key, bytes) in store.scan(&layout::kek_prefix(), None, usize::MAX)? {
+            let record: KekRecord = records::decode(&bytes)?;
+            let version = layout::trailing_version(&key)
+                .filter(|v| *v == record.version)
+                .ok_or_else(|| Error::Corrupt("KEK record under the wrong key".into()))?;
+            let state = record.state();
+            let key = match state {
+                KeyState::Destroyed => None,
+                _ => {
+                    let material = envelope::open(root.key(), &Context::kek_wrap(version), &record.wrapped)
+                        .map_err(|_| Error::Corrupt(format!("KEK v{version} does not open under the root key")))?;
+                    Some(Arc::new(Kek::new(version, to_key(&material)?)))
+                }
+            };
+            keks.insert(version, Loaded { key, record_bytes: bytes, state });
+        }
+        if primary(&keks).is_none() {
+            return Err(Error::Corrupt("no active key-encryption key".into()));
+        }
+        Ok(Self {
+            store,
+            clock,
+            root,
+            keks: RwLock::new(keks),
+            tenants: RwLock::default(),
+            rotate_after: rotate_after.max(1),
+        })
+    }
+
+    /// A new store: writes the root check value and KEK v1 in one batch.
+    async fn initialise(store: &dyn Store, clock: &dyn Clock, root: &SymmetricKey) -> Result<u32> {
+        if !store.scan(&layout::kek_prefix(), None, 1)?.is_empty() {
+            return Err(Error::Corrupt("key-encryption keys exist but the root check value is missing".into()));
+        }
+        let now = clock.now_ms();
+        let root_version = 1;
+        let check = RootCheck {
+            root_version,
+            check: envelope::seal(root, root_version, &Context::root_check(), ROOT_CHECK_PLAINTEXT),
+            created_at_ms: now,
+        };
+        let kek = SymmetricKey::generate();
+        let record = KekRecord {
+            version: 1,
+            state: KeyState::Active as i32,
+            created_at_ms: now,
+            wrapped: envelope::seal(root, root_version, &Context::kek_wrap(1), kek.expose_bytes()),
+        };
+        let mut batch = Batch::default();
+        batch
+            .check(layout::ROOT_CHECK.to_vec(), None)
+            .put(layout::ROOT_CHECK.to_vec(), check.encode_to_vec())
+            .put(layout::kek(1), record.encode_to_vec());
+        commit(store, &batch).await?;
+        tracing::info!("initialised a new store: root check value and KEK v1 written");
+        Ok(root_version)
+    }
+
+    /// The root key's version.
+    pub fn root_version(&self) -> u32 {
+        self.root.version()
+    }
+
+    /// The primary KEK with its record bytes.
+    fn primary_kek(&self) -> Result<(Arc<Kek>, Vec<u8>)> {
+        let keks = self.keks.read().expect("kek lock");
+        let (_, loaded) = primary(&keks).ok_or_else(|| Error::Corrupt("no active KEK".into()))?;
+        let kek = loaded.usable().ok_or_else(|| Error::Corrupt("active KEK has no key bytes".into()))?;
+        Ok((kek.clone(), loaded.record_bytes.clone()))
+    }
+
+    /// KEK states by version (for status and tests).
+    pub fn kek_states(&self) -> BTreeMap<u32, KeyState> {
+        self.keks.read().expect("kek lock").iter().map(|(v, l)| (*v, l.state)).collect()
+    }
+
+    /// The tenant's DEK ring, or `None` if the tenant has never sealed anything.
+    pub fn tenant(&self, tenant: &str) -> Result<Option<Arc<TenantKeys>>> {
+        if let Some(keys) = self.tenants.read().expect("tenant lock").get(tenant) {
+            return Ok(Some(keys.clone()));
+        }
+        if self.store.get(&layout::tenant(tenant))?.is_none() {
+            return Ok(None);
+        }
+        let keys = Arc::new(self.load_tenant(tenant)?);
+        self.tenants.write().expect("tenant lock").insert(tenant.to_owned(), keys.clone());
+        Ok(Some(keys))
+    }
+
+    /// The tenant's DEK ring, creating the tenant and its first DEK if needed.
+    pub async fn tenant_or_create(&self, tenant: &str) -> Result<Arc<TenantKeys>> {
+        loop {
+            if let Some(keys) = self.tenant(tenant)? {
+                return Ok(keys);
+            }
+            let now = self.clock.now_ms();
+            let mut batch = Batch::default();
+            batch.check(layout::tenant(tenant), None).put(
+                layout::tenant(tenant),
+                TenantRecord { created_at_ms: now }.encode_to_vec(),
+            );
+            let (kek, kek_bytes) = self.primary_kek()?;
+            self.add_new_dek(&mut batch, tenant, 1, &kek, kek_bytes, now);
+            match commit(&*self.store, &batch).await {
+                Ok(counters) => {
+                    tracing::info!(tenant, "created tenant with data key v1");
+                    self.after_kek_use(kek.version(), counters[0]).await?;
+                }
+                Err(StoreError::Conflict) => self.reload_keks()?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Adds a new active DEK `version` for `tenant`, wrapped under `kek`, to `batch`.
+    /// The batch's first counter is then the KEK's use count.
+    fn add_new_dek(&self, batch: &mut Batch, tenant: &str, version: u32, kek: &Kek, kek_bytes: Vec<u8>, now: u64) {
+        let dek = SymmetricKey::generate();
+        let record = DekRecord {
+            version,
+            kek_version: kek.version(),
+            state: KeyState::Active as i32,
+            created_at_ms: now,
+            wrapped: envelope::seal(
+                kek.key(),
+                kek.version(),
+                &Context::dek_wrap(tenant, version, kek.version()),
+                dek.expose_bytes(),
+            ),
+        };
+        batch
+            .check(layout::kek(kek.version()), Some(kek_bytes))
+            .check(layout::dek(tenant, version), None)
+            .put(layout::dek(tenant, version), record.encode_to_vec())
+            .add(layout::kek_counter(kek.version()), 1);
+    }
+
+    fn load_tenant(&self, tenant: &str) -> Result<TenantKeys> {
+        let keks = self.keks.read().expect("kek lock");
+        let mut deks = BTreeMap::new();
+        for (key, bytes) in self.store.scan(&layout::dek_prefix(tenant), None, usize::MAX)? {
+            let record: DekRecord = records::decode(&bytes)?;
+            let version = layout::trailing_version(&key)
+                .filter(|v| *v == record.version)
+                .ok_or_else(|| Error::Corrupt("data key record under the wrong key".into()))?;
+            let state = record.state();
+            let key = match state {
+                KeyState::Destroyed => None,
+                _ => {
+                    let kek = keks
+                        .get(&record.kek_version)
+                        .and_then(Loaded::usable)
+                        .ok_or_else(|| Error::Corrupt(format!("data key v{version} names a missing KEK")))?;
+                    let context = Context::dek_wrap(tenant, version, record.kek_version);
+                    let material = envelope::open(kek.key(), &context, &record.wrapped)
+                        .map_err(|_| Error::Corrupt(format!("data key v{version} does not unwrap")))?;
+                    Some(Arc::new(Dek::new(version, to_key(&material)?)))
+                }
+            };
+            deks.insert(version, Loaded { key, record_bytes: bytes, state });
+        }
+        Ok(TenantKeys { deks })
+    }
+
+    /// Forgets the cached DEK ring of `tenant` (after a conflict or rotation).
+    pub fn invalidate(&self, tenant: &str) {
+        self.tenants.write().expect("tenant lock").remove(tenant);
+    }
+
+    fn reload_keks(&self) -> Result<()> {
+        let mut fresh = BTreeMap::new();
+        let current = self.keks.read().expect("kek lock");
+        for (key, bytes) in self.store.scan(&layout::kek_prefix(), None, usize::MAX)? {
+            let record: KekRecord = records::decode(&bytes)?;
+            let version = layout::trailing_version(&key).unwrap_or_default();
+            let state = record.state();
+            let key = match (state, current.get(&version).and_then(|l| l.key.clone())) {
+                (KeyState::Destroyed, _) => None,
+                (_, Some(known)) => Some(known),
+                (_, None) => {
+                    let material =
+                        envelope::open(self.root.key(), &Context::kek_wrap(version), &record.wrapped)
+                            .map_err(|_| Error::Corrupt(format!("KEK v{version} does not open")))?;
+                    Some(Arc::new(Kek::new(version, to_key(&material)?)))
+                }
+            };
+            fresh.insert(version, Loaded { key, record_bytes: bytes, state });
+        }
+        drop(current);
+        *self.keks.write().expect("kek lock") = fresh;
+        Ok(())
+    }
+
+    /// Makes a new primary DEK for `tenant`; the old primary becomes decrypt-only.
+    /// A no-op if `from_version` is no longer the primary (someone else rotated).
+    pub async fn rotate_dek(&self, tenant: &str, from_version: u32) -> Result<()> {
+        for _ in 0..MAX_ATTEMPTS {
+            let keys = self.load_tenant(tenant)?;
+            let Some((current, loaded)) = primary(&keys.deks) else {
+                return Err(Error::Corrupt("tenant has no active data key".into()));
+            };
+            if current != from_version {
+                self.invalidate(tenant);
+                return Ok(());
+            }
+            let next = keys.deks.keys().next_back().copied().unwrap_or(current) + 1;
+            let mut old: DekRecord = records::decode(&loaded.record_bytes)?;
+            old.state = KeyState::DecryptOnly as i32;
+            let (kek, kek_bytes) = self.primary_kek()?;
+            let mut batch = Batch::default();
+            self.add_new_dek(&mut batch, tenant, next, &kek, kek_bytes, self.clock.now_ms());
+            batch
+                .check(layout::dek(tenant, current), Some(loaded.record_bytes.clone()))
+                .put(layout::dek(tenant, current), old.encode_to_vec());
+            match commit(&*self.store, &batch).await {
+                Ok(counters) => {
+                    self.invalidate(tenant);
+                    tracing::info!(tenant, from = current, to = next, "rotated tenant data key");
+                    return self.after_kek_use(kek.version(), counters[0]).await;
+                }
+                Err(StoreError::Conflict) => self.reload_keks()?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Contention)
+    }
+
+    /// Makes a new primary KEK; the old primary becomes decrypt-only.
+    /// A no-op if `from_version` is no longer the primary.
+    pub async fn rotate_kek(&self, from_version: u32) -> Result<()> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (current, current_bytes, next) = {
+                let keks = self.keks.read().expect("kek lock");
+                let (current, loaded) = primary(&keks).ok_or_else(|| Error::Corrupt("no active KEK".into()))?;
+                let next = keks.keys().next_back().copied().unwrap_or(current) + 1;
+                (current, loaded.record_bytes.clone(), next)
+            };
+            if current != from_version {
+                return Ok(());
+            }
+            let mut old: KekRecord = records::decode(&current_bytes)?;
+            old.state = KeyState::DecryptOnly as i32;
+            let kek = SymmetricKey::generate();
+            let record = KekRecord {
+                version: next,
+                state: KeyState::Active as i32,
+                created_at_ms: self.clock.now_ms(),
+                wrapped: envelope::seal(
+                    self.root.key(),
+                    self.root.version(),
+                    &Context::kek_wrap(next),
+                    kek.expose_bytes(),
+                ),
+            };
+            let mut batch = Batch::default();
+            batch
+                .check(layout::kek(current), Some(current_bytes))
+                .check(layout::kek(next), None)
+                .put(layout::kek(current), old.encode_to_vec())
+                .put(layout::kek(next), record.encode_to_vec());
+            match commit(&*self.store, &batch).await {
+                Ok(_) => {
+                    self.reload_keks()?;
+                    tracing::info!(from = current, to = next, "rotated key-encryption key");
+                    return Ok(());
+                }
+                Err(StoreError::Conflict) => self.reload_keks()?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Contention)
+    }
+
+    /// Called with a KEK's new use count: rotates it once it reaches the threshold.
+    async fn after_kek_use(&self, version: u32, count: u64) -> Result<()> {
+        if count >= self.rotate_after() {
+            self.rotate_kek(version).await?;
+        }
+        Ok(())
+    }
+
+    /// The use count at which a key version is replaced by a new primary.
+    pub fn rotate_after(&self) -> u64 {
+        self.rotate_after
+    }
+}
+
+/// How often a conflicting key change is retried before giving up.
+const MAX_ATTEMPTS: usize = 64;
+
+fn to_key(material: &Zeroizing<Vec<u8>>) -> Result<SymmetricKey> {
+    SymmetricKey::from_slice(material)
+        .ok_or_else(|| Error::Corrupt(format!("unwrapped key is not {KEY_LEN} bytes")))
+}

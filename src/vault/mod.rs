@@ -1,0 +1,451 @@
+//! The vault operations: seal, unseal, metadata, list, revoke.
+//!
+//! Each operation validates its input, picks keys from the [`keyring`], seals or
+//! opens with the [`envelope`](crate::crypto::envelope), and writes through one
+//! atomic, durable store batch. A write that races another is retried against
+//! fresh state (every batch names the exact bytes it replaces).
+
+mod keyring;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use prost::Message;
+use zeroize::Zeroizing;
+
+use crate::clock::Clock;
+use crate::crypto::SymmetricKey;
+use crate::crypto::envelope::{self, Context};
+use crate::error::{Error, Invalid, Result};
+use crate::store::records::{self, CredentialHead, KeyState, Tombstone, VersionRecord, VersionState};
+use crate::store::{Batch, Store, StoreError, commit, layout};
+
+/// The kind of a stored credential. The numbers are part of the at-rest format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Kind {
+    CookieJar = 1,
+    ApiKey = 2,
+    OauthToken = 3,
+    Generic = 4,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::CookieJar, Kind::ApiKey, Kind::OauthToken, Kind::Generic];
+
+    pub fn from_number(n: u32) -> Result<Self, Invalid> {
+        Self::ALL.into_iter().find(|k| *k as u32 == n).ok_or(Invalid::Kind)
+    }
+}
+
+/// Secret bytes: wiped on drop, never shown by `Debug`.
+pub struct Secret(Zeroizing<Vec<u8>>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The secret bytes. Every use is a greppable call.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<Zeroizing<Vec<u8>>> for Secret {
+    fn from(bytes: Zeroizing<Vec<u8>>) -> Self {
+        Self(bytes)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Who revoked a credential, when and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub revoked_at_ms: u64,
+    pub revoked_by: String,
+    pub reason: String,
+}
+
+impl From<Tombstone> for Revocation {
+    fn from(t: Tombstone) -> Self {
+        Self { revoked_at_ms: t.revoked_at_ms, revoked_by: t.revoked_by, reason: t.reason }
+    }
+}
+
+/// What the vault says about a credential version. Never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    pub tenant: String,
+    pub credential: String,
+    pub version: u32,
+    /// The credential's latest version (equal to `version` unless an older one was asked for).
+    pub latest_version: u32,
+    pub kind: Kind,
+    pub labels: BTreeMap<String, String>,
+    pub created_at_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    /// Size of the secret in bytes.
+    pub size: u64,
+    pub dek_version: u32,
+    /// `Some` once the credential is revoked.
+    pub revocation: Option<Revocation>,
+}
+
+/// A request to seal a new version of a credential.
+#[derive(Debug)]
+pub struct SealRequest {
+    pub tenant: String,
+    pub credential: String,
+    pub kind: Kind,
+    pub secret: Secret,
+    pub labels: BTreeMap<String, String>,
+    pub expires_at_ms: Option<u64>,
+    /// Compare-and-set: the version the caller believes is current (0 = must not exist).
+    pub expected_version: Option<u32>,
+}
+
+/// An unsealed secret with its metadata.
+#[derive(Debug)]
+pub struct Unsealed {
+    pub secret: Secret,
+    pub metadata: Metadata,
+}
+
+/// One page of [`Vault::list`].
+#[derive(Debug)]
+pub struct Page {
+    pub credentials: Vec<Metadata>,
+    /// Pass back to get the next page; `None` on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// Limits and thresholds of a vault.
+#[derive(Debug, Clone)]
+pub struct VaultOptions {
+    /// Largest secret accepted, in bytes.
+    pub max_secret_bytes: usize,
+    /// Versions kept per credential; older ones are deleted by the seal that
+    /// goes past the limit (0 = keep all).
+    pub max_versions: u32,
+    /// Encryptions after which a DEK or KEK version is replaced by a new primary
+    /// (NIST SP 800-38D allows 2^32 random nonces per key).
+    pub rotate_after_encryptions: u64,
+}
+
+impl Default for VaultOptions {
+    fn default() -> Self {
+        Self { max_secret_bytes: 1 << 20, max_versions: 10, rotate_after_encryptions: 1 << 30 }
+    }
+}
+
+/// How often an operation that keeps conflicting with concurrent writers is retried.
+const MAX_ATTEMPTS: usize = 64;
+/// Largest page of [`Vault::list`].
+pub const MAX_PAGE_SIZE: usize = 1000;
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+
+/// The sealed store: the key hierarchy over a durable store.
+pub struct Vault {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    keys: keyring::KeyRing,
+    options: VaultOptions,
+}
+
+impl Vault {
+    /// Opens the vault over `store` with `root`. On a new store this writes the
+    /// root key's check value and the first KEK; on an existing one a wrong root
+    /// key is [`Error::WrongRootKey`].
+    pub async fn open(
+        store: Arc<dyn Store>,
+        root: SymmetricKey,
+        clock: Arc<dyn Clock>,
+        options: VaultOptions,
+    ) -> Result<Self> {
+        let keys =
+            keyring::KeyRing::open(store.clone(), clock.clone(), root, options.rotate_after_encryptions)
+                .await?;
+        Ok(Self { store, clock, keys, options })
+    }
+
+    pub fn options(&self) -> &VaultOptions {
+        &self.options
+    }
+
+    /// Seals a new version of a credential and returns its metadata once durable.
+    pub async fn seal(&self, req: SealRequest) -> Result<Metadata> {
+        validate::tenant_id(&req.tenant)?;
+        validate::credential_id(&req.credential)?;
+        validate::secret_size(req.secret.len(), self.options.max_secret_bytes)?;
+        validate::labels(&req.labels)?;
+        let now = self.clock.now_ms();
+        if req.expires_at_ms.is_some_and(|at| at <= now) {
+            return Err(Invalid::Expiry.into());
+        }
+        let (tenant, credential) = (req.tenant.as_str(), req.credential.as_str());
+        let head_key = layout::head(tenant, credential);
+        for _ in 0..MAX_ATTEMPTS {
+            let keys = self.keys.tenant_or_create(tenant).await?;
+            let (dek, dek_bytes) = keys.primary()?;
+            let head_bytes = self.store.get(&head_key)?;
+            let head = head_bytes.as_deref().map(records::decode::<CredentialHead>).transpose()?;
+            let current = head.as_ref().map_or(0, |h| h.latest_version);
+            if let Some(expected) = req.expected_version
+                && expected != current
+            {
+                return Err(Error::VersionMismatch { expected, actual: current });
+            }
+            let version = current.checked_add(1).ok_or(Invalid::Version)?;
+            let context = Context::payload(tenant, credential, version, req.kind as u8, dek.version());
+            let record = VersionRecord {
+                version,
+                kind: req.kind as u32,
+                labels: req.labels.clone(),
+                created_at_ms: now,
+                expires_at_ms: req.expires_at_ms.unwrap_or(0),
+                dek_version: dek.version(),
+                state: VersionState::Live as i32,
+                ciphertext: envelope::seal(dek.key(), dek.version(), &context, req.secret.expose()),
+                size: req.secret.len() as u64,
+                tombstone: None,
+            };
+            let new_head = CredentialHead {
+                latest_version: version,
+                created_at_ms: head.as_ref().map_or(now, |h| h.created_at_ms),
+                updated_at_ms: now,
+            };
+            let mut batch = Batch::default();
+            batch
+                .add(layout::dek_counter(tenant, dek.version()), 1)
+                .check(layout::dek(tenant, dek.version()), Some(dek_bytes.to_vec()))
+                .check(head_key.clone(), head_bytes)
+                .put(head_key.clone(), new_head.encode_to_vec())
+                .put(layout::version(tenant, credential, version), record.encode_to_vec());
+            self.prune_old_versions(&mut batch, tenant, credential, version)?;
+            match commit(&*self.store, &batch).await {
+                Ok(counters) => {
+                    if counters[0] >= self.keys.rotate_after() {
+                        self.keys.rotate_dek(tenant, dek.version()).await?;
+                    }
+                    return metadata(tenant, credential, version, record);
+                }
+                Err(StoreError::Conflict) => self.keys.invalidate(tenant),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Contention)
+    }
+
+    /// Adds deletions of versions that fall out of the `max_versions` window.
+    fn prune_old_versions(&self, batch: &mut Batch, tenant: &str, credential: &str, newest: u32) -> Result<()> {
+        let keep = self.options.max_versions;
+        if keep == 0 || newest <= keep {
+            return Ok(());
+        }
+        let oldest_kept = newest - keep + 1;
+        for (key, bytes) in self.store.scan(&layout::version_prefix(tenant, credential), None, 8)? {
+            if layout::trailing_version(&key).is_some_and(|v| v < oldest_kept) {
+                batch.check(key.clone(), Some(bytes)).delete(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unseals a credential: the latest version, or `version` if given.
+    pub async fn unseal(&self, tenant: &str, credential: &str, version: Option<u32>) -> Result<Unsealed> {
+        let record = self.version_record(tenant, credential, version)?;
+        if record.state() == VersionState::Revoked {
+            return Err(Error::Revoked);
+        }
+        if record.expires_at_ms != 0 && self.clock.now_ms() >= record.expires_at_ms {
+            return Err(Error::Expired);
+        }
+        let keys = self.keys.tenant(tenant)?.ok_or(Error::NotFound)?;
+        let dek = keys.get(record.dek_version).ok_or(Error::DecryptionFailed)?;
+        let kind = Kind::from_number(record.kind).map_err(|_| Error::DecryptionFailed)?;
+        let context = Context::payload(tenant, credential, record.version, kind as u8, record.dek_version);
+        let secret = envelope::open(dek.key(), &context, &record.ciphertext)?;
+        let version = record.version;
+        Ok(Unsealed { secret: secret.into(), metadata: metadata(tenant, credential, version, record)? })
+    }
+
+    /// Metadata of the latest version, or of `version` if given. Never the secret.
+    pub fn metadata(&self, tenant: &str, credential: &str, version: Option<u32>) -> Result<Metadata> {
+        let record = self.version_record(tenant, credential, version)?;
+        let mut meta = metadata(tenant, credential, record.version, record)?;
+        meta.latest_version = self.head(tenant, credential)?.map_or(meta.version, |h| h.latest_version);
+        Ok(meta)
+    }
+
+    fn head(&self, tenant: &str, credential: &str) -> Result<Option<CredentialHead>> {
+        let bytes = self.store.get(&layout::head(tenant, credential))?;
+        Ok(bytes.as_deref().map(records::decode).transpose()?)
+    }
+
+    fn version_record(&self, tenant: &str, credential: &str, version: Option<u32>) -> Result<VersionRecord> {
+        validate::tenant_id(tenant)?;
+        validate::credential_id(credential)?;
+        if version == Some(0) {
+            return Err(Invalid::Version.into());
+        }
+        let head = self.head(tenant, credential)?.ok_or(Error::NotFound)?;
+        let version = version.unwrap_or(head.latest_version);
+        let bytes = self.store.get(&layout::version(tenant, credential, version))?.ok_or(Error::NotFound)?;
+        let record: VersionRecord = records::decode(&bytes)?;
+        if record.version != version {
+            return Err(Error::Corrupt("version record under the wrong key".into()));
+        }
+        Ok(record)
+    }
+
+    /// A page of a tenant's credentials (latest version metadata), in id order,
+    /// optionally only of one kind. `page_size` 0 means the default.
+    pub fn list(&self, tenant: &str, kind: Option<Kind>, page_size: usize, page_token: Option<&str>) -> Result<Page> {
+        validate::tenant_id(tenant)?;
+        if let Some(token) = page_token {
+            validate::credential_id(token).map_err(|_| Invalid::PageToken)?;
+        }
+        let page_size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let prefix = layout::head_prefix(tenant);
+        let mut cursor = page_token.map(|t| layout::head(tenant, t));
+        let mut credentials = Vec::new();
+        loop {
+            let rows = self.store.scan(&prefix, cursor.as_deref(), page_size + 1)?;
+            let exhausted = rows.len() <= page_size;
+            for (key, bytes) in rows {
+                if credentials.len() == page_size {
+                    let last: &Metadata = credentials.last().expect("page is full");
+                    return Ok(Page { next_page_token: Some(last.credential.clone()), credentials });
+                }
+                let credential = std::str::from_utf8(&key[prefix.len()..])
+                    .map_err(|_| Error::Corrupt("credential id is not UTF-8".into()))?
+                    .to_owned();
+                let head: CredentialHead = records::decode(&bytes)?;
+                cursor = Some(key);
+                let record_key = layout::version(tenant, &credential, head.latest_version);
+                let Some(record) = self.store.get(&record_key)? else { continue };
+                let meta = metadata(tenant, &credential, head.latest_version, records::decode(&record)?)?;
+                if kind.is_none_or(|k| k == meta.kind) {
+                    credentials.push(meta);
+                }
+            }
+            if exhausted {
+                return Ok(Page { credentials, next_page_token: None });
+            }
+        }
+    }
+
+    /// Revokes every version of a credential: their ciphertexts are destroyed and
+    /// a tombstone kept, durably, before this returns. Idempotent: revoking a
+    /// revoked credential returns the original tombstone and changes nothing.
+    pub async fn revoke(&self, tenant: &str, credential: &str, by: &str, reason: &str) -> Result<Revocation> {
+        validate::tenant_id(tenant)?;
+        validate::credential_id(credential)?;
+        validate::text("reason", reason, validate::MAX_REASON)?;
+        validate::text("revoked_by", by, validate::MAX_ACTOR)?;
+        let head_key = layout::head(tenant, credential);
+        for _ in 0..MAX_ATTEMPTS {
+            let head_bytes = self.store.get(&head_key)?.ok_or(Error::NotFound)?;
+            let head: CredentialHead = records::decode(&head_bytes)?;
+            let tombstone = Tombstone {
+                revoked_at_ms: self.clock.now_ms(),
+                revoked_by: by.to_owned(),
+                reason: reason.to_owned(),
+            };
+            let mut batch = Batch::default();
+            batch.check(head_key.clone(), Some(head_bytes));
+            let mut latest_tombstone = None;
+            for (key, bytes) in self.store.scan(&layout::version_prefix(tenant, credential), None, usize::MAX)? {
+                let mut record: VersionRecord = records::decode(&bytes)?;
+                if record.version == head.latest_version {
+                    latest_tombstone = record.tombstone.clone();
+                }
+                if record.state() == VersionState::Revoked {
+                    continue;
+                }
+                record.state = VersionState::Revoked as i32;
+                record.ciphertext = Vec::new();
+                record.tombstone = Some(tombstone.clone());
+                batch.check(key.clone(), Some(bytes)).put(key, record.encode_to_vec());
+            }
+            if batch.ops.is_empty() {
+                return latest_tombstone.map(Revocation::from).ok_or(Error::NotFound);
+            }
+            match commit(&*self.store, &batch).await {
+                Ok(_) => return Ok(tombstone.into()),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Contention)
+    }
+
+    /// The root key's version (1 until the root key is rotated).
+    pub fn root_version(&self) -> u32 {
+        self.keys.root_version()
+    }
+
+    /// KEK versions and their states.
+    pub fn kek_states(&self) -> BTreeMap<u32, KeyState> {
+        self.keys.kek_states()
+    }
+
+    /// A tenant's DEK versions and their states (empty for an unknown tenant).
+    pub fn dek_states(&self, tenant: &str) -> Result<BTreeMap<u32, KeyState>> {
+        validate::tenant_id(tenant)?;
+        Ok(self
+            .keys
+            .tenant(tenant)?
+            .map(|keys| keys.deks.iter().map(|(v, l)| (*v, l.state)).collect())
+            .unwrap_or_default())
+    }
+
+    /// The persistent encryption count of a KEK version.
+    pub fn kek_uses(&self, version: u32) -> Result<u64> {
+        self.counter(&layout::kek_counter(version))
+    }
+
+    /// The persistent encryption count of a tenant's DEK version.
+    pub fn dek_uses(&self, tenant: &str, version: u32) -> Result<u64> {
+        validate::tenant_id(tenant)?;
+        self.counter(&layout::dek_counter(tenant, version))
+    }
+
+    fn counter(&self, key: &[u8]) -> Result<u64> {
+        Ok(self.store.get(key)?.and_then(|b| layout::decode_counter(&b)).unwrap_or(0))
+    }
+}
+
+fn metadata(tenant: &str, credential: &str, latest_version: u32, record: VersionRecord) -> Result<Metadata> {
+    Ok(Metadata {
+        tenant: tenant.to_owned(),
+        credential: credential.to_owned(),
+        version: record.version,
+        latest_version,
+        kind: Kind::from_number(record.kind).map_err(|_| Error::Corrupt("unknown kind in record".into()))?,
+        created_at_ms: record.created_at_ms,
+        expires_at_ms: (record.expires_at_ms != 0).then_some(record.expires_at_ms),
+        size: record.size,
+        dek_version: record.dek_version,
+        revocation: record.tombstone.map(Revocation::from),
+        labels: record.labels,
+    })
+}
