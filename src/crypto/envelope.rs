@@ -12,19 +12,15 @@
 //! opaque [`DecryptionFailed`]; the caller never learns which check failed.
 //! `docs/format.md` documents the layout byte by byte.
 
-use aes_gcm::aead::AeadInOut;
-use aes_gcm::{Nonce, Tag};
 use rand::Rng;
 use zeroize::Zeroizing;
 
+pub use super::aead::DecryptionFailed;
+use super::aead::{self, NONCE_LEN, TAG_LEN};
 use super::keys::SymmetricKey;
 
 /// The only ciphertext format this version writes and reads.
 pub const FORMAT_V1: u8 = 0x01;
-/// Length of the random GCM nonce.
-pub const NONCE_LEN: usize = 12;
-/// Length of the GCM tag.
-pub const TAG_LEN: usize = 16;
 /// format byte + key version.
 const PREFIX_LEN: usize = 1 + 4;
 /// format byte + key version + nonce.
@@ -37,12 +33,6 @@ pub const PAYLOAD_LABEL: &[u8] = b"credvault/v1/payload";
 pub const DEK_WRAP_LABEL: &[u8] = b"credvault/v1/dek";
 pub const KEK_WRAP_LABEL: &[u8] = b"credvault/v1/kek";
 pub const ROOT_CHECK_LABEL: &[u8] = b"credvault/v1/root-check";
-
-/// A ciphertext did not open: wrong key, wrong context, truncated or tampered.
-/// Deliberately carries no detail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("decryption failed")]
-pub struct DecryptionFailed;
 
 /// The context a ciphertext is bound to: a label and length-prefixed fields.
 ///
@@ -141,17 +131,8 @@ pub fn seal_with_nonce(
     out.push(FORMAT_V1);
     out.extend_from_slice(&key_version.to_be_bytes());
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(plaintext);
     let aad = aad(&out[..PREFIX_LEN], context);
-    let tag = key
-        .cipher()
-        .encrypt_inout_detached(
-            &Nonce::from(nonce),
-            &aad,
-            (&mut out[HEADER_LEN..]).into(),
-        )
-        .expect("AES-GCM accepts any payload under 64 GiB");
-    out.extend_from_slice(&tag);
+    out.extend_from_slice(&aead::encrypt(key, &nonce, &aad, plaintext));
     out
 }
 
@@ -160,7 +141,9 @@ pub fn key_version(ciphertext: &[u8]) -> Result<u32, DecryptionFailed> {
     if ciphertext.len() < OVERHEAD || ciphertext[0] != FORMAT_V1 {
         return Err(DecryptionFailed);
     }
-    Ok(u32::from_be_bytes(ciphertext[1..PREFIX_LEN].try_into().expect("4 bytes")))
+    Ok(u32::from_be_bytes(
+        ciphertext[1..PREFIX_LEN].try_into().expect("4 bytes"),
+    ))
 }
 
 /// open[key](ciphertext, context) — the plaintext, or [`DecryptionFailed`] for
@@ -171,20 +154,11 @@ pub fn open(
     ciphertext: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, DecryptionFailed> {
     key_version(ciphertext)?;
-    let (header, rest) = ciphertext.split_at(HEADER_LEN);
-    let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
-    let nonce = Nonce::try_from(&header[PREFIX_LEN..]).map_err(|_| DecryptionFailed)?;
-    let tag = Tag::try_from(tag).map_err(|_| DecryptionFailed)?;
-    let mut plaintext = Zeroizing::new(body.to_vec());
-    key.cipher()
-        .decrypt_inout_detached(
-            &nonce,
-            &aad(&header[..PREFIX_LEN], context),
-            plaintext.as_mut_slice().into(),
-            &tag,
-        )
+    let (header, body) = ciphertext.split_at(HEADER_LEN);
+    let nonce: &[u8; NONCE_LEN] = header[PREFIX_LEN..]
+        .try_into()
         .map_err(|_| DecryptionFailed)?;
-    Ok(plaintext)
+    aead::decrypt(key, nonce, &aad(&header[..PREFIX_LEN], context), body)
 }
 
 #[cfg(test)]
@@ -213,7 +187,11 @@ mod tests {
         for bit in 0..ct.len() * 8 {
             let mut bad = ct.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            assert_eq!(open(&key(), &ctx, &bad).unwrap_err(), DecryptionFailed, "bit {bit}");
+            assert_eq!(
+                open(&key(), &ctx, &bad).unwrap_err(),
+                DecryptionFailed,
+                "bit {bit}"
+            );
         }
     }
 

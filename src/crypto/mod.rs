@@ -2,6 +2,7 @@
 //!
 //! Nothing here touches storage; the vault decides which key seals what.
 
+pub mod aead;
 pub mod envelope;
 pub mod keys;
 pub mod root;

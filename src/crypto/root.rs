@@ -30,26 +30,38 @@ pub enum RootKeyError {
     MissingEnv(String),
     /// The key file could not be read or written.
     #[error("root key file {path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// Loads the root key from a file: 32 raw bytes, or base64 text of 32 bytes.
 pub fn load_file(path: &Path) -> Result<SymmetricKey, RootKeyError> {
-    let io = |error| RootKeyError::Io { path: path.to_owned(), error };
+    let io = |error| RootKeyError::Io {
+        path: path.to_owned(),
+        error,
+    };
     let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
     if mode & 0o077 != 0 {
-        return Err(RootKeyError::Permissions { path: path.to_owned(), mode: mode & 0o7777 });
+        return Err(RootKeyError::Permissions {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
     }
     let contents = Zeroizing::new(std::fs::read(path).map_err(io)?);
-    parse(&contents).ok_or_else(|| RootKeyError::Malformed { source_name: path.display().to_string() })
+    parse(&contents).ok_or_else(|| RootKeyError::Malformed {
+        source_name: path.display().to_string(),
+    })
 }
 
 /// Loads the root key from an environment variable holding its base64 text.
 pub fn load_env(var: &str) -> Result<SymmetricKey, RootKeyError> {
-    let value = Zeroizing::new(
-        std::env::var(var).map_err(|_| RootKeyError::MissingEnv(var.to_owned()))?,
-    );
-    parse(value.as_bytes()).ok_or_else(|| RootKeyError::Malformed { source_name: format!("${var}") })
+    let value =
+        Zeroizing::new(std::env::var(var).map_err(|_| RootKeyError::MissingEnv(var.to_owned()))?);
+    parse(value.as_bytes()).ok_or_else(|| RootKeyError::Malformed {
+        source_name: format!("${var}"),
+    })
 }
 
 fn parse(contents: &[u8]) -> Option<SymmetricKey> {
@@ -59,13 +71,18 @@ fn parse(contents: &[u8]) -> Option<SymmetricKey> {
     let text = contents.trim_ascii();
     let mut decoded = Zeroizing::new([0u8; KEY_LEN + 3]);
     let len = STANDARD.decode_slice(text, decoded.as_mut_slice()).ok()?;
-    (len == KEY_LEN).then(|| SymmetricKey::from_slice(&decoded[..KEY_LEN])).flatten()
+    (len == KEY_LEN)
+        .then(|| SymmetricKey::from_slice(&decoded[..KEY_LEN]))
+        .flatten()
 }
 
 /// Writes a new random root key as base64 to `path` with mode 0600. Refuses to
 /// overwrite an existing file.
 pub fn generate_file(path: &Path) -> Result<(), RootKeyError> {
-    let io = |error| RootKeyError::Io { path: path.to_owned(), error };
+    let io = |error| RootKeyError::Io {
+        path: path.to_owned(),
+        error,
+    };
     let key = SymmetricKey::generate();
     let mut text = Zeroizing::new(STANDARD.encode(key.expose_bytes()));
     text.push('\n');
@@ -92,7 +109,10 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let key = load_file(&path).unwrap();
         assert_ne!(key.expose_bytes(), &[0; 32]);
-        assert!(matches!(generate_file(&path), Err(RootKeyError::Io { .. })), "no overwrite");
+        assert!(
+            matches!(generate_file(&path), Err(RootKeyError::Io { .. })),
+            "no overwrite"
+        );
     }
 
     #[test]
@@ -100,11 +120,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("raw");
         let b64 = dir.path().join("b64");
-        for (path, contents) in [(&raw, vec![9u8; 32]), (&b64, STANDARD.encode([9u8; 32]).into_bytes())] {
+        for (path, contents) in [
+            (&raw, vec![9u8; 32]),
+            (&b64, STANDARD.encode([9u8; 32]).into_bytes()),
+        ] {
             std::fs::write(path, contents).unwrap();
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400)).unwrap();
         }
-        assert_eq!(load_file(&raw).unwrap().expose_bytes(), load_file(&b64).unwrap().expose_bytes());
+        assert_eq!(
+            load_file(&raw).unwrap().expose_bytes(),
+            load_file(&b64).unwrap().expose_bytes()
+        );
     }
 
     #[test]
@@ -116,7 +142,11 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             let err = load_file(&path).unwrap_err();
             assert!(matches!(err, RootKeyError::Permissions { .. }));
-            assert!(err.to_string().contains("must not be readable by group or others"), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("must not be readable by group or others"),
+                "{err}"
+            );
         }
     }
 

@@ -70,7 +70,12 @@ pub fn version_prefix(tenant: &str, credential: &str) -> Vec<u8> {
 }
 
 pub fn version(tenant: &str, credential: &str, version: u32) -> Vec<u8> {
-    key(&[b"v", tenant.as_bytes(), credential.as_bytes(), &version.to_be_bytes()])
+    key(&[
+        b"v",
+        tenant.as_bytes(),
+        credential.as_bytes(),
+        &version.to_be_bytes(),
+    ])
 }
 
 /// The version number at the end of a key made by [`kek`], [`dek`] or [`version`].

@@ -75,6 +75,9 @@ impl Batch {
     }
 }
 
+/// Key-value pairs returned by [`Store::scan`].
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The result of [`Store::apply`].
 #[derive(Debug, Clone)]
 pub struct Applied {
@@ -99,7 +102,7 @@ pub trait Store: Send + Sync + 'static {
         prefix: &[u8],
         start_after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    ) -> Result<Rows, StoreError>;
 
     /// Applies `batch` atomically if all its checks hold ([`StoreError::Conflict`]
     /// otherwise). The change is visible at once but not yet durable.

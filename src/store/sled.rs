@@ -20,7 +20,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::watch;
 
 use super::layout::{decode_counter, encode_counter};
-use super::{Applied, Batch, DurableFuture, Op, Store, StoreError};
+use super::{Applied, Batch, DurableFuture, Op, Rows, Store, StoreError};
 
 /// How writes are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,7 +45,11 @@ pub struct StoreOptions {
 
 impl StoreOptions {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), cache_capacity: 128 << 20, durability: Durability::GroupCommit }
+        Self {
+            path: path.into(),
+            cache_capacity: 128 << 20,
+            durability: Durability::GroupCommit,
+        }
     }
 }
 
@@ -111,7 +115,11 @@ impl SledStore {
             }
             Durability::PerWrite => None,
         };
-        Ok(Self { shared, durability: options.durability, flusher })
+        Ok(Self {
+            shared,
+            durability: options.durability,
+            flusher,
+        })
     }
 
     /// Bytes sled reports on disk.
@@ -171,7 +179,12 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 
 impl Store for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.shared.db.get(key).map_err(backend)?.map(|v| v.to_vec()))
+        Ok(self
+            .shared
+            .db
+            .get(key)
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
     }
 
     fn scan(
@@ -179,13 +192,12 @@ impl Store for SledStore {
         prefix: &[u8],
         start_after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Rows, StoreError> {
         let db = &self.shared.db;
         let iter = match start_after {
-            Some(after) if after >= prefix => db.range::<&[u8], _>((
-                std::ops::Bound::Excluded(after),
-                std::ops::Bound::Unbounded,
-            )),
+            Some(after) if after >= prefix => {
+                db.range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            }
             _ => db.range::<&[u8], _>(prefix..),
         };
         iter.take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
@@ -279,9 +291,15 @@ struct SyncFiles {
 impl SyncFiles {
     fn open(dir: &Path) -> Result<Self, StoreError> {
         let log = File::open(dir.join("db")).map_err(backend)?;
-        let files = Self { log, dir: dir.to_owned(), synced_blobs: Mutex::default() };
+        let files = Self {
+            log,
+            dir: dir.to_owned(),
+            synced_blobs: Mutex::default(),
+        };
         // The directory entries of a freshly created store must survive a crash too.
-        File::open(dir).and_then(|d| d.sync_all()).map_err(backend)?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(backend)?;
         Ok(files)
     }
 
@@ -315,7 +333,11 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path, durability: Durability) -> SledStore {
-        SledStore::open(&StoreOptions { durability, ..StoreOptions::new(dir) }).unwrap()
+        SledStore::open(&StoreOptions {
+            durability,
+            ..StoreOptions::new(dir)
+        })
+        .unwrap()
     }
 
     #[tokio::test]
@@ -323,13 +345,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), Durability::GroupCommit);
         let mut batch = Batch::default();
-        batch.check(b"a".to_vec(), None).put(b"a".to_vec(), b"1".to_vec()).add(b"n".to_vec(), 5);
+        batch
+            .check(b"a".to_vec(), None)
+            .put(b"a".to_vec(), b"1".to_vec())
+            .add(b"n".to_vec(), 5);
         assert_eq!(super::super::commit(&store, &batch).await.unwrap(), vec![5]);
         // Same batch again: the check fails, so the counter must not move.
         assert!(matches!(store.apply(&batch), Err(StoreError::Conflict)));
         assert_eq!(store.get(b"n").unwrap(), Some(encode_counter(5)));
         let mut batch = Batch::default();
-        batch.check(b"a".to_vec(), Some(b"1".to_vec())).delete(b"a".to_vec()).add(b"n".to_vec(), 2);
+        batch
+            .check(b"a".to_vec(), Some(b"1".to_vec()))
+            .delete(b"a".to_vec())
+            .add(b"n".to_vec(), 2);
         assert_eq!(super::super::commit(&store, &batch).await.unwrap(), vec![7]);
         assert_eq!(store.get(b"a").unwrap(), None);
     }
@@ -344,10 +372,18 @@ mod tests {
         }
         super::super::commit(&store, &batch).await.unwrap();
         let keys = |rows: Vec<(Vec<u8>, Vec<u8>)>| {
-            rows.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect::<Vec<_>>()
+            rows.into_iter()
+                .map(|(k, _)| String::from_utf8(k).unwrap())
+                .collect::<Vec<_>>()
         };
-        assert_eq!(keys(store.scan(b"p\0", None, 10).unwrap()), ["p\0a", "p\0b", "p\0c"]);
-        assert_eq!(keys(store.scan(b"p\0", Some(b"p\0a"), 1).unwrap()), ["p\0b"]);
+        assert_eq!(
+            keys(store.scan(b"p\0", None, 10).unwrap()),
+            ["p\0a", "p\0b", "p\0c"]
+        );
+        assert_eq!(
+            keys(store.scan(b"p\0", Some(b"p\0a"), 1).unwrap()),
+            ["p\0b"]
+        );
         assert!(store.scan(b"p\0", Some(b"p\0c"), 10).unwrap().is_empty());
     }
 
@@ -361,7 +397,9 @@ mod tests {
                 tokio::spawn(async move {
                     for j in 0..20u32 {
                         let mut batch = Batch::default();
-                        batch.put(format!("k{i}-{j}").into_bytes(), vec![1]).add(b"n".to_vec(), 1);
+                        batch
+                            .put(format!("k{i}-{j}").into_bytes(), vec![1])
+                            .add(b"n".to_vec(), 1);
                         super::super::commit(&*store, &batch).await.unwrap();
                     }
                 })

@@ -32,13 +32,18 @@ pub(crate) struct Loaded<K> {
 
 impl<K> Loaded<K> {
     fn usable(&self) -> Option<&Arc<K>> {
-        self.key.as_ref().filter(|_| self.state != KeyState::Destroyed)
+        self.key
+            .as_ref()
+            .filter(|_| self.state != KeyState::Destroyed)
     }
 }
 
 /// Highest `Active` version of a ring.
 fn primary<K>(ring: &BTreeMap<u32, Loaded<K>>) -> Option<(u32, &Loaded<K>)> {
-    ring.iter().rev().find(|(_, l)| l.state == KeyState::Active).map(|(v, l)| (*v, l))
+    ring.iter()
+        .rev()
+        .find(|(_, l)| l.state == KeyState::Active)
+        .map(|(v, l)| (*v, l))
 }
 
 /// The DEK ring of one tenant.
@@ -51,9 +56,9 @@ impl TenantKeys {
     pub fn primary(&self) -> Result<(&Arc<Dek>, &[u8])> {
         let (version, loaded) = primary(&self.deks)
             .ok_or_else(|| Error::Corrupt("tenant has no active data key".into()))?;
-        let key = loaded
-            .usable()
-            .ok_or_else(|| Error::Corrupt(format!("active data key v{version} has no key bytes")))?;
+        let key = loaded.usable().ok_or_else(|| {
+            Error::Corrupt(format!("active data key v{version} has no key bytes"))
+        })?;
         Ok((key, &loaded.record_bytes))
     }
 
@@ -105,12 +110,24 @@ impl KeyRing {
             let key = match state {
                 KeyState::Destroyed => None,
                 _ => {
-                    let material = envelope::open(root.key(), &Context::kek_wrap(version), &record.wrapped)
-                        .map_err(|_| Error::Corrupt(format!("KEK v{version} does not open under the root key")))?;
+                    let material =
+                        envelope::open(root.key(), &Context::kek_wrap(version), &record.wrapped)
+                            .map_err(|_| {
+                                Error::Corrupt(format!(
+                                    "KEK v{version} does not open under the root key"
+                                ))
+                            })?;
                     Some(Arc::new(Kek::new(version, to_key(&material)?)))
                 }
             };
-            keks.insert(version, Loaded { key, record_bytes: bytes, state });
+            keks.insert(
+                version,
+                Loaded {
+                    key,
+                    record_bytes: bytes,
+                    state,
+                },
+            );
         }
         if primary(&keks).is_none() {
             return Err(Error::Corrupt("no active key-encryption key".into()));
@@ -128,13 +145,20 @@ impl KeyRing {
     /// A new store: writes the root check value and KEK v1 in one batch.
     async fn initialise(store: &dyn Store, clock: &dyn Clock, root: &SymmetricKey) -> Result<u32> {
         if !store.scan(&layout::kek_prefix(), None, 1)?.is_empty() {
-            return Err(Error::Corrupt("key-encryption keys exist but the root check value is missing".into()));
+            return Err(Error::Corrupt(
+                "key-encryption keys exist but the root check value is missing".into(),
+            ));
         }
         let now = clock.now_ms();
         let root_version = 1;
         let check = RootCheck {
             root_version,
-            check: envelope::seal(root, root_version, &Context::root_check(), ROOT_CHECK_PLAINTEXT),
+            check: envelope::seal(
+                root,
+                root_version,
+                &Context::root_check(),
+                ROOT_CHECK_PLAINTEXT,
+            ),
             created_at_ms: now,
         };
         let kek = SymmetricKey::generate();
@@ -142,7 +166,12 @@ impl KeyRing {
             version: 1,
             state: KeyState::Active as i32,
             created_at_ms: now,
-            wrapped: envelope::seal(root, root_version, &Context::kek_wrap(1), kek.expose_bytes()),
+            wrapped: envelope::seal(
+                root,
+                root_version,
+                &Context::kek_wrap(1),
+                kek.expose_bytes(),
+            ),
         };
         let mut batch = Batch::default();
         batch
@@ -163,13 +192,20 @@ impl KeyRing {
     fn primary_kek(&self) -> Result<(Arc<Kek>, Vec<u8>)> {
         let keks = self.keks.read().expect("kek lock");
         let (_, loaded) = primary(&keks).ok_or_else(|| Error::Corrupt("no active KEK".into()))?;
-        let kek = loaded.usable().ok_or_else(|| Error::Corrupt("active KEK has no key bytes".into()))?;
+        let kek = loaded
+            .usable()
+            .ok_or_else(|| Error::Corrupt("active KEK has no key bytes".into()))?;
         Ok((kek.clone(), loaded.record_bytes.clone()))
     }
 
     /// KEK states by version (for status and tests).
     pub fn kek_states(&self) -> BTreeMap<u32, KeyState> {
-        self.keks.read().expect("kek lock").iter().map(|(v, l)| (*v, l.state)).collect()
+        self.keks
+            .read()
+            .expect("kek lock")
+            .iter()
+            .map(|(v, l)| (*v, l.state))
+            .collect()
     }
 
     /// The tenant's DEK ring, or `None` if the tenant has never sealed anything.
@@ -181,7 +217,10 @@ impl KeyRing {
             return Ok(None);
         }
         let keys = Arc::new(self.load_tenant(tenant)?);
-        self.tenants.write().expect("tenant lock").insert(tenant.to_owned(), keys.clone());
+        self.tenants
+            .write()
+            .expect("tenant lock")
+            .insert(tenant.to_owned(), keys.clone());
         Ok(Some(keys))
     }
 
@@ -212,7 +251,15 @@ impl KeyRing {
 
     /// Adds a new active DEK `version` for `tenant`, wrapped under `kek`, to `batch`.
     /// The batch's first counter is then the KEK's use count.
-    fn add_new_dek(&self, batch: &mut Batch, tenant: &str, version: u32, kek: &Kek, kek_bytes: Vec<u8>, now: u64) {
+    fn add_new_dek(
+        &self,
+        batch: &mut Batch,
+        tenant: &str,
+        version: u32,
+        kek: &Kek,
+        kek_bytes: Vec<u8>,
+        now: u64,
+    ) {
         let dek = SymmetricKey::generate();
         let record = DekRecord {
             version,
@@ -236,7 +283,10 @@ impl KeyRing {
     fn load_tenant(&self, tenant: &str) -> Result<TenantKeys> {
         let keks = self.keks.read().expect("kek lock");
         let mut deks = BTreeMap::new();
-        for (key, bytes) in self.store.scan(&layout::dek_prefix(tenant), None, usize::MAX)? {
+        for (key, bytes) in self
+            .store
+            .scan(&layout::dek_prefix(tenant), None, usize::MAX)?
+        {
             let record: DekRecord = records::decode(&bytes)?;
             let version = layout::trailing_version(&key)
                 .filter(|v| *v == record.version)
@@ -248,14 +298,25 @@ impl KeyRing {
                     let kek = keks
                         .get(&record.kek_version)
                         .and_then(Loaded::usable)
-                        .ok_or_else(|| Error::Corrupt(format!("data key v{version} names a missing KEK")))?;
+                        .ok_or_else(|| {
+                            Error::Corrupt(format!("data key v{version} names a missing KEK"))
+                        })?;
                     let context = Context::dek_wrap(tenant, version, record.kek_version);
-                    let material = envelope::open(kek.key(), &context, &record.wrapped)
-                        .map_err(|_| Error::Corrupt(format!("data key v{version} does not unwrap")))?;
+                    let material =
+                        envelope::open(kek.key(), &context, &record.wrapped).map_err(|_| {
+                            Error::Corrupt(format!("data key v{version} does not unwrap"))
+                        })?;
                     Some(Arc::new(Dek::new(version, to_key(&material)?)))
                 }
             };
-            deks.insert(version, Loaded { key, record_bytes: bytes, state });
+            deks.insert(
+                version,
+                Loaded {
+                    key,
+                    record_bytes: bytes,
+                    state,
+                },
+            );
         }
         Ok(TenantKeys { deks })
     }
@@ -276,13 +337,23 @@ impl KeyRing {
                 (KeyState::Destroyed, _) => None,
                 (_, Some(known)) => Some(known),
                 (_, None) => {
-                    let material =
-                        envelope::open(self.root.key(), &Context::kek_wrap(version), &record.wrapped)
-                            .map_err(|_| Error::Corrupt(format!("KEK v{version} does not open")))?;
+                    let material = envelope::open(
+                        self.root.key(),
+                        &Context::kek_wrap(version),
+                        &record.wrapped,
+                    )
+                    .map_err(|_| Error::Corrupt(format!("KEK v{version} does not open")))?;
                     Some(Arc::new(Kek::new(version, to_key(&material)?)))
                 }
             };
-            fresh.insert(version, Loaded { key, record_bytes: bytes, state });
+            fresh.insert(
+                version,
+                Loaded {
+                    key,
+                    record_bytes: bytes,
+                    state,
+                },
+            );
         }
         drop(current);
         *self.keks.write().expect("kek lock") = fresh;
@@ -306,9 +377,19 @@ impl KeyRing {
             old.state = KeyState::DecryptOnly as i32;
             let (kek, kek_bytes) = self.primary_kek()?;
             let mut batch = Batch::default();
-            self.add_new_dek(&mut batch, tenant, next, &kek, kek_bytes, self.clock.now_ms());
+            self.add_new_dek(
+                &mut batch,
+                tenant,
+                next,
+                &kek,
+                kek_bytes,
+                self.clock.now_ms(),
+            );
             batch
-                .check(layout::dek(tenant, current), Some(loaded.record_bytes.clone()))
+                .check(
+                    layout::dek(tenant, current),
+                    Some(loaded.record_bytes.clone()),
+                )
                 .put(layout::dek(tenant, current), old.encode_to_vec());
             match commit(&*self.store, &batch).await {
                 Ok(counters) => {
@@ -329,7 +410,8 @@ impl KeyRing {
         for _ in 0..MAX_ATTEMPTS {
             let (current, current_bytes, next) = {
                 let keks = self.keks.read().expect("kek lock");
-                let (current, loaded) = primary(&keks).ok_or_else(|| Error::Corrupt("no active KEK".into()))?;
+                let (current, loaded) =
+                    primary(&keks).ok_or_else(|| Error::Corrupt("no active KEK".into()))?;
                 let next = keks.keys().next_back().copied().unwrap_or(current) + 1;
                 (current, loaded.record_bytes.clone(), next)
             };

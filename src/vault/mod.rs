@@ -18,7 +18,9 @@ use crate::clock::Clock;
 use crate::crypto::SymmetricKey;
 use crate::crypto::envelope::{self, Context};
 use crate::error::{Error, Invalid, Result};
-use crate::store::records::{self, CredentialHead, KeyState, Tombstone, VersionRecord, VersionState};
+use crate::store::records::{
+    self, CredentialHead, KeyState, Tombstone, VersionRecord, VersionState,
+};
 use crate::store::{Batch, Store, StoreError, commit, layout};
 
 /// The kind of a stored credential. The numbers are part of the at-rest format.
@@ -32,10 +34,18 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::CookieJar, Kind::ApiKey, Kind::OauthToken, Kind::Generic];
+    pub const ALL: [Kind; 4] = [
+        Kind::CookieJar,
+        Kind::ApiKey,
+        Kind::OauthToken,
+        Kind::Generic,
+    ];
 
     pub fn from_number(n: u32) -> Result<Self, Invalid> {
-        Self::ALL.into_iter().find(|k| *k as u32 == n).ok_or(Invalid::Kind)
+        Self::ALL
+            .into_iter()
+            .find(|k| *k as u32 == n)
+            .ok_or(Invalid::Kind)
     }
 }
 
@@ -83,7 +93,11 @@ pub struct Revocation {
 
 impl From<Tombstone> for Revocation {
     fn from(t: Tombstone) -> Self {
-        Self { revoked_at_ms: t.revoked_at_ms, revoked_by: t.revoked_by, reason: t.reason }
+        Self {
+            revoked_at_ms: t.revoked_at_ms,
+            revoked_by: t.revoked_by,
+            reason: t.reason,
+        }
     }
 }
 
@@ -149,7 +163,11 @@ pub struct VaultOptions {
 
 impl Default for VaultOptions {
     fn default() -> Self {
-        Self { max_secret_bytes: 1 << 20, max_versions: 10, rotate_after_encryptions: 1 << 30 }
+        Self {
+            max_secret_bytes: 1 << 20,
+            max_versions: 10,
+            rotate_after_encryptions: 1 << 30,
+        }
     }
 }
 
@@ -177,10 +195,19 @@ impl Vault {
         clock: Arc<dyn Clock>,
         options: VaultOptions,
     ) -> Result<Self> {
-        let keys =
-            keyring::KeyRing::open(store.clone(), clock.clone(), root, options.rotate_after_encryptions)
-                .await?;
-        Ok(Self { store, clock, keys, options })
+        let keys = keyring::KeyRing::open(
+            store.clone(),
+            clock.clone(),
+            root,
+            options.rotate_after_encryptions,
+        )
+        .await?;
+        Ok(Self {
+            store,
+            clock,
+            keys,
+            options,
+        })
     }
 
     pub fn options(&self) -> &VaultOptions {
@@ -203,15 +230,22 @@ impl Vault {
             let keys = self.keys.tenant_or_create(tenant).await?;
             let (dek, dek_bytes) = keys.primary()?;
             let head_bytes = self.store.get(&head_key)?;
-            let head = head_bytes.as_deref().map(records::decode::<CredentialHead>).transpose()?;
+            let head = head_bytes
+                .as_deref()
+                .map(records::decode::<CredentialHead>)
+                .transpose()?;
             let current = head.as_ref().map_or(0, |h| h.latest_version);
             if let Some(expected) = req.expected_version
                 && expected != current
             {
-                return Err(Error::VersionMismatch { expected, actual: current });
+                return Err(Error::VersionMismatch {
+                    expected,
+                    actual: current,
+                });
             }
             let version = current.checked_add(1).ok_or(Invalid::Version)?;
-            let context = Context::payload(tenant, credential, version, req.kind as u8, dek.version());
+            let context =
+                Context::payload(tenant, credential, version, req.kind as u8, dek.version());
             let record = VersionRecord {
                 version,
                 kind: req.kind as u32,
@@ -235,7 +269,10 @@ impl Vault {
                 .check(layout::dek(tenant, dek.version()), Some(dek_bytes.to_vec()))
                 .check(head_key.clone(), head_bytes)
                 .put(head_key.clone(), new_head.encode_to_vec())
-                .put(layout::version(tenant, credential, version), record.encode_to_vec());
+                .put(
+                    layout::version(tenant, credential, version),
+                    record.encode_to_vec(),
+                );
             self.prune_old_versions(&mut batch, tenant, credential, version)?;
             match commit(&*self.store, &batch).await {
                 Ok(counters) => {
@@ -252,13 +289,22 @@ impl Vault {
     }
 
     /// Adds deletions of versions that fall out of the `max_versions` window.
-    fn prune_old_versions(&self, batch: &mut Batch, tenant: &str, credential: &str, newest: u32) -> Result<()> {
+    fn prune_old_versions(
+        &self,
+        batch: &mut Batch,
+        tenant: &str,
+        credential: &str,
+        newest: u32,
+    ) -> Result<()> {
         let keep = self.options.max_versions;
         if keep == 0 || newest <= keep {
             return Ok(());
         }
         let oldest_kept = newest - keep + 1;
-        for (key, bytes) in self.store.scan(&layout::version_prefix(tenant, credential), None, 8)? {
+        for (key, bytes) in self
+            .store
+            .scan(&layout::version_prefix(tenant, credential), None, 8)?
+        {
             if layout::trailing_version(&key).is_some_and(|v| v < oldest_kept) {
                 batch.check(key.clone(), Some(bytes)).delete(key);
             }
@@ -267,7 +313,12 @@ impl Vault {
     }
 
     /// Unseals a credential: the latest version, or `version` if given.
-    pub async fn unseal(&self, tenant: &str, credential: &str, version: Option<u32>) -> Result<Unsealed> {
+    pub async fn unseal(
+        &self,
+        tenant: &str,
+        credential: &str,
+        version: Option<u32>,
+    ) -> Result<Unsealed> {
         let record = self.version_record(tenant, credential, version)?;
         if record.state() == VersionState::Revoked {
             return Err(Error::Revoked);
@@ -276,19 +327,37 @@ impl Vault {
             return Err(Error::Expired);
         }
         let keys = self.keys.tenant(tenant)?.ok_or(Error::NotFound)?;
-        let dek = keys.get(record.dek_version).ok_or(Error::DecryptionFailed)?;
+        let dek = keys
+            .get(record.dek_version)
+            .ok_or(Error::DecryptionFailed)?;
         let kind = Kind::from_number(record.kind).map_err(|_| Error::DecryptionFailed)?;
-        let context = Context::payload(tenant, credential, record.version, kind as u8, record.dek_version);
+        let context = Context::payload(
+            tenant,
+            credential,
+            record.version,
+            kind as u8,
+            record.dek_version,
+        );
         let secret = envelope::open(dek.key(), &context, &record.ciphertext)?;
         let version = record.version;
-        Ok(Unsealed { secret: secret.into(), metadata: metadata(tenant, credential, version, record)? })
+        Ok(Unsealed {
+            secret: secret.into(),
+            metadata: metadata(tenant, credential, version, record)?,
+        })
     }
 
     /// Metadata of the latest version, or of `version` if given. Never the secret.
-    pub fn metadata(&self, tenant: &str, credential: &str, version: Option<u32>) -> Result<Metadata> {
+    pub fn metadata(
+        &self,
+        tenant: &str,
+        credential: &str,
+        version: Option<u32>,
+    ) -> Result<Metadata> {
         let record = self.version_record(tenant, credential, version)?;
         let mut meta = metadata(tenant, credential, record.version, record)?;
-        meta.latest_version = self.head(tenant, credential)?.map_or(meta.version, |h| h.latest_version);
+        meta.latest_version = self
+            .head(tenant, credential)?
+            .map_or(meta.version, |h| h.latest_version);
         Ok(meta)
     }
 
@@ -297,7 +366,12 @@ impl Vault {
         Ok(bytes.as_deref().map(records::decode).transpose()?)
     }
 
-    fn version_record(&self, tenant: &str, credential: &str, version: Option<u32>) -> Result<VersionRecord> {
+    fn version_record(
+        &self,
+        tenant: &str,
+        credential: &str,
+        version: Option<u32>,
+    ) -> Result<VersionRecord> {
         validate::tenant_id(tenant)?;
         validate::credential_id(credential)?;
         if version == Some(0) {
@@ -305,7 +379,10 @@ impl Vault {
         }
         let head = self.head(tenant, credential)?.ok_or(Error::NotFound)?;
         let version = version.unwrap_or(head.latest_version);
-        let bytes = self.store.get(&layout::version(tenant, credential, version))?.ok_or(Error::NotFound)?;
+        let bytes = self
+            .store
+            .get(&layout::version(tenant, credential, version))?
+            .ok_or(Error::NotFound)?;
         let record: VersionRecord = records::decode(&bytes)?;
         if record.version != version {
             return Err(Error::Corrupt("version record under the wrong key".into()));
@@ -315,7 +392,13 @@ impl Vault {
 
     /// A page of a tenant's credentials (latest version metadata), in id order,
     /// optionally only of one kind. `page_size` 0 means the default.
-    pub fn list(&self, tenant: &str, kind: Option<Kind>, page_size: usize, page_token: Option<&str>) -> Result<Page> {
+    pub fn list(
+        &self,
+        tenant: &str,
+        kind: Option<Kind>,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page> {
         validate::tenant_id(tenant)?;
         if let Some(token) = page_token {
             validate::credential_id(token).map_err(|_| Invalid::PageToken)?;
@@ -333,7 +416,10 @@ impl Vault {
             for (key, bytes) in rows {
                 if credentials.len() == page_size {
                     let last: &Metadata = credentials.last().expect("page is full");
-                    return Ok(Page { next_page_token: Some(last.credential.clone()), credentials });
+                    return Ok(Page {
+                        next_page_token: Some(last.credential.clone()),
+                        credentials,
+                    });
                 }
                 let credential = std::str::from_utf8(&key[prefix.len()..])
                     .map_err(|_| Error::Corrupt("credential id is not UTF-8".into()))?
@@ -341,14 +427,24 @@ impl Vault {
                 let head: CredentialHead = records::decode(&bytes)?;
                 cursor = Some(key);
                 let record_key = layout::version(tenant, &credential, head.latest_version);
-                let Some(record) = self.store.get(&record_key)? else { continue };
-                let meta = metadata(tenant, &credential, head.latest_version, records::decode(&record)?)?;
+                let Some(record) = self.store.get(&record_key)? else {
+                    continue;
+                };
+                let meta = metadata(
+                    tenant,
+                    &credential,
+                    head.latest_version,
+                    records::decode(&record)?,
+                )?;
                 if kind.is_none_or(|k| k == meta.kind) {
                     credentials.push(meta);
                 }
             }
             if exhausted {
-                return Ok(Page { credentials, next_page_token: None });
+                return Ok(Page {
+                    credentials,
+                    next_page_token: None,
+                });
             }
         }
     }
@@ -356,7 +452,13 @@ impl Vault {
     /// Revokes every version of a credential: their ciphertexts are destroyed and
     /// a tombstone kept, durably, before this returns. Idempotent: revoking a
     /// revoked credential returns the original tombstone and changes nothing.
-    pub async fn revoke(&self, tenant: &str, credential: &str, by: &str, reason: &str) -> Result<Revocation> {
+    pub async fn revoke(
+        &self,
+        tenant: &str,
+        credential: &str,
+        by: &str,
+        reason: &str,
+    ) -> Result<Revocation> {
         validate::tenant_id(tenant)?;
         validate::credential_id(credential)?;
         validate::text("reason", reason, validate::MAX_REASON)?;
@@ -373,7 +475,11 @@ impl Vault {
             let mut batch = Batch::default();
             batch.check(head_key.clone(), Some(head_bytes));
             let mut latest_tombstone = None;
-            for (key, bytes) in self.store.scan(&layout::version_prefix(tenant, credential), None, usize::MAX)? {
+            for (key, bytes) in self.store.scan(
+                &layout::version_prefix(tenant, credential),
+                None,
+                usize::MAX,
+            )? {
                 let mut record: VersionRecord = records::decode(&bytes)?;
                 if record.version == head.latest_version {
                     latest_tombstone = record.tombstone.clone();
@@ -384,10 +490,14 @@ impl Vault {
                 record.state = VersionState::Revoked as i32;
                 record.ciphertext = Vec::new();
                 record.tombstone = Some(tombstone.clone());
-                batch.check(key.clone(), Some(bytes)).put(key, record.encode_to_vec());
+                batch
+                    .check(key.clone(), Some(bytes))
+                    .put(key, record.encode_to_vec());
             }
             if batch.ops.is_empty() {
-                return latest_tombstone.map(Revocation::from).ok_or(Error::NotFound);
+                return latest_tombstone
+                    .map(Revocation::from)
+                    .ok_or(Error::NotFound);
             }
             match commit(&*self.store, &batch).await {
                 Ok(_) => return Ok(tombstone.into()),
@@ -430,17 +540,27 @@ impl Vault {
     }
 
     fn counter(&self, key: &[u8]) -> Result<u64> {
-        Ok(self.store.get(key)?.and_then(|b| layout::decode_counter(&b)).unwrap_or(0))
+        Ok(self
+            .store
+            .get(key)?
+            .and_then(|b| layout::decode_counter(&b))
+            .unwrap_or(0))
     }
 }
 
-fn metadata(tenant: &str, credential: &str, latest_version: u32, record: VersionRecord) -> Result<Metadata> {
+fn metadata(
+    tenant: &str,
+    credential: &str,
+    latest_version: u32,
+    record: VersionRecord,
+) -> Result<Metadata> {
     Ok(Metadata {
         tenant: tenant.to_owned(),
         credential: credential.to_owned(),
         version: record.version,
         latest_version,
-        kind: Kind::from_number(record.kind).map_err(|_| Error::Corrupt("unknown kind in record".into()))?,
+        kind: Kind::from_number(record.kind)
+            .map_err(|_| Error::Corrupt("unknown kind in record".into()))?,
         created_at_ms: record.created_at_ms,
         expires_at_ms: (record.expires_at_ms != 0).then_some(record.expires_at_ms),
         size: record.size,
