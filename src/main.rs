@@ -1,4 +1,17 @@
-//! The `credvault` binary.
+//! The `credvault` binary: see `credvault --help`.
 #![forbid(unsafe_code)]
 
-fn main() {}
+mod cli;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    match cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("credvault: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -33,6 +33,8 @@ pub const PAYLOAD_LABEL: &[u8] = b"credvault/v1/payload";
 pub const DEK_WRAP_LABEL: &[u8] = b"credvault/v1/dek";
 pub const KEK_WRAP_LABEL: &[u8] = b"credvault/v1/kek";
 pub const ROOT_CHECK_LABEL: &[u8] = b"credvault/v1/root-check";
+/// The plaintext of the root key's check value.
+pub const ROOT_CHECK_PLAINTEXT: &[u8] = b"credvault root key check v1";
 
 /// The context a ciphertext is bound to: a label and length-prefixed fields.
 ///
@@ -114,13 +116,14 @@ fn aad(prefix: &[u8], context: &Context) -> Vec<u8> {
 pub fn seal(key: &SymmetricKey, key_version: u32, context: &Context, plaintext: &[u8]) -> Vec<u8> {
     let mut nonce = [0u8; NONCE_LEN];
     rand::rng().fill_bytes(&mut nonce);
-    seal_with_nonce(key, key_version, context, plaintext, nonce)
+    insecure_seal_with_nonce(key, key_version, context, plaintext, nonce)
 }
 
-/// [`seal`] with a caller-chosen nonce. Only for known-answer test vectors:
-/// a repeated nonce under one key breaks GCM.
+/// [`seal`] with a caller-chosen nonce. INSECURE outside known-answer test
+/// vectors: a repeated nonce under one key breaks GCM. The vault never calls it
+/// except through [`seal`].
 #[doc(hidden)]
-pub fn seal_with_nonce(
+pub fn insecure_seal_with_nonce(
     key: &SymmetricKey,
     key_version: u32,
     context: &Context,

@@ -1,10 +1,10 @@
 //! Storage: a narrow key-value trait and its sled backend.
 //!
 //! The vault sees only [`Store`]: point reads, ordered prefix scans, and atomic
-//! batches with preconditions and counters. A batch is applied with
-//! [`Store::apply`] (atomic and visible at once) and acknowledged only after
-//! [`Store::durable`] resolves (on disk, fsync'd). Only `store::sled` imports
-//! sled; another backend (a replicated SQL database) implements the same trait.
+//! batches with preconditions and counters. [`Store::commit`] resolves only
+//! once the batch is on disk (fsync'd); that is the moment a write may be
+//! acknowledged. Only `store::sled` imports sled; another backend (a
+//! replicated SQL database) implements the same trait.
 //!
 //! What the keys and values mean lives in [`layout`] and [`records`], which are
 //! backend-neutral.
@@ -78,17 +78,9 @@ impl Batch {
 /// Key-value pairs returned by [`Store::scan`].
 pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// The result of [`Store::apply`].
-#[derive(Debug, Clone)]
-pub struct Applied {
-    /// Pass to [`Store::durable`] before acknowledging the write.
-    pub ticket: u64,
-    /// The new value of each [`Op::Add`] counter, in batch order.
-    pub counters: Vec<u64>,
-}
-
-/// A future that resolves once a write is durable.
-pub type DurableFuture<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+/// Resolves to the new values of the batch's [`Op::Add`] counters, in batch
+/// order, once the batch is applied and durable.
+pub type CommitFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u64>, StoreError>> + Send + 'a>>;
 
 /// The storage the vault needs, and nothing more.
 pub trait Store: Send + Sync + 'static {
@@ -105,17 +97,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Rows, StoreError>;
 
     /// Applies `batch` atomically if all its checks hold ([`StoreError::Conflict`]
-    /// otherwise). The change is visible at once but not yet durable.
-    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError>;
-
-    /// Resolves once the write that returned `ticket` is on disk. Concurrent
-    /// writers share one flush (group commit).
-    fn durable(&self, ticket: u64) -> DurableFuture<'_>;
-}
-
-/// Applies `batch` and waits until it is durable: the only way the vault writes.
-pub async fn commit(store: &dyn Store, batch: &Batch) -> Result<Vec<u64>, StoreError> {
-    let applied = store.apply(batch)?;
-    store.durable(applied.ticket).await?;
-    Ok(applied.counters)
+    /// and nothing written otherwise), and resolves once it is durable.
+    /// Concurrent commits share one flush (group commit).
+    fn commit(&self, batch: Batch) -> CommitFuture<'_>;
 }

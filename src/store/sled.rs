@@ -1,34 +1,40 @@
-//! The sled 0.34.7 backend: one tree, atomic conditional batches, and group
-//! commit with real durability.
+//! The sled 0.34.7 backend: one tree, one committer thread, group commit with
+//! real durability.
+//!
+//! Every write goes through the committer thread: it takes all batches waiting
+//! in its queue, checks each batch's preconditions against the tree (no other
+//! thread writes, so a check cannot race), applies each passing batch with
+//! sled's atomic `apply_batch`, then makes the whole group durable with one
+//! flush and replies to every writer. sled transactions are not used: under
+//! concurrent writers they serialise on a global lock and ran at a fraction of
+//! this design's rate (see `docs/decisions/0001-storage-durability.md`).
 //!
 //! sled's `flush` writes its log with `sync_file_range`, which neither flushes
 //! the drive's write cache nor file metadata, and it writes values too large
-//! for its log segments to separate blob files without syncing them. So after
-//! each flush the flusher thread also `fdatasync`s the log file through a
-//! second handle, and syncs new blob files and the blob directory. One flush
-//! covers every write applied before it started: concurrent writers share it.
-//! See `docs/decisions/0001-sled-durability-and-group-commit.md`.
+//! for a log segment to separate blob files without syncing them. So after each
+//! flush the committer also `fdatasync`s the log file through a second handle
+//! and syncs new blob files and the blob directory.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 use super::layout::{decode_counter, encode_counter};
-use super::{Applied, Batch, DurableFuture, Op, Rows, Store, StoreError};
+use super::{Batch, CommitFuture, Op, Rows, Store, StoreError};
 
 /// How writes are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// Concurrent writers share one flush + fdatasync (the default).
+    /// All writes waiting when a flush starts share it (the default).
     #[default]
     GroupCommit,
-    /// Every write does its own flush + fdatasync (for comparison in benchmarks).
+    /// Every write gets its own flush + fdatasync (for comparison in benchmarks).
     PerWrite,
 }
 
@@ -47,41 +53,26 @@ impl StoreOptions {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
-            cache_capacity: 128 << 20,
+            cache_capacity: 256 << 20,
             durability: Durability::GroupCommit,
         }
     }
 }
 
-/// What the flusher has made durable, published to waiting writers.
-#[derive(Debug, Clone, Default)]
-struct Flushed {
-    /// Every ticket ≤ this is durable.
-    upto: u64,
-    /// Set when a flush failed; the store then refuses writes.
-    failure: Option<String>,
-}
+/// Most batches one flush covers; bounds the latency of the first in a group.
+const MAX_GROUP: usize = 512;
 
-#[derive(Default)]
-struct Pending {
-    /// The last ticket handed out.
-    applied: u64,
-    shutdown: bool,
-}
+/// How long a flush may wait for more writers when the last one served several.
+const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_micros(300);
 
-struct Shared {
-    db: sled::Db,
-    files: SyncFiles,
-    pending: Mutex<Pending>,
-    wake: Condvar,
-    flushed: watch::Sender<Flushed>,
-}
+type Outcome = Result<Vec<u64>, StoreError>;
+type Reply = oneshot::Sender<Outcome>;
 
 /// A sled store. Opened by one process at a time (sled takes a file lock).
 pub struct SledStore {
-    shared: Arc<Shared>,
-    durability: Durability,
-    flusher: Option<JoinHandle<()>>,
+    db: sled::Db,
+    queue: Option<mpsc::Sender<(Batch, Reply)>>,
+    committer: Option<JoinHandle<()>>,
 }
 
 impl SledStore {
@@ -94,81 +85,41 @@ impl SledStore {
             .flush_every_ms(None)
             .open()
             .map_err(backend)?;
-        let files = SyncFiles::open(&options.path)?;
-        let (flushed, _) = watch::channel(Flushed::default());
-        let shared = Arc::new(Shared {
-            db,
-            files,
-            pending: Mutex::new(Pending::default()),
-            wake: Condvar::new(),
-            flushed,
-        });
-        let flusher = match options.durability {
-            Durability::GroupCommit => {
-                let shared = shared.clone();
-                Some(
-                    std::thread::Builder::new()
-                        .name("credvault-flusher".into())
-                        .spawn(move || shared.run_flusher())
-                        .map_err(backend)?,
-                )
-            }
-            Durability::PerWrite => None,
+        let writer = Writer {
+            db: db.clone(),
+            failure: Arc::default(),
         };
+        let flusher = Flusher {
+            writer: writer.clone(),
+            files: SyncFiles::open(&options.path)?,
+        };
+        let durability = options.durability;
+        let (queue, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("credvault-commit".into())
+            .spawn(move || match durability {
+                Durability::GroupCommit => run_group_commit(writer, flusher, rx),
+                Durability::PerWrite => run_per_write(writer, flusher, rx),
+            })
+            .map_err(backend)?;
         Ok(Self {
-            shared,
-            durability: options.durability,
-            flusher,
+            db,
+            queue: Some(queue),
+            committer: Some(handle),
         })
     }
 
     /// Bytes sled reports on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.shared.db.size_on_disk().map_err(backend)
-    }
-}
-
-impl Shared {
-    /// Flushes sled, then makes its files durable. Returns the error text on failure.
-    fn flush_and_sync(&self) -> Result<(), String> {
-        self.db.flush().map_err(|e| e.to_string())?;
-        self.files.sync().map_err(|e| e.to_string())
-    }
-
-    fn run_flusher(&self) {
-        loop {
-            let target = {
-                let mut pending = self.pending.lock().expect("flusher lock");
-                while pending.applied == self.flushed.borrow().upto && !pending.shutdown {
-                    pending = self.wake.wait(pending).expect("flusher lock");
-                }
-                if pending.applied == self.flushed.borrow().upto {
-                    return; // shut down with nothing left to flush
-                }
-                pending.applied
-            };
-            let result = self.flush_and_sync();
-            self.flushed.send_modify(|flushed| match result {
-                Ok(()) => flushed.upto = target,
-                Err(error) => {
-                    tracing::error!(%error, "store flush failed; refusing further writes");
-                    flushed.failure.get_or_insert(error);
-                    flushed.upto = target; // wake the waiters: they see the failure
-                }
-            });
-            if self.flushed.borrow().failure.is_some() {
-                return;
-            }
-        }
+        self.db.size_on_disk().map_err(backend)
     }
 }
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        if let Some(flusher) = self.flusher.take() {
-            self.shared.pending.lock().expect("flusher lock").shutdown = true;
-            self.shared.wake.notify_all();
-            let _ = flusher.join();
+        drop(self.queue.take()); // the committer drains the queue, then exits
+        if let Some(handle) = self.committer.take() {
+            let _ = handle.join();
         }
     }
 }
@@ -177,14 +128,156 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// Group commit on two threads: this one applies batches as they arrive and
+/// passes them on; the flusher makes everything applied so far durable with
+/// one flush, then replies. Applying the next group overlaps flushing the last.
+fn run_group_commit(writer: Writer, flusher: Flusher, rx: mpsc::Receiver<(Batch, Reply)>) {
+    let (to_flusher, applied) = mpsc::channel();
+    let flush_thread = std::thread::Builder::new()
+        .name("credvault-flush".into())
+        .spawn(move || flusher.run(applied))
+        .expect("spawn the flush thread");
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let outcomes: Vec<_> = group
+            .into_iter()
+            .map(|(batch, reply)| (reply, writer.apply(&batch)))
+            .collect();
+        if to_flusher.send(outcomes).is_err() {
+            break;
+        }
+    }
+    drop(to_flusher);
+    let _ = flush_thread.join();
+}
+
+/// One flush per write, one write at a time: the baseline group commit beats.
+fn run_per_write(writer: Writer, mut flusher: Flusher, rx: mpsc::Receiver<(Batch, Reply)>) {
+    while let Ok((batch, reply)) = rx.recv() {
+        let outcome = writer.apply(&batch);
+        flusher.finish(vec![(reply, outcome)]);
+    }
+}
+
+/// Applies batches: only ever used from the committer thread, so a batch's
+/// checks cannot race another write.
+#[derive(Clone)]
+struct Writer {
+    db: sled::Db,
+    /// Set when a flush failed: durability is then unknown, so every later
+    /// write is refused rather than acknowledged.
+    failure: Arc<OnceLock<String>>,
+}
+
+impl Writer {
+    /// Checks and applies one batch atomically (visible, not yet durable).
+    fn apply(&self, batch: &Batch) -> Outcome {
+        if let Some(failure) = self.failure.get() {
+            return Err(StoreError::Poisoned(failure.clone()));
+        }
+        for (key, expected) in &batch.checks {
+            if self.db.get(key).map_err(backend)?.as_deref() != expected.as_deref() {
+                return Err(StoreError::Conflict);
+            }
+        }
+        let mut writes = sled::Batch::default();
+        let mut counters = Vec::new();
+        // Within one batch a later op sees an earlier one's value.
+        let mut staged: Vec<(&[u8], Option<Vec<u8>>)> = Vec::new();
+        for op in &batch.ops {
+            match op {
+                Op::Put(key, value) => {
+                    writes.insert(key.as_slice(), value.as_slice());
+                    staged.push((key, Some(value.clone())));
+                }
+                Op::Delete(key) => {
+                    writes.remove(key.as_slice());
+                    staged.push((key, None));
+                }
+                Op::Add(key, delta) => {
+                    let current = match staged.iter().rev().find(|(k, _)| k == key) {
+                        Some((_, value)) => value.clone(),
+                        None => self.db.get(key).map_err(backend)?.map(|v| v.to_vec()),
+                    };
+                    let new = current
+                        .as_deref()
+                        .and_then(decode_counter)
+                        .unwrap_or(0)
+                        .saturating_add(*delta);
+                    writes.insert(key.as_slice(), encode_counter(new));
+                    staged.push((key, Some(encode_counter(new))));
+                    counters.push(new);
+                }
+            }
+        }
+        self.db.apply_batch(writes).map_err(backend)?;
+        Ok(counters)
+    }
+}
+
+/// Makes applied batches durable and replies to their writers.
+struct Flusher {
+    writer: Writer,
+    files: SyncFiles,
+}
+
+impl Flusher {
+    fn run(mut self, rx: mpsc::Receiver<Vec<(Reply, Outcome)>>) {
+        let mut last_group = 0;
+        while let Ok(mut done) = rx.recv() {
+            // When the last flush served several writers, more are likely on
+            // their way: wait briefly so that one flush serves them too.
+            let deadline = Instant::now() + COMMIT_DELAY;
+            loop {
+                match rx.try_recv() {
+                    Ok(more) => done.extend(more),
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                    Err(mpsc::TryRecvError::Empty) => {
+                        if last_group < 2 || done.len() >= last_group || Instant::now() >= deadline
+                        {
+                            break;
+                        }
+                        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                            Ok(more) => done.extend(more),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            last_group = done.len();
+            self.finish(done);
+        }
+    }
+
+    /// One flush for every applied batch in `done`, then the replies.
+    fn finish(&mut self, mut done: Vec<(Reply, Outcome)>) {
+        if done.iter().any(|(_, outcome)| outcome.is_ok()) && self.writer.failure.get().is_none() {
+            let flushed = self.writer.db.flush().map_err(|e| e.to_string());
+            if let Err(error) = flushed.and_then(|_| self.files.sync()) {
+                tracing::error!(%error, "store flush failed; refusing further writes");
+                let _ = self.writer.failure.set(error);
+            }
+        }
+        if let Some(failure) = self.writer.failure.get() {
+            for (_, outcome) in done.iter_mut().filter(|(_, o)| o.is_ok()) {
+                *outcome = Err(StoreError::Poisoned(failure.clone()));
+            }
+        }
+        for (reply, outcome) in done {
+            let _ = reply.send(outcome); // the writer may have gone away
+        }
+    }
+}
+
 impl Store for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .shared
-            .db
-            .get(key)
-            .map_err(backend)?
-            .map(|v| v.to_vec()))
+        Ok(self.db.get(key).map_err(backend)?.map(|v| v.to_vec()))
     }
 
     fn scan(
@@ -193,12 +286,11 @@ impl Store for SledStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Rows, StoreError> {
-        let db = &self.shared.db;
         let iter = match start_after {
-            Some(after) if after >= prefix => {
-                db.range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-            }
-            _ => db.range::<&[u8], _>(prefix..),
+            Some(after) if after >= prefix => self
+                .db
+                .range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            _ => self.db.range::<&[u8], _>(prefix..),
         };
         iter.take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
             .take(limit)
@@ -206,75 +298,15 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
-        if let Some(failure) = &self.shared.flushed.borrow().failure {
-            return Err(StoreError::Poisoned(failure.clone()));
-        }
-        let counters = self
-            .shared
-            .db
-            .transaction(|tx| {
-                for (key, expected) in &batch.checks {
-                    let actual = tx.get(key)?;
-                    if actual.as_deref() != expected.as_deref() {
-                        return Err(ConflictableTransactionError::Abort(()));
-                    }
-                }
-                let mut counters = Vec::new();
-                for op in &batch.ops {
-                    match op {
-                        Op::Put(key, value) => {
-                            tx.insert(key.as_slice(), value.as_slice())?;
-                        }
-                        Op::Delete(key) => {
-                            tx.remove(key.as_slice())?;
-                        }
-                        Op::Add(key, delta) => {
-                            let old = tx.get(key)?.and_then(|v| decode_counter(&v)).unwrap_or(0);
-                            let new = old.saturating_add(*delta);
-                            tx.insert(key.as_slice(), encode_counter(new))?;
-                            counters.push(new);
-                        }
-                    }
-                }
-                Ok(counters)
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(()) => StoreError::Conflict,
-                TransactionError::Storage(e) => backend(e),
-            })?;
-        let ticket = {
-            let mut pending = self.shared.pending.lock().expect("flusher lock");
-            pending.applied += 1;
-            pending.applied
-        };
-        if self.durability == Durability::GroupCommit {
-            self.shared.wake.notify_one();
-        }
-        Ok(Applied { ticket, counters })
-    }
-
-    fn durable(&self, ticket: u64) -> DurableFuture<'_> {
+    fn commit(&self, batch: Batch) -> CommitFuture<'_> {
+        let (reply, done) = oneshot::channel();
+        let sent = self.queue.as_ref().map(|queue| queue.send((batch, reply)));
         Box::pin(async move {
-            match self.durability {
-                Durability::GroupCommit => {
-                    let mut rx = self.shared.flushed.subscribe();
-                    let flushed = rx
-                        .wait_for(|f| f.upto >= ticket)
-                        .await
-                        .map_err(|_| StoreError::Backend("store closed".into()))?;
-                    match &flushed.failure {
-                        Some(failure) => Err(StoreError::Poisoned(failure.clone())),
-                        None => Ok(()),
-                    }
-                }
-                Durability::PerWrite => {
-                    let shared = self.shared.clone();
-                    tokio::task::spawn_blocking(move || shared.flush_and_sync())
-                        .await
-                        .map_err(backend)?
-                        .map_err(StoreError::Backend)
-                }
+            match sent {
+                Some(Ok(())) => done
+                    .await
+                    .map_err(|_| StoreError::Backend("store closed".into()))?,
+                _ => Err(StoreError::Backend("store closed".into())),
             }
         })
     }
@@ -285,36 +317,38 @@ struct SyncFiles {
     log: File,
     dir: PathBuf,
     /// Blob files already synced (sled never rewrites a blob file in place).
-    synced_blobs: Mutex<HashSet<OsString>>,
+    synced_blobs: HashSet<OsString>,
 }
 
 impl SyncFiles {
     fn open(dir: &Path) -> Result<Self, StoreError> {
         let log = File::open(dir.join("db")).map_err(backend)?;
-        let files = Self {
-            log,
-            dir: dir.to_owned(),
-            synced_blobs: Mutex::default(),
-        };
         // The directory entries of a freshly created store must survive a crash too.
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(backend)?;
-        Ok(files)
+        Ok(Self {
+            log,
+            dir: dir.to_owned(),
+            synced_blobs: HashSet::new(),
+        })
     }
 
-    fn sync(&self) -> std::io::Result<()> {
+    fn sync(&mut self) -> Result<(), String> {
+        self.sync_io().map_err(|e| e.to_string())
+    }
+
+    fn sync_io(&mut self) -> std::io::Result<()> {
         self.log.sync_data()?;
         let blob_dir = self.dir.join("blobs");
         let Ok(entries) = std::fs::read_dir(&blob_dir) else {
             return Ok(()); // no blobs yet
         };
-        let mut synced = self.synced_blobs.lock().expect("blob set lock");
         let mut present = HashSet::new();
         let mut new_files = false;
         for entry in entries {
             let name = entry?.file_name();
-            if !synced.contains(&name) {
+            if !self.synced_blobs.contains(&name) {
                 File::open(blob_dir.join(&name))?.sync_data()?;
                 new_files = true;
             }
@@ -323,7 +357,7 @@ impl SyncFiles {
         if new_files {
             File::open(&blob_dir)?.sync_all()?;
         }
-        *synced = present;
+        self.synced_blobs = present;
         Ok(())
     }
 }
@@ -349,16 +383,19 @@ mod tests {
             .check(b"a".to_vec(), None)
             .put(b"a".to_vec(), b"1".to_vec())
             .add(b"n".to_vec(), 5);
-        assert_eq!(super::super::commit(&store, &batch).await.unwrap(), vec![5]);
+        assert_eq!(store.commit(batch.clone()).await.unwrap(), vec![5]);
         // Same batch again: the check fails, so the counter must not move.
-        assert!(matches!(store.apply(&batch), Err(StoreError::Conflict)));
+        assert!(matches!(
+            store.commit(batch.clone()).await,
+            Err(StoreError::Conflict)
+        ));
         assert_eq!(store.get(b"n").unwrap(), Some(encode_counter(5)));
         let mut batch = Batch::default();
         batch
             .check(b"a".to_vec(), Some(b"1".to_vec()))
             .delete(b"a".to_vec())
             .add(b"n".to_vec(), 2);
-        assert_eq!(super::super::commit(&store, &batch).await.unwrap(), vec![7]);
+        assert_eq!(store.commit(batch.clone()).await.unwrap(), vec![7]);
         assert_eq!(store.get(b"a").unwrap(), None);
     }
 
@@ -370,7 +407,7 @@ mod tests {
         for key in ["p\0a", "p\0b", "p\0c", "q\0a", "p"] {
             batch.put(key.as_bytes().to_vec(), b"v".to_vec());
         }
-        super::super::commit(&store, &batch).await.unwrap();
+        store.commit(batch.clone()).await.unwrap();
         let keys = |rows: Vec<(Vec<u8>, Vec<u8>)>| {
             rows.into_iter()
                 .map(|(k, _)| String::from_utf8(k).unwrap())
@@ -400,7 +437,7 @@ mod tests {
                         batch
                             .put(format!("k{i}-{j}").into_bytes(), vec![1])
                             .add(b"n".to_vec(), 1);
-                        super::super::commit(&*store, &batch).await.unwrap();
+                        store.commit(batch).await.unwrap();
                     }
                 })
             })

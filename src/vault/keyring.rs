@@ -13,14 +13,11 @@ use prost::Message;
 use zeroize::Zeroizing;
 
 use crate::clock::Clock;
-use crate::crypto::envelope::{self, Context};
+use crate::crypto::envelope::{self, Context, ROOT_CHECK_PLAINTEXT};
 use crate::crypto::keys::{Dek, KEY_LEN, Kek, RootKey, SymmetricKey};
 use crate::error::{Error, Result};
 use crate::store::records::{self, DekRecord, KekRecord, KeyState, RootCheck, TenantRecord};
-use crate::store::{Batch, Store, StoreError, commit, layout};
-
-/// The plaintext of the root key's check value.
-const ROOT_CHECK_PLAINTEXT: &[u8] = b"credvault root key check v1";
+use crate::store::{Batch, Store, StoreError, layout};
 
 /// A key version as loaded: its record (exactly as stored) and, unless
 /// destroyed, its unwrapped key.
@@ -100,35 +97,7 @@ impl KeyRing {
             None => Self::initialise(&*store, &*clock, &root).await?,
         };
         let root = RootKey::new(root_version, root);
-        let mut keks = BTreeMap::new();
-        for (key, bytes) in store.scan(&layout::kek_prefix(), None, usize::MAX)? {
-            let record: KekRecord = records::decode(&bytes)?;
-            let version = layout::trailing_version(&key)
-                .filter(|v| *v == record.version)
-                .ok_or_else(|| Error::Corrupt("KEK record under the wrong key".into()))?;
-            let state = record.state();
-            let key = match state {
-                KeyState::Destroyed => None,
-                _ => {
-                    let material =
-                        envelope::open(root.key(), &Context::kek_wrap(version), &record.wrapped)
-                            .map_err(|_| {
-                                Error::Corrupt(format!(
-                                    "KEK v{version} does not open under the root key"
-                                ))
-                            })?;
-                    Some(Arc::new(Kek::new(version, to_key(&material)?)))
-                }
-            };
-            keks.insert(
-                version,
-                Loaded {
-                    key,
-                    record_bytes: bytes,
-                    state,
-                },
-            );
-        }
+        let keks = load_keks(&*store, &root, &BTreeMap::new())?;
         if primary(&keks).is_none() {
             return Err(Error::Corrupt("no active key-encryption key".into()));
         }
@@ -178,7 +147,7 @@ impl KeyRing {
             .check(layout::ROOT_CHECK.to_vec(), None)
             .put(layout::ROOT_CHECK.to_vec(), check.encode_to_vec())
             .put(layout::kek(1), record.encode_to_vec());
-        commit(store, &batch).await?;
+        store.commit(batch).await?;
         tracing::info!("initialised a new store: root check value and KEK v1 written");
         Ok(root_version)
     }
@@ -238,7 +207,7 @@ impl KeyRing {
             );
             let (kek, kek_bytes) = self.primary_kek()?;
             self.add_new_dek(&mut batch, tenant, 1, &kek, kek_bytes, now);
-            match commit(&*self.store, &batch).await {
+            match self.store.commit(batch).await {
                 Ok(counters) => {
                     tracing::info!(tenant, "created tenant with data key v1");
                     self.after_kek_use(kek.version(), counters[0]).await?;
@@ -302,11 +271,17 @@ impl KeyRing {
                             Error::Corrupt(format!("data key v{version} names a missing KEK"))
                         })?;
                     let context = Context::dek_wrap(tenant, version, record.kek_version);
-                    let material =
-                        envelope::open(kek.key(), &context, &record.wrapped).map_err(|_| {
-                            Error::Corrupt(format!("data key v{version} does not unwrap"))
-                        })?;
-                    Some(Arc::new(Dek::new(version, to_key(&material)?)))
+                    match envelope::open(kek.key(), &context, &record.wrapped) {
+                        Ok(material) => Some(Arc::new(Dek::new(version, to_key(&material)?))),
+                        // Tampered or moved (say, another tenant's record): loaded
+                        // without key bytes, so what it sealed fails to open with
+                        // the same opaque DecryptionFailed as any other tampering,
+                        // and nothing new is sealed under it.
+                        Err(_) => {
+                            tracing::error!(tenant, version, "data key does not unwrap");
+                            None
+                        }
+                    }
                 }
             };
             deks.insert(
@@ -327,35 +302,11 @@ impl KeyRing {
     }
 
     fn reload_keks(&self) -> Result<()> {
-        let mut fresh = BTreeMap::new();
-        let current = self.keks.read().expect("kek lock");
-        for (key, bytes) in self.store.scan(&layout::kek_prefix(), None, usize::MAX)? {
-            let record: KekRecord = records::decode(&bytes)?;
-            let version = layout::trailing_version(&key).unwrap_or_default();
-            let state = record.state();
-            let key = match (state, current.get(&version).and_then(|l| l.key.clone())) {
-                (KeyState::Destroyed, _) => None,
-                (_, Some(known)) => Some(known),
-                (_, None) => {
-                    let material = envelope::open(
-                        self.root.key(),
-                        &Context::kek_wrap(version),
-                        &record.wrapped,
-                    )
-                    .map_err(|_| Error::Corrupt(format!("KEK v{version} does not open")))?;
-                    Some(Arc::new(Kek::new(version, to_key(&material)?)))
-                }
-            };
-            fresh.insert(
-                version,
-                Loaded {
-                    key,
-                    record_bytes: bytes,
-                    state,
-                },
-            );
-        }
-        drop(current);
+        let fresh = load_keks(
+            &*self.store,
+            &self.root,
+            &self.keks.read().expect("kek lock"),
+        )?;
         *self.keks.write().expect("kek lock") = fresh;
         Ok(())
     }
@@ -391,7 +342,7 @@ impl KeyRing {
                     Some(loaded.record_bytes.clone()),
                 )
                 .put(layout::dek(tenant, current), old.encode_to_vec());
-            match commit(&*self.store, &batch).await {
+            match self.store.commit(batch).await {
                 Ok(counters) => {
                     self.invalidate(tenant);
                     tracing::info!(tenant, from = current, to = next, "rotated tenant data key");
@@ -438,7 +389,7 @@ impl KeyRing {
                 .check(layout::kek(next), None)
                 .put(layout::kek(current), old.encode_to_vec())
                 .put(layout::kek(next), record.encode_to_vec());
-            match commit(&*self.store, &batch).await {
+            match self.store.commit(batch).await {
                 Ok(_) => {
                     self.reload_keks()?;
                     tracing::info!(from = current, to = next, "rotated key-encryption key");
@@ -463,6 +414,46 @@ impl KeyRing {
     pub fn rotate_after(&self) -> u64 {
         self.rotate_after
     }
+}
+
+/// Loads the KEK ring from the store, unwrapping each live version under the
+/// root key (or reusing the unwrapped key from `known`).
+fn load_keks(
+    store: &dyn Store,
+    root: &RootKey,
+    known: &BTreeMap<u32, Loaded<Kek>>,
+) -> Result<BTreeMap<u32, Loaded<Kek>>> {
+    let mut keks = BTreeMap::new();
+    for (key, record_bytes) in store.scan(&layout::kek_prefix(), None, usize::MAX)? {
+        let record: KekRecord = records::decode(&record_bytes)?;
+        let version = layout::trailing_version(&key)
+            .filter(|v| *v == record.version)
+            .ok_or_else(|| Error::Corrupt("KEK record under the wrong key".into()))?;
+        let state = record.state();
+        let key = match (state, known.get(&version).and_then(|l| l.key.clone())) {
+            (KeyState::Destroyed, _) => None,
+            (_, Some(known)) => Some(known),
+            (_, None) => {
+                let material =
+                    envelope::open(root.key(), &Context::kek_wrap(version), &record.wrapped)
+                        .map_err(|_| {
+                            Error::Corrupt(format!(
+                                "KEK v{version} does not open under the root key"
+                            ))
+                        })?;
+                Some(Arc::new(Kek::new(version, to_key(&material)?)))
+            }
+        };
+        keks.insert(
+            version,
+            Loaded {
+                key,
+                record_bytes,
+                state,
+            },
+        );
+    }
+    Ok(keks)
 }
 
 /// How often a conflicting key change is retried before giving up.

@@ -21,7 +21,7 @@ use crate::error::{Error, Invalid, Result};
 use crate::store::records::{
     self, CredentialHead, KeyState, Tombstone, VersionRecord, VersionState,
 };
-use crate::store::{Batch, Store, StoreError, commit, layout};
+use crate::store::{Batch, Store, StoreError, layout};
 
 /// The kind of a stored credential. The numbers are part of the at-rest format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -227,8 +227,9 @@ impl Vault {
         let (tenant, credential) = (req.tenant.as_str(), req.credential.as_str());
         let head_key = layout::head(tenant, credential);
         for _ in 0..MAX_ATTEMPTS {
-            let keys = self.keys.tenant_or_create(tenant).await?;
-            let (dek, dek_bytes) = keys.primary()?;
+            // Compare-and-set before anything is written, so that a failed seal
+            // does not create the tenant and its first data key either. The
+            // batch below re-checks the head, so a change in between conflicts.
             let head_bytes = self.store.get(&head_key)?;
             let head = head_bytes
                 .as_deref()
@@ -243,6 +244,8 @@ impl Vault {
                     actual: current,
                 });
             }
+            let keys = self.keys.tenant_or_create(tenant).await?;
+            let (dek, dek_bytes) = keys.primary()?;
             let version = current.checked_add(1).ok_or(Invalid::Version)?;
             let context =
                 Context::payload(tenant, credential, version, req.kind as u8, dek.version());
@@ -274,10 +277,14 @@ impl Vault {
                     record.encode_to_vec(),
                 );
             self.prune_old_versions(&mut batch, tenant, credential, version)?;
-            match commit(&*self.store, &batch).await {
+            match self.store.commit(batch).await {
                 Ok(counters) => {
-                    if counters[0] >= self.keys.rotate_after() {
-                        self.keys.rotate_dek(tenant, dek.version()).await?;
+                    // The seal is durable: a failed rotation must not turn it into an
+                    // error (a retry would store a duplicate). The next seal retries.
+                    if counters[0] >= self.keys.rotate_after()
+                        && let Err(error) = self.keys.rotate_dek(tenant, dek.version()).await
+                    {
+                        tracing::warn!(tenant, %error, "automatic data key rotation failed; will retry");
                     }
                     return metadata(tenant, credential, version, record);
                 }
@@ -319,7 +326,7 @@ impl Vault {
         credential: &str,
         version: Option<u32>,
     ) -> Result<Unsealed> {
-        let record = self.version_record(tenant, credential, version)?;
+        let (version, latest, record) = self.version_record(tenant, credential, version)?;
         if record.state() == VersionState::Revoked {
             return Err(Error::Revoked);
         }
@@ -331,18 +338,14 @@ impl Vault {
             .get(record.dek_version)
             .ok_or(Error::DecryptionFailed)?;
         let kind = Kind::from_number(record.kind).map_err(|_| Error::DecryptionFailed)?;
-        let context = Context::payload(
-            tenant,
-            credential,
-            record.version,
-            kind as u8,
-            record.dek_version,
-        );
+        // Bound to the version the record is stored under, not the one it claims:
+        // a record moved to another version's place fails to open like any other
+        // tampering.
+        let context = Context::payload(tenant, credential, version, kind as u8, record.dek_version);
         let secret = envelope::open(dek.key(), &context, &record.ciphertext)?;
-        let version = record.version;
         Ok(Unsealed {
             secret: secret.into(),
-            metadata: metadata(tenant, credential, version, record)?,
+            metadata: metadata(tenant, credential, latest, record)?,
         })
     }
 
@@ -353,12 +356,11 @@ impl Vault {
         credential: &str,
         version: Option<u32>,
     ) -> Result<Metadata> {
-        let record = self.version_record(tenant, credential, version)?;
-        let mut meta = metadata(tenant, credential, record.version, record)?;
-        meta.latest_version = self
-            .head(tenant, credential)?
-            .map_or(meta.version, |h| h.latest_version);
-        Ok(meta)
+        let (version, latest, record) = self.version_record(tenant, credential, version)?;
+        if record.version != version {
+            return Err(Error::Corrupt("version record under the wrong key".into()));
+        }
+        metadata(tenant, credential, latest, record)
     }
 
     fn head(&self, tenant: &str, credential: &str) -> Result<Option<CredentialHead>> {
@@ -366,12 +368,15 @@ impl Vault {
         Ok(bytes.as_deref().map(records::decode).transpose()?)
     }
 
+    /// The version asked for (default: the latest), the latest version, and the
+    /// record stored under the first. The record's own `version` field is not
+    /// trusted: callers compare it.
     fn version_record(
         &self,
         tenant: &str,
         credential: &str,
         version: Option<u32>,
-    ) -> Result<VersionRecord> {
+    ) -> Result<(u32, u32, VersionRecord)> {
         validate::tenant_id(tenant)?;
         validate::credential_id(credential)?;
         if version == Some(0) {
@@ -383,11 +388,7 @@ impl Vault {
             .store
             .get(&layout::version(tenant, credential, version))?
             .ok_or(Error::NotFound)?;
-        let record: VersionRecord = records::decode(&bytes)?;
-        if record.version != version {
-            return Err(Error::Corrupt("version record under the wrong key".into()));
-        }
-        Ok(record)
+        Ok((version, head.latest_version, records::decode(&bytes)?))
     }
 
     /// A page of a tenant's credentials (latest version metadata), in id order,
@@ -499,7 +500,7 @@ impl Vault {
                     .map(Revocation::from)
                     .ok_or(Error::NotFound);
             }
-            match commit(&*self.store, &batch).await {
+            match self.store.commit(batch).await {
                 Ok(_) => return Ok(tombstone.into()),
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),

@@ -1,0 +1,158 @@
+//! Benchmarks behind `credvault bench SCENARIO`: each starts what it needs,
+//! runs bounded, prints a table and writes JSON. Bars are ratios measured in
+//! one run on one machine. Timing lives here, never in tests.
+
+pub mod store;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// One measured row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub name: String,
+    pub ops: u64,
+    pub seconds: f64,
+    pub ops_per_sec: f64,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub p999_us: Option<f64>,
+}
+
+impl Row {
+    /// A row from an operation count, the elapsed time and (optionally) latencies.
+    pub fn new(
+        name: impl Into<String>,
+        ops: u64,
+        elapsed: Duration,
+        latencies: Option<&mut [Duration]>,
+    ) -> Self {
+        let seconds = elapsed.as_secs_f64();
+        let (p50_us, p99_us, p999_us) = match latencies {
+            Some(l) if !l.is_empty() => {
+                l.sort_unstable();
+                (
+                    Some(percentile(l, 0.50)),
+                    Some(percentile(l, 0.99)),
+                    Some(percentile(l, 0.999)),
+                )
+            }
+            _ => (None, None, None),
+        };
+        Self {
+            name: name.into(),
+            ops,
+            seconds,
+            ops_per_sec: ops as f64 / seconds,
+            p50_us,
+            p99_us,
+            p999_us,
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index].as_secs_f64() * 1e6
+}
+
+/// A bar: a ratio between two rows and the value it must reach.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bar {
+    pub name: String,
+    pub ratio: f64,
+    /// The ratio must be at least this.
+    pub at_least: f64,
+    pub pass: bool,
+}
+
+impl Bar {
+    pub fn new(name: impl Into<String>, ratio: f64, at_least: f64) -> Self {
+        Self {
+            name: name.into(),
+            ratio,
+            at_least,
+            pass: ratio >= at_least,
+        }
+    }
+}
+
+/// The result of one scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub machine: String,
+    pub rows: Vec<Row>,
+    pub bars: Vec<Bar>,
+}
+
+impl Report {
+    pub fn new(scenario: &str) -> Self {
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        Self {
+            scenario: scenario.into(),
+            machine: format!("{cores} cores"),
+            rows: Vec::new(),
+            bars: Vec::new(),
+        }
+    }
+
+    /// The table, as printed.
+    pub fn table(&self) -> String {
+        let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+        let mut out = format!(
+            "scenario: {} ({})\n{:<44} {:>10} {:>8} {:>12} {:>9} {:>9} {:>9}\n",
+            self.scenario,
+            self.machine,
+            "measurement",
+            "ops",
+            "secs",
+            "ops/s",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs"
+        );
+        for r in &self.rows {
+            out += &format!(
+                "{:<44} {:>10} {:>8.2} {:>12.0} {:>9} {:>9} {:>9}\n",
+                r.name,
+                r.ops,
+                r.seconds,
+                r.ops_per_sec,
+                fmt(r.p50_us),
+                fmt(r.p99_us),
+                fmt(r.p999_us)
+            );
+        }
+        for b in &self.bars {
+            out += &format!(
+                "bar: {:<50} {:>8.3} (≥ {:.2}) {}\n",
+                b.name,
+                b.ratio,
+                b.at_least,
+                if b.pass { "PASS" } else { "FAIL" }
+            );
+        }
+        out
+    }
+
+    /// Prints the table and writes the JSON to `out`.
+    pub fn finish(&self, out: &Path) -> std::io::Result<()> {
+        print!("{}", self.table());
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(
+            out,
+            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )?;
+        println!("wrote {}", out.display());
+        Ok(())
+    }
+
+    pub fn row(&self, name: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.name == name)
+    }
+}

@@ -1,0 +1,42 @@
+//! The `credvault` command line: clap definitions and the subcommands.
+
+pub mod bench;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// credvault: a vault for tenants' web-session cookies and BYOK API keys.
+#[derive(Debug, Parser)]
+#[command(name = "credvault", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a new random root key (base64, mode 0600). Refuses to overwrite.
+    Keygen {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run a benchmark: prints a table and writes JSON.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen { out } => {
+            credvault::crypto::root::generate_file(&out)?;
+            println!(
+                "wrote a new root key to {} (mode 0600); keep it secret and backed up",
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args),
+    }
+}

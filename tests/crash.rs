@@ -1,0 +1,368 @@
+//! Crash safety: every acknowledged seal survives `kill -9`, and the store
+//! reopens without repair.
+//!
+//! The test binary runs itself as the child (`crash_child`, which does nothing
+//! unless `CREDVAULT_CRASH_CHILD` names a data directory). The child seals from
+//! several tasks at once and prints `ACK <tenant> <credential>` only after
+//! `Vault::seal` returned. The parent SIGKILLs it at a random moment, reopens
+//! the store and checks every acknowledged secret, byte for byte, and that the
+//! multi-record batches (version record + key-usage counter, new data key + KEK
+//! counter) were applied all or nothing. Rounds reuse one data directory, so
+//! each recovery starts from the wreck of the previous ones.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use credvault::clock::SystemClock;
+use credvault::crypto::SymmetricKey;
+use credvault::store::records::KeyState;
+use credvault::store::{SledStore, Store, layout};
+use credvault::vault::{Kind, Vault, VaultOptions};
+use rand::RngExt;
+
+use common::{SplitMix, request};
+
+const CHILD_ENV: &str = "CREDVAULT_CRASH_CHILD";
+const ROOT_KEY_ENV: &str = "CREDVAULT_CRASH_ROOT_KEY";
+const ROUND_ENV: &str = "CREDVAULT_CRASH_ROUND";
+
+const ROUNDS: u32 = 24;
+const TASKS: u32 = 8;
+const TENANTS: u32 = 3;
+/// Low, so that data keys and KEKs rotate (more multi-record batches) under the kills.
+const ROTATE_AFTER: u64 = 40;
+/// Acks from earlier rounds checked again after each crash.
+const EARLIER_SAMPLE: usize = 200;
+/// How long a child may run if nobody kills it (the parent died).
+const CHILD_LIFETIME: Duration = Duration::from_secs(60);
+
+fn options() -> VaultOptions {
+    VaultOptions {
+        rotate_after_encryptions: ROTATE_AFTER,
+        max_versions: 0,
+        ..VaultOptions::default()
+    }
+}
+
+/// The kind and secret of a credential, recomputable from its name. Most are
+/// small; one in 64 is large enough for sled to store it as a separate blob file.
+fn expected(tenant: &str, credential: &str) -> (Kind, Vec<u8>) {
+    let mut rng = SplitMix::from_str(&format!("{tenant}/{credential}"));
+    let kind = Kind::ALL[(rng.next_u64() % 4) as usize];
+    let pick = rng.next_u64();
+    let len = if pick.is_multiple_of(64) {
+        130 * 1024 + (pick >> 8) as usize % (4 * 1024)
+    } else {
+        1 + (pick >> 8) as usize % 2048
+    };
+    (kind, rng.bytes(len))
+}
+
+fn root_key(hex_text: &str) -> SymmetricKey {
+    SymmetricKey::from_slice(&hex::decode(hex_text).expect("hex root key")).expect("32 bytes")
+}
+
+fn open_store(path: &Path) -> Arc<SledStore> {
+    common::open_store_with(path, 32 << 20)
+}
+
+/// The child: seals until killed. Does nothing in an ordinary test run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let root = root_key(&std::env::var(ROOT_KEY_ENV).expect("root key variable"));
+    let round: u32 = std::env::var(ROUND_ENV)
+        .expect("round")
+        .parse()
+        .expect("round number");
+    let store = open_store(Path::new(&dir));
+    let vault = Arc::new(
+        Vault::open(store, root, Arc::new(SystemClock), options())
+            .await
+            .unwrap_or_else(|e| panic!("child: vault does not open: {e}")),
+    );
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let vault = vault.clone();
+            tokio::spawn(async move {
+                let tenant = format!("tenant-{}", task % TENANTS);
+                for i in 0.. {
+                    if started.elapsed() > CHILD_LIFETIME {
+                        return;
+                    }
+                    let credential = format!("r{round:02}/t{task}/{i}");
+                    let (kind, secret) = expected(&tenant, &credential);
+                    vault
+                        .seal(request(&tenant, &credential, kind, &secret))
+                        .await
+                        .unwrap_or_else(|e| panic!("child: seal {tenant}/{credential}: {e}"));
+                    // Only now is the write acknowledged.
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "ACK {tenant} {credential}").expect("stdout");
+                    out.flush().expect("stdout");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("sealing task");
+    }
+}
+
+/// Kills the child if the parent panics before it does.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_child(
+    dir: &Path,
+    root_hex: &str,
+    round: u32,
+) -> (
+    KillOnDrop,
+    mpsc::Receiver<(String, String)>,
+    std::thread::JoinHandle<()>,
+) {
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "crash_child", "--nocapture"])
+        .env(CHILD_ENV, dir)
+        .env(ROOT_KEY_ENV, root_hex)
+        .env(ROUND_ENV, round.to_string())
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match lines.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            // A line cut short by the kill was never acknowledged.
+            let Some(ack) = line.strip_suffix('\n').and_then(|l| l.strip_prefix("ACK ")) else {
+                continue;
+            };
+            let (tenant, credential) = ack.split_once(' ').expect("ACK <tenant> <credential>");
+            if tx.send((tenant.to_owned(), credential.to_owned())).is_err() {
+                return;
+            }
+        }
+    });
+    (KillOnDrop(child), rx, reader)
+}
+
+/// An acknowledged seal and what it must unseal to.
+struct Acked {
+    tenant: String,
+    credential: String,
+    kind: Kind,
+    secret: Vec<u8>,
+}
+
+/// Key-usage counters as (tenant or "" for the KEK ring, version) → uses.
+type Counters = BTreeMap<(String, u32), u64>;
+
+/// Reopens the store after a crash and checks everything acknowledged so far.
+async fn verify(dir: &Path, root_hex: &str, acked: &[&Acked], previous: &Counters) -> Counters {
+    let store = open_store(dir);
+    let vault = Vault::open(
+        store.clone(),
+        root_key(root_hex),
+        Arc::new(SystemClock),
+        options(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("vault does not open after a crash: {e}"));
+
+    for Acked {
+        tenant,
+        credential,
+        kind,
+        secret,
+    } in acked
+    {
+        let unsealed = vault
+            .unseal(tenant, credential, None)
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged {tenant}/{credential} lost: {e}"));
+        assert_eq!(
+            unsealed.secret.expose(),
+            secret.as_slice(),
+            "{tenant}/{credential}"
+        );
+        assert_eq!(
+            (unsealed.metadata.version, unsealed.metadata.kind),
+            (1, *kind)
+        );
+    }
+
+    // Batches are all or nothing: every stored version record was counted by
+    // exactly one DEK use, and every stored DEK by exactly one KEK use.
+    let mut counters = Counters::new();
+    let kek_states = vault.kek_states();
+    assert_eq!(
+        kek_states
+            .values()
+            .filter(|s| **s == KeyState::Active)
+            .count(),
+        1,
+        "{kek_states:?}"
+    );
+    for v in kek_states.keys() {
+        counters.insert((String::new(), *v), vault.kek_uses(*v).unwrap());
+    }
+    let mut deks = 0;
+    for t in 0..TENANTS {
+        let tenant = format!("tenant-{t}");
+        let states = vault.dek_states(&tenant).unwrap();
+        if states.is_empty() {
+            continue;
+        }
+        assert_eq!(
+            states.values().filter(|s| **s == KeyState::Active).count(),
+            1,
+            "{tenant}: {states:?}"
+        );
+        deks += states.len() as u64;
+        let mut uses = 0;
+        for v in states.keys() {
+            let n = vault.dek_uses(&tenant, *v).unwrap();
+            counters.insert((tenant.clone(), *v), n);
+            uses += n;
+        }
+        let mut prefix = b"v\0".to_vec();
+        prefix.extend_from_slice(tenant.as_bytes());
+        prefix.push(0);
+        let records = store.scan(&prefix, None, usize::MAX).unwrap().len() as u64;
+        assert_eq!(uses, records, "{tenant}: data key uses vs. stored versions");
+        assert_eq!(
+            store
+                .scan(&layout::dek_prefix(&tenant), None, usize::MAX)
+                .unwrap()
+                .len(),
+            states.len()
+        );
+    }
+    let kek_uses: u64 = counters
+        .iter()
+        .filter(|((t, _), _)| t.is_empty())
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(kek_uses, deks, "KEK uses vs. stored data keys");
+    for (key, before) in previous {
+        let now = counters.get(key).copied().unwrap_or(0);
+        assert!(
+            now >= *before,
+            "counter {key:?} went back from {before} to {now}"
+        );
+    }
+    drop(vault);
+    assert_eq!(Arc::strong_count(&store), 1);
+    counters
+}
+
+#[test]
+fn acknowledged_seals_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let root_hex = hex::encode(SymmetricKey::generate().expose_bytes());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rng = rand::rng();
+    let mut acked: Vec<Acked> = Vec::new();
+    let mut counters = Counters::new();
+    let mut per_round = Vec::new();
+
+    for round in 0..ROUNDS {
+        let (mut child, acks, reader) = spawn_child(&data, &root_hex, round);
+        let mut seen = Vec::new();
+        let first = acks
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("round {round}: the child acknowledged nothing"));
+        seen.push(first);
+        // A random moment: after a random time, or after a random number of acks.
+        if rng.random_bool(0.5) {
+            std::thread::sleep(Duration::from_millis(rng.random_range(20..=300)));
+        } else {
+            let want = rng.random_range(1..=400);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while seen.len() < want && Instant::now() < deadline {
+                match acks.recv_timeout(Duration::from_millis(100)) {
+                    Ok(ack) => seen.push(ack),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("round {round}: the child stopped by itself ({status}) instead of being killed");
+        }
+        child.0.kill().expect("SIGKILL"); // Child::kill sends SIGKILL
+        let status = child.0.wait().unwrap();
+        assert!(!status.success(), "round {round}: {status}");
+        // Acks written before the kill are still in the pipe: they count too.
+        reader.join().unwrap();
+        seen.extend(acks.try_iter());
+        assert!(!seen.is_empty());
+        per_round.push(seen.len());
+        let earlier = acked.len();
+        acked.extend(seen.into_iter().map(|(tenant, credential)| {
+            let (kind, secret) = expected(&tenant, &credential);
+            Acked {
+                tenant,
+                credential,
+                kind,
+                secret,
+            }
+        }));
+
+        // This round's acks, and earlier ones that went through more crashes: a
+        // random sample each round (unsealing in the debug profile is slow), all
+        // of them after the last round.
+        let check: Vec<&Acked> = if round + 1 == ROUNDS {
+            acked.iter().collect()
+        } else {
+            let mut check: Vec<&Acked> = acked[earlier..].iter().collect();
+            if earlier > 0 {
+                check.extend((0..EARLIER_SAMPLE).map(|_| &acked[rng.random_range(0..earlier)]));
+            }
+            check
+        };
+        counters = runtime.block_on(verify(&data, &root_hex, &check, &counters));
+    }
+    assert!(
+        per_round.iter().all(|n| *n > 0),
+        "acks per round: {per_round:?}"
+    );
+    let rotated = counters.keys().filter(|(t, _)| !t.is_empty()).count() > TENANTS as usize;
+    assert!(rotated, "no data key rotated under the kills: {counters:?}");
+    eprintln!(
+        "crash rounds: {ROUNDS}, acknowledged seals per round: {per_round:?}, key versions: {}",
+        counters.len()
+    );
+}
