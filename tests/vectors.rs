@@ -193,8 +193,6 @@ const ROOT_VERSION: u32 = 1;
 const KEK_VERSION: u32 = 1;
 const DEK_VERSION: u32 = 2;
 
-/// The root check plaintext the vault writes (`vault::keyring`).
-
 /// `start, start+1, …, start+31`.
 const fn pattern(start: u8) -> [u8; 32] {
     let mut out = [0u8; 32];
