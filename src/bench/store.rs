@@ -31,6 +31,8 @@ pub struct Params {
     pub tenants: u64,
     /// How long each timed measurement runs.
     pub seconds: f64,
+    /// sled page cache of the benchmark stores, in bytes ("warm" = the working set fits).
+    pub cache_bytes: u64,
     /// Where the JSON goes.
     pub out: PathBuf,
 }
@@ -66,7 +68,14 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
 
     // 2. Warm store of N credentials, then unseal.
     let dir = tempfile::tempdir()?;
-    let vault = Arc::new(open_vault(dir.path().join("warm"), Durability::GroupCommit).await?);
+    let vault = Arc::new(
+        open_vault(
+            dir.path().join("warm"),
+            Durability::GroupCommit,
+            params.cache_bytes,
+        )
+        .await?,
+    );
     let started = Instant::now();
     fill(&vault, params.credentials, params.tenants).await?;
     let fill_elapsed = started.elapsed();
@@ -106,8 +115,14 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
         (Durability::GroupCommit, "group commit"),
         (Durability::PerWrite, "fsync per write"),
     ] {
-        let vault =
-            Arc::new(open_vault(dir.path().join(label.replace(' ', "-")), durability).await?);
+        let vault = Arc::new(
+            open_vault(
+                dir.path().join(label.replace(' ', "-")),
+                durability,
+                params.cache_bytes,
+            )
+            .await?,
+        );
         for writers in [1usize, 8, 64] {
             let row = seal_load(&vault, writers, budget).await?;
             report.rows.push(Row {
@@ -140,9 +155,14 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-async fn open_vault(path: PathBuf, durability: Durability) -> anyhow::Result<Vault> {
+async fn open_vault(
+    path: PathBuf,
+    durability: Durability,
+    cache_capacity: u64,
+) -> anyhow::Result<Vault> {
     let store = SledStore::open(&StoreOptions {
         durability,
+        cache_capacity,
         ..StoreOptions::new(path)
     })?;
     Ok(Vault::open(

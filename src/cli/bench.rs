@@ -20,6 +20,9 @@ pub struct BenchArgs {
     /// Tenants the credentials are spread over.
     #[arg(long, default_value_t = 1_000)]
     tenants: u64,
+    /// sled page cache of the benchmark stores, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    cache_mb: u64,
     /// Seconds each timed measurement runs.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
@@ -38,6 +41,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 credentials: args.credentials,
                 tenants: args.tenants,
                 seconds: args.seconds,
+                cache_bytes: args.cache_mb << 20,
                 out: args
                     .out
                     .unwrap_or_else(|| "bench-results/store.json".into()),

@@ -75,8 +75,10 @@ impl Batch {
     }
 }
 
-/// Key-value pairs returned by [`Store::scan`].
-pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+/// A key and its value.
+pub type Row = (Vec<u8>, Vec<u8>);
+/// Key-value pairs, in key order.
+pub type Rows = Vec<Row>;
 
 /// Resolves to the new values of the batch's [`Op::Add`] counters, in batch
 /// order, once the batch is applied and durable.
@@ -95,6 +97,9 @@ pub trait Store: Send + Sync + 'static {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Rows, StoreError>;
+
+    /// The last entry (in key order) whose key starts with `prefix`.
+    fn last(&self, prefix: &[u8]) -> Result<Option<Row>, StoreError>;
 
     /// Applies `batch` atomically if all its checks hold ([`StoreError::Conflict`]
     /// and nothing written otherwise), and resolves once it is durable.

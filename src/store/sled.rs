@@ -19,14 +19,13 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 use super::layout::{decode_counter, encode_counter};
-use super::{Batch, CommitFuture, Op, Rows, Store, StoreError};
+use super::{Batch, CommitFuture, Op, Row, Rows, Store, StoreError};
 
 /// How writes are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,9 +61,6 @@ impl StoreOptions {
 /// Most batches one flush covers; bounds the latency of the first in a group.
 const MAX_GROUP: usize = 512;
 
-/// How long a flush may wait for more writers when the last one served several.
-const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_micros(300);
-
 type Outcome = Result<Vec<u64>, StoreError>;
 type Reply = oneshot::Sender<Outcome>;
 
@@ -85,22 +81,19 @@ impl SledStore {
             .flush_every_ms(None)
             .open()
             .map_err(backend)?;
-        let writer = Writer {
+        let mut committer = Committer {
             db: db.clone(),
-            failure: Arc::default(),
-        };
-        let flusher = Flusher {
-            writer: writer.clone(),
             files: SyncFiles::open(&options.path)?,
+            group: match options.durability {
+                Durability::GroupCommit => MAX_GROUP,
+                Durability::PerWrite => 1,
+            },
+            failure: None,
         };
-        let durability = options.durability;
         let (queue, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("credvault-commit".into())
-            .spawn(move || match durability {
-                Durability::GroupCommit => run_group_commit(writer, flusher, rx),
-                Durability::PerWrite => run_per_write(writer, flusher, rx),
-            })
+            .spawn(move || committer.run(rx))
             .map_err(backend)?;
         Ok(Self {
             db,
@@ -128,57 +121,40 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-/// Group commit on two threads: this one applies batches as they arrive and
-/// passes them on; the flusher makes everything applied so far durable with
-/// one flush, then replies. Applying the next group overlaps flushing the last.
-fn run_group_commit(writer: Writer, flusher: Flusher, rx: mpsc::Receiver<(Batch, Reply)>) {
-    let (to_flusher, applied) = mpsc::channel();
-    let flush_thread = std::thread::Builder::new()
-        .name("credvault-flush".into())
-        .spawn(move || flusher.run(applied))
-        .expect("spawn the flush thread");
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
-            }
-        }
-        let outcomes: Vec<_> = group
-            .into_iter()
-            .map(|(batch, reply)| (reply, writer.apply(&batch)))
-            .collect();
-        if to_flusher.send(outcomes).is_err() {
-            break;
-        }
-    }
-    drop(to_flusher);
-    let _ = flush_thread.join();
-}
-
-/// One flush per write, one write at a time: the baseline group commit beats.
-fn run_per_write(writer: Writer, mut flusher: Flusher, rx: mpsc::Receiver<(Batch, Reply)>) {
-    while let Ok((batch, reply)) = rx.recv() {
-        let outcome = writer.apply(&batch);
-        flusher.finish(vec![(reply, outcome)]);
-    }
-}
-
-/// Applies batches: only ever used from the committer thread, so a batch's
-/// checks cannot race another write.
-#[derive(Clone)]
-struct Writer {
+/// The thread that owns every write: it applies each waiting batch, then makes
+/// the whole group durable with one flush and replies.
+struct Committer {
     db: sled::Db,
+    files: SyncFiles,
+    /// Most batches per flush (1 = a flush per write).
+    group: usize,
     /// Set when a flush failed: durability is then unknown, so every later
     /// write is refused rather than acknowledged.
-    failure: Arc<OnceLock<String>>,
+    failure: Option<String>,
 }
 
-impl Writer {
+impl Committer {
+    fn run(&mut self, rx: mpsc::Receiver<(Batch, Reply)>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while group.len() < self.group {
+                match rx.try_recv() {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                }
+            }
+            let outcomes: Vec<_> = group
+                .into_iter()
+                .map(|(batch, reply)| (reply, self.apply(&batch)))
+                .collect();
+            self.finish(outcomes);
+        }
+    }
+
     /// Checks and applies one batch atomically (visible, not yet durable).
+    /// Only this thread writes, so a check cannot race another write.
     fn apply(&self, batch: &Batch) -> Outcome {
-        if let Some(failure) = self.failure.get() {
+        if let Some(failure) = &self.failure {
             return Err(StoreError::Poisoned(failure.clone()));
         }
         for (key, expected) in &batch.checks {
@@ -219,57 +195,22 @@ impl Writer {
         self.db.apply_batch(writes).map_err(backend)?;
         Ok(counters)
     }
-}
 
-/// Makes applied batches durable and replies to their writers.
-struct Flusher {
-    writer: Writer,
-    files: SyncFiles,
-}
-
-impl Flusher {
-    fn run(mut self, rx: mpsc::Receiver<Vec<(Reply, Outcome)>>) {
-        let mut last_group = 0;
-        while let Ok(mut done) = rx.recv() {
-            // When the last flush served several writers, more are likely on
-            // their way: wait briefly so that one flush serves them too.
-            let deadline = Instant::now() + COMMIT_DELAY;
-            loop {
-                match rx.try_recv() {
-                    Ok(more) => done.extend(more),
-                    Err(mpsc::TryRecvError::Disconnected) => break,
-                    Err(mpsc::TryRecvError::Empty) => {
-                        if last_group < 2 || done.len() >= last_group || Instant::now() >= deadline
-                        {
-                            break;
-                        }
-                        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                            Ok(more) => done.extend(more),
-                            Err(_) => break,
-                        }
-                    }
-                }
-            }
-            last_group = done.len();
-            self.finish(done);
-        }
-    }
-
-    /// One flush for every applied batch in `done`, then the replies.
-    fn finish(&mut self, mut done: Vec<(Reply, Outcome)>) {
-        if done.iter().any(|(_, outcome)| outcome.is_ok()) && self.writer.failure.get().is_none() {
-            let flushed = self.writer.db.flush().map_err(|e| e.to_string());
+    /// One flush for every applied batch in `outcomes`, then the replies.
+    fn finish(&mut self, mut outcomes: Vec<(Reply, Outcome)>) {
+        if outcomes.iter().any(|(_, outcome)| outcome.is_ok()) && self.failure.is_none() {
+            let flushed = self.db.flush().map_err(|e| e.to_string());
             if let Err(error) = flushed.and_then(|_| self.files.sync()) {
                 tracing::error!(%error, "store flush failed; refusing further writes");
-                let _ = self.writer.failure.set(error);
+                self.failure = Some(error);
             }
         }
-        if let Some(failure) = self.writer.failure.get() {
-            for (_, outcome) in done.iter_mut().filter(|(_, o)| o.is_ok()) {
+        if let Some(failure) = &self.failure {
+            for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| o.is_ok()) {
                 *outcome = Err(StoreError::Poisoned(failure.clone()));
             }
         }
-        for (reply, outcome) in done {
+        for (reply, outcome) in outcomes {
             let _ = reply.send(outcome); // the writer may have gone away
         }
     }
@@ -296,6 +237,16 @@ impl Store for SledStore {
             .take(limit)
             .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(backend))
             .collect()
+    }
+
+    fn last(&self, prefix: &[u8]) -> Result<Option<Row>, StoreError> {
+        let last = self
+            .db
+            .scan_prefix(prefix)
+            .next_back()
+            .transpose()
+            .map_err(backend)?;
+        Ok(last.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
     fn commit(&self, batch: Batch) -> CommitFuture<'_> {
@@ -365,6 +316,7 @@ impl SyncFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn open(dir: &Path, durability: Durability) -> SledStore {
         SledStore::open(&StoreOptions {

@@ -382,8 +382,18 @@ impl Vault {
         if version == Some(0) {
             return Err(Invalid::Version.into());
         }
+        let Some(version) = version else {
+            // The latest version is the last record under the credential's
+            // version prefix (the latest is never pruned): one ordered read.
+            let (key, bytes) = self
+                .store
+                .last(&layout::version_prefix(tenant, credential))?
+                .ok_or(Error::NotFound)?;
+            let latest = layout::trailing_version(&key)
+                .ok_or_else(|| Error::Corrupt("malformed version key".into()))?;
+            return Ok((latest, latest, records::decode(&bytes)?));
+        };
         let head = self.head(tenant, credential)?.ok_or(Error::NotFound)?;
-        let version = version.unwrap_or(head.latest_version);
         let bytes = self
             .store
             .get(&layout::version(tenant, credential, version))?
