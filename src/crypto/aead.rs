@@ -43,20 +43,26 @@ pub fn decrypt(
     aad: &[u8],
     ciphertext_and_tag: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, DecryptionFailed> {
-    let body_len = ciphertext_and_tag
-        .len()
-        .checked_sub(TAG_LEN)
-        .ok_or(DecryptionFailed)?;
-    let (body, tag) = ciphertext_and_tag.split_at(body_len);
-    let tag = Tag::try_from(tag).map_err(|_| DecryptionFailed)?;
-    let mut plaintext = Zeroizing::new(body.to_vec());
+    let mut buffer = Zeroizing::new(ciphertext_and_tag.to_vec());
+    let len = decrypt_in_place(key, nonce, aad, &mut buffer)?;
+    buffer.truncate(len);
+    Ok(buffer)
+}
+
+/// [`decrypt`] in place: `buffer` holds ciphertext ‖ tag and, on success, starts
+/// with the plaintext, whose length is returned. On failure the buffer is left
+/// as it was (the tag is checked before anything is decrypted).
+pub fn decrypt_in_place(
+    key: &SymmetricKey,
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    buffer: &mut [u8],
+) -> Result<usize, DecryptionFailed> {
+    let body_len = buffer.len().checked_sub(TAG_LEN).ok_or(DecryptionFailed)?;
+    let (body, tag) = buffer.split_at_mut(body_len);
+    let tag = Tag::try_from(&*tag).map_err(|_| DecryptionFailed)?;
     key.cipher()
-        .decrypt_inout_detached(
-            &Nonce::from(*nonce),
-            aad,
-            plaintext.as_mut_slice().into(),
-            &tag,
-        )
+        .decrypt_inout_detached(&Nonce::from(*nonce), aad, body.into(), &tag)
         .map_err(|_| DecryptionFailed)?;
-    Ok(plaintext)
+    Ok(body_len)
 }

@@ -156,12 +156,25 @@ pub fn open(
     context: &Context,
     ciphertext: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, DecryptionFailed> {
-    key_version(ciphertext)?;
-    let (header, body) = ciphertext.split_at(HEADER_LEN);
+    open_owned(key, context, ciphertext.to_vec())
+}
+
+/// [`open`] that decrypts in the ciphertext's own buffer (no copy).
+pub fn open_owned(
+    key: &SymmetricKey,
+    context: &Context,
+    ciphertext: Vec<u8>,
+) -> Result<Zeroizing<Vec<u8>>, DecryptionFailed> {
+    key_version(&ciphertext)?;
+    let mut buffer = Zeroizing::new(ciphertext);
+    let (header, body) = buffer.split_at_mut(HEADER_LEN);
     let nonce: &[u8; NONCE_LEN] = header[PREFIX_LEN..]
         .try_into()
         .map_err(|_| DecryptionFailed)?;
-    aead::decrypt(key, nonce, &aad(&header[..PREFIX_LEN], context), body)
+    let len = aead::decrypt_in_place(key, nonce, &aad(&header[..PREFIX_LEN], context), body)?;
+    buffer.copy_within(HEADER_LEN..HEADER_LEN + len, 0);
+    buffer.truncate(len);
+    Ok(buffer)
 }
 
 #[cfg(test)]

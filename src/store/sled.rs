@@ -74,7 +74,7 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store. Recovery after a crash happens here.
     pub fn open(options: &StoreOptions) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&options.path).map_err(backend)?;
+        create_private_dir(&options.path)?;
         let db = sled::Config::new()
             .path(&options.path)
             .cache_capacity(options.cache_capacity)
@@ -115,6 +115,25 @@ impl Drop for SledStore {
             let _ = handle.join();
         }
     }
+}
+
+/// Creates the data directory readable by its owner only (sled creates its files
+/// with the process umask); warns if an existing one is open to others.
+fn create_private_dir(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(backend)?;
+    let mode = std::fs::metadata(path)
+        .map_err(backend)?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "data directory is accessible to group or others");
+    }
+    Ok(())
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {

@@ -342,7 +342,9 @@ impl Vault {
         // a record moved to another version's place fails to open like any other
         // tampering.
         let context = Context::payload(tenant, credential, version, kind as u8, record.dek_version);
-        let secret = envelope::open(dek.key(), &context, &record.ciphertext)?;
+        let mut record = record;
+        let secret =
+            envelope::open_owned(dek.key(), &context, std::mem::take(&mut record.ciphertext))?;
         Ok(Unsealed {
             secret: secret.into(),
             metadata: metadata(tenant, credential, latest, record)?,
