@@ -121,3 +121,47 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A status carrying a `google.rpc.ErrorInfo` detail (domain `credvault`) with
+/// the stable `reason`.
+pub fn status_with_reason(
+    code: tonic::Code,
+    message: impl Into<String>,
+    reason: &str,
+) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    tonic::Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, "credvault", std::collections::HashMap::new()),
+    )
+}
+
+/// The one mapping from library errors to gRPC statuses. Messages never carry
+/// secrets; internal details are logged, not returned.
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        use tonic::Code;
+        let code = match &error {
+            Error::Invalid(_) => Code::InvalidArgument,
+            Error::NotFound => Code::NotFound,
+            Error::Revoked
+            | Error::Expired
+            | Error::TenantDeleted
+            | Error::VersionMismatch { .. } => Code::FailedPrecondition,
+            Error::DecryptionFailed => Code::DataLoss,
+            Error::Contention => Code::Aborted,
+            Error::Store(_) => Code::Unavailable,
+            Error::WrongRootKey | Error::RootKey(_) | Error::Corrupt(_) => Code::Internal,
+        };
+        let message = match &error {
+            Error::Store(_) | Error::WrongRootKey | Error::RootKey(_) | Error::Corrupt(_) => {
+                tracing::error!(%error, "internal error");
+                "internal error; see the server log".to_string()
+            }
+            Error::DecryptionFailed => "the stored credential could not be decrypted".to_string(),
+            _ => error.to_string(),
+        };
+        status_with_reason(code, message, error.reason())
+    }
+}

@@ -17,11 +17,20 @@
 //! - [`error`]: errors with stable reason codes; [`clock`]: injectable time.
 #![forbid(unsafe_code)]
 
+pub mod authn;
+pub mod authz;
 pub mod bench;
+pub mod client;
 pub mod clock;
+pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod hardening;
+pub mod pki;
+pub mod server;
+pub mod service;
 pub mod store;
+pub mod tls;
 pub mod vault;
 
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@ mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    credvault::tls::install_default_provider();
     let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,9 @@
 //! The `credvault` command line: clap definitions and the subcommands.
 
 pub mod bench;
+pub mod certs;
+pub mod client;
+pub mod serve;
 
 use std::path::PathBuf;
 
@@ -16,6 +19,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the vault over mutual TLS (configuration from --config, CREDVAULT_* and flags).
+    Serve(serve::ServeArgs),
+    /// Serve with embedded defaults: dev PKI in certs/, root key, policy and store in data/, on 127.0.0.1.
+    Dev(serve::DevArgs),
+    /// The development PKI.
+    Certs(certs::CertsArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
     /// Write a new random root key (base64, mode 0600). Refuses to overwrite.
     Keygen {
         /// Where to write the key.
@@ -29,6 +40,10 @@ pub enum Command {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => serve::serve(args),
+        Command::Dev(args) => serve::dev(args),
+        Command::Certs(args) => certs::run(args),
+        Command::Client(command) => client::run(command),
         Command::Keygen { out } => {
             credvault::crypto::root::generate_file(&out)?;
             println!(

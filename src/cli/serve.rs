@@ -1,0 +1,203 @@
+//! `credvault serve` (configured) and `credvault dev` (embedded defaults).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use credvault::config::{Config, LogFormat};
+use credvault::pki::ensure_dev_pki;
+
+/// Flags (and `CREDVAULT_*` variables) override the config file field by field.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The TOML configuration file.
+    #[arg(long, env = "CREDVAULT_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "CREDVAULT_LISTEN")]
+    listen: Option<String>,
+    #[arg(long, env = "CREDVAULT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "CREDVAULT_ROOT_KEY_FILE")]
+    root_key_file: Option<PathBuf>,
+    /// Name of an environment variable that holds the root key (base64).
+    #[arg(long, env = "CREDVAULT_ROOT_KEY_ENV")]
+    root_key_env: Option<String>,
+    #[arg(long, env = "CREDVAULT_POLICY_FILE")]
+    policy_file: Option<PathBuf>,
+    #[arg(long, env = "CREDVAULT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "CREDVAULT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    #[arg(long, env = "CREDVAULT_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    #[arg(long, env = "CREDVAULT_TLS_CRL")]
+    tls_crl: Option<PathBuf>,
+    #[arg(long, env = "CREDVAULT_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    /// A tracing filter such as `info` or `credvault=debug`.
+    #[arg(long, env = "CREDVAULT_LOG")]
+    log_level: Option<String>,
+}
+
+impl ServeArgs {
+    /// The config file (if any) with every given flag or variable laid over it.
+    fn resolve(&self) -> anyhow::Result<Config> {
+        let mut table = match &self.config {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("config file {}", path.display()))?
+                .parse::<toml::Table>()
+                .with_context(|| format!("config file {}", path.display()))?,
+            None => toml::Table::new(),
+        };
+        let path = |p: &PathBuf| toml::Value::String(p.display().to_string());
+        let mut set = |section: Option<&str>, key: &str, value: Option<toml::Value>| {
+            let Some(value) = value else { return };
+            let target = match section {
+                Some(name) => table
+                    .entry(name)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .expect("config section is a table"),
+                None => &mut table,
+            };
+            target.insert(key.to_owned(), value);
+        };
+        set(None, "listen", self.listen.clone().map(toml::Value::String));
+        set(None, "data_dir", self.data_dir.as_ref().map(path));
+        set(None, "root_key_file", self.root_key_file.as_ref().map(path));
+        set(
+            None,
+            "root_key_env",
+            self.root_key_env.clone().map(toml::Value::String),
+        );
+        set(None, "policy_file", self.policy_file.as_ref().map(path));
+        set(Some("tls"), "cert", self.tls_cert.as_ref().map(path));
+        set(Some("tls"), "key", self.tls_key.as_ref().map(path));
+        set(
+            Some("tls"),
+            "client_ca",
+            self.tls_client_ca.as_ref().map(path),
+        );
+        set(Some("tls"), "crl", self.tls_crl.as_ref().map(path));
+        let format = self.log_format.map(|f| {
+            toml::Value::String(if f == LogFormat::Json { "json" } else { "text" }.into())
+        });
+        set(Some("log"), "format", format);
+        set(
+            Some("log"),
+            "level",
+            self.log_level.clone().map(toml::Value::String),
+        );
+        Ok(Config::parse(&toml::to_string(&table)?)?)
+    }
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    run(config)
+}
+
+/// Arguments of `credvault dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where `certs/` and `data/` live (created on first run, reused after).
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// Listen address (loopback).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: String,
+}
+
+pub fn dev(args: DevArgs) -> anyhow::Result<()> {
+    let config = prepare_dev(&args.dir, &args.listen)?;
+    print_tour(&args.dir, &args.listen);
+    run(config)
+}
+
+/// Creates (or reuses) the dev PKI, root key, policy and data directory.
+fn prepare_dev(dir: &Path, listen: &str) -> anyhow::Result<Config> {
+    let certs = ensure_dev_pki(&dir.join("certs"))?;
+    let data = dir.join("data");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&data)?;
+    }
+    let root_key = data.join("root.key");
+    if !root_key.exists() {
+        credvault::crypto::root::generate_file(&root_key)?;
+    }
+    let policy = data.join("policy.toml");
+    if !policy.exists() {
+        std::fs::write(&policy, credvault::authz::DEV_POLICY_TOML)?;
+    }
+    let text = format!(
+        "listen = {listen:?}\ndata_dir = {:?}\nroot_key_file = {:?}\npolicy_file = {:?}\n[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+        data.join("store").display().to_string(),
+        root_key.display().to_string(),
+        policy.display().to_string(),
+        certs.server_cert().display().to_string(),
+        certs.server_key().display().to_string(),
+        certs.ca_cert().display().to_string(),
+    );
+    Ok(Config::parse(&text)?)
+}
+
+fn print_tour(dir: &Path, listen: &str) {
+    let port = listen.rsplit_once(':').map_or("7443", |(_, p)| p);
+    let at = if dir == Path::new(".") {
+        String::new()
+    } else {
+        format!(" --dir {}", dir.display())
+    };
+    println!(
+        "credvault dev: certificates in {certs}, root key and store in {data}\n\
+         Try, from another terminal in the same directory:\n  \
+         echo -n 'session=abc123' | credvault seal --server localhost:{port}{at} --tenant acme --id gmail --kind cookie-jar\n  \
+         credvault unseal --server localhost:{port}{at} --tenant acme --id gmail --purpose demo\n  \
+         credvault list --server localhost:{port}{at} --tenant acme\n  \
+         credvault revoke --server localhost:{port}{at} --tenant acme --id gmail --reason demo\n",
+        certs = dir.join("certs").display(),
+        data = dir.join("data").display(),
+    );
+}
+
+/// Logging, hardening, the runtime, and the server until SIGTERM or SIGINT.
+fn run(config: Config) -> anyhow::Result<()> {
+    init_logging(config.log.format, &config.log.level)?;
+    credvault::hardening::harden_process().context("disabling core dumps")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("config field `listen`: cannot bind {}", config.listen))?;
+        credvault::server::run(&config, listener, shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Logs go to stderr, as text or JSON lines.
+pub fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).context("config field `log.level`")?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("logging: {e}"))
+}

@@ -1,0 +1,93 @@
+//! The `Admin` service: declared now, implemented by the rotation (issue 4) and
+//! audit (issue 5) work. Every call is authorised first, so the policy matrix
+//! holds today: non-admins get PERMISSION_DENIED, admins UNIMPLEMENTED.
+
+use tonic::{Request, Response, Status};
+
+use super::{Shared, pb};
+use crate::authz::Rpc;
+
+pub(crate) struct AdminService(pub Shared);
+
+impl AdminService {
+    fn refuse<T>(&self, req: &Request<T>, rpc: Rpc, tenant: Option<&str>) -> Status {
+        match self.0.authorise(req, rpc, tenant) {
+            Ok(_) => Status::unimplemented(format!("{} is not implemented yet", rpc.name())),
+            Err(status) => status,
+        }
+    }
+}
+
+fn tenant(t: &str) -> Option<&str> {
+    (!t.is_empty()).then_some(t)
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn rotate_kek(
+        &self,
+        req: Request<pb::RotateKekRequest>,
+    ) -> Result<Response<pb::RotationJob>, Status> {
+        Err(self.refuse(&req, Rpc::RotateKek, None))
+    }
+
+    async fn rotate_tenant_key(
+        &self,
+        req: Request<pb::RotateTenantKeyRequest>,
+    ) -> Result<Response<pb::RotationJob>, Status> {
+        Err(self.refuse(&req, Rpc::RotateTenantKey, tenant(&req.get_ref().tenant_id)))
+    }
+
+    async fn rotate_root_key(
+        &self,
+        req: Request<pb::RotateRootKeyRequest>,
+    ) -> Result<Response<pb::RotationJob>, Status> {
+        Err(self.refuse(&req, Rpc::RotateRootKey, None))
+    }
+
+    async fn get_key_status(
+        &self,
+        req: Request<pb::GetKeyStatusRequest>,
+    ) -> Result<Response<pb::KeyStatus>, Status> {
+        Err(self.refuse(&req, Rpc::GetKeyStatus, tenant(&req.get_ref().tenant_id)))
+    }
+
+    async fn destroy_key_version(
+        &self,
+        req: Request<pb::DestroyKeyVersionRequest>,
+    ) -> Result<Response<pb::DestroyKeyVersionResponse>, Status> {
+        Err(self.refuse(
+            &req,
+            Rpc::DestroyKeyVersion,
+            tenant(&req.get_ref().tenant_id),
+        ))
+    }
+
+    async fn get_rotation_job(
+        &self,
+        req: Request<pb::GetRotationJobRequest>,
+    ) -> Result<Response<pb::RotationJob>, Status> {
+        Err(self.refuse(&req, Rpc::GetRotationJob, None))
+    }
+
+    async fn query_audit(
+        &self,
+        req: Request<pb::QueryAuditRequest>,
+    ) -> Result<Response<pb::QueryAuditResponse>, Status> {
+        Err(self.refuse(&req, Rpc::QueryAudit, tenant(&req.get_ref().tenant_id)))
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        Err(self.refuse(&req, Rpc::VerifyAudit, None))
+    }
+
+    async fn backup(
+        &self,
+        req: Request<pb::BackupRequest>,
+    ) -> Result<Response<pb::BackupResponse>, Status> {
+        Err(self.refuse(&req, Rpc::Backup, None))
+    }
+}

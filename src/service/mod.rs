@@ -1,0 +1,209 @@
+//! The gRPC server: mutual TLS 1.3 over tokio-rustls, the Vault and Admin
+//! services, health and reflection, limits, graceful shutdown.
+//!
+//! Each handler is thin: caller identity (from the verified client certificate)
+//! → policy check → vault operation → response. Errors map to statuses in one
+//! place (`error::status`).
+
+mod admin;
+mod convert;
+mod vault;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Router;
+use tonic::{Request, Status};
+
+use crate::authn::{self, Caller};
+use crate::authz::{Policy, Rpc};
+use crate::error::status_with_reason;
+use crate::vault::Vault;
+
+/// Generated protocol buffer and gRPC code (`proto/credvault/v1`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("credvault.v1");
+
+    /// The encoded file descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("credvault_descriptor");
+}
+
+/// Server limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// Requests served at once on one connection (one caller); more wait.
+    pub concurrency_per_connection: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// A request that takes longer fails with DEADLINE_EXCEEDED / CANCELLED.
+    pub request_timeout: Duration,
+    /// HTTP/2 keepalive pings.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// A TLS handshake that takes longer is dropped.
+    pub handshake_timeout: Duration,
+}
+
+impl Limits {
+    /// Defaults for a vault whose secrets are at most `max_secret_bytes`.
+    pub fn for_secret_limit(max_secret_bytes: usize) -> Self {
+        Self {
+            max_message_bytes: max_secret_bytes + (64 << 10),
+            concurrency_per_connection: 128,
+            max_concurrent_streams: 256,
+            request_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub vault: Arc<Vault>,
+    pub policy: Arc<Policy>,
+}
+
+impl Shared {
+    /// The caller, authorised for `rpc` on `tenant`; else the status to return.
+    pub fn authorise<T>(
+        &self,
+        req: &Request<T>,
+        rpc: Rpc,
+        tenant: Option<&str>,
+    ) -> Result<Caller, Status> {
+        let caller = caller(req)?;
+        if self.policy.allows(&caller.identity, rpc, tenant) {
+            Ok(caller)
+        } else {
+            tracing::warn!(caller = %caller.identity, rpc = rpc.name(), tenant, outcome = "denied", "permission denied");
+            Err(status_with_reason(
+                tonic::Code::PermissionDenied,
+                format!("the caller is not allowed to call {}", rpc.name()),
+                "PERMISSION_DENIED",
+            ))
+        }
+    }
+}
+
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    let unauthenticated = |message: &str| {
+        status_with_reason(tonic::Code::Unauthenticated, message, "UNAUTHENTICATED")
+    };
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| unauthenticated("no client certificate"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| unauthenticated("no client certificate"))?;
+    authn::caller_from_cert(leaf.as_ref())
+        .map_err(|_| unauthenticated("the client certificate carries no usable identity"))
+}
+
+/// The router with the Vault and Admin services, health and reflection. Extra
+/// services (the benchmark's echo) can be added before [`serve`].
+pub fn router(
+    vault: Arc<Vault>,
+    policy: Arc<Policy>,
+    limits: &Limits,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<Router> {
+    let shared = Shared { vault, policy };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let vault = pb::vault_server::VaultServer::new(vault::VaultService(shared.clone()))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+    let admin = pb::admin_server::AdminServer::new(admin::AdminService(shared))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+    Ok(server_builder(limits)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(vault)
+        .add_service(admin))
+}
+
+/// The tonic server builder with the limits applied (also used by the benchmark).
+pub fn server_builder(limits: &Limits) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(limits.concurrency_per_connection)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+}
+
+/// Serves `router` on `listener` over mutual TLS until `shutdown` resolves, then
+/// stops accepting and finishes in-flight calls.
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (incoming, accept_loop) = tls_incoming(listener, TlsAcceptor::from(tls), handshake_timeout);
+    let result = router
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    accept_loop.abort();
+    Ok(result?)
+}
+
+type Incoming = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
+
+/// Accepts TCP connections (TCP_NODELAY on: tonic does not set it on this
+/// path), completes each TLS handshake in its own task, and yields the streams.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+) -> (Incoming, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(256);
+    let accept_loop = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(error)) => log_handshake_failure(peer, &error),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    (ReceiverStream::new(rx), accept_loop)
+}
+
+fn log_handshake_failure(peer: SocketAddr, error: &std::io::Error) {
+    tracing::info!(%peer, %error, "TLS handshake refused");
+}
