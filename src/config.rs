@@ -234,6 +234,13 @@ client_ca = "certs/ca.pem"
     }
 
     #[test]
+    fn example_config_parses() {
+        let config = Config::parse(include_str!("../examples/credvault.toml")).unwrap();
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert!(config.listen.ip().is_loopback());
+    }
+
+    #[test]
     fn unknown_field_is_named() {
         let err = Config::parse(&format!("{MINIMAL}\n[limits]\nmax_secrets = 5\n"))
             .unwrap_err()
