@@ -62,7 +62,7 @@ pub async fn run(
     .await?;
     let vault = Arc::new(vault);
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (mut health, health_service) = tonic_health::server::health_reporter();
     for name in SERVICES {
         health
             .set_service_status(name, tonic_health::ServingStatus::Serving)
@@ -76,6 +76,14 @@ pub async fn run(
         shutdown.await;
         tracing::info!("shutting down: draining in-flight calls");
         for name in SERVICES {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+            // A health Watch stream (gRPC client-side health checking keeps one
+            // open per connection) ends only when its status is removed; open, it
+            // would hold the drain forever. Watchers have seen NOT_SERVING; put it
+            // back for Check.
+            health.clear_service_status(name).await;
             health
                 .set_service_status(name, tonic_health::ServingStatus::NotServing)
                 .await;

@@ -36,17 +36,22 @@ pub struct Connection {
 
 impl Connection {
     async fn vault(&self, role: DevRole) -> anyhow::Result<VaultClient<tonic::transport::Channel>> {
+        let channel = self.channel(role).await?;
+        Ok(VaultClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
+    }
+
+    /// A channel presenting the given files, or `role`'s dev certificate for any not given.
+    pub async fn channel(&self, role: DevRole) -> anyhow::Result<tonic::transport::Channel> {
         let dev = DevPkiPaths::in_dir(self.dir.join("certs"));
         let (dev_cert, dev_key) = dev.client(role);
         let ca = self.ca.clone().unwrap_or_else(|| dev.ca_cert());
         let cert = self.cert.clone().unwrap_or(dev_cert);
         let key = self.key.clone().unwrap_or(dev_key);
-        let channel = credvault::client::connect(&self.server, &ca, &cert, &key)
+        credvault::client::connect(&self.server, &ca, &cert, &key)
             .await
-            .with_context(|| format!("connecting to {}", self.server))?;
-        Ok(VaultClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX))
+            .with_context(|| format!("connecting to {}", self.server))
     }
 }
 
@@ -303,7 +308,7 @@ async fn execute(command: ClientCommand) -> anyhow::Result<()> {
 }
 
 /// A failed call as an error line: the status code, its reason and message.
-fn status(status: tonic::Status) -> anyhow::Error {
+pub fn status(status: tonic::Status) -> anyhow::Error {
     use tonic_types::StatusExt;
     let reason = status
         .get_details_error_info()

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod certs;
 pub mod client;
+pub mod keys;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -27,6 +28,8 @@ pub enum Command {
     Certs(certs::CertsArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
+    /// Key versions: `keys status` shows states, ages, encryptions and what each still protects.
+    Keys(keys::KeysArgs),
     /// Write a new random root key (base64, mode 0600). Refuses to overwrite.
     Keygen {
         /// Where to write the key.
@@ -44,6 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => serve::dev(args),
         Command::Certs(args) => certs::run(args),
         Command::Client(command) => client::run(command),
+        Command::Keys(args) => keys::run(args),
         Command::Keygen { out } => {
             credvault::crypto::root::generate_file(&out)?;
             println!(

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use credvault::config::{Config, LogFormat};
+use credvault::config::{Config, ConfigError, LogFormat};
 use credvault::pki::ensure_dev_pki;
 
 /// Flags (and `CREDVAULT_*` variables) override the config file field by field.
@@ -41,54 +41,120 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     /// The config file (if any) with every given flag or variable laid over it.
+    ///
+    /// An error says where the text came from: the file as written (its own line numbers), or
+    /// the file merged with the overrides it names.
     fn resolve(&self) -> anyhow::Result<Config> {
-        let mut table = match &self.config {
-            Some(path) => std::fs::read_to_string(path)
-                .with_context(|| format!("config file {}", path.display()))?
+        let text = match &self.config {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("config file {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let mut table = match (&self.config, &text) {
+            (Some(path), Some(text)) => text
                 .parse::<toml::Table>()
                 .with_context(|| format!("config file {}", path.display()))?,
-            None => toml::Table::new(),
+            _ => toml::Table::new(),
         };
+        let string = toml::Value::String;
         let path = |p: &PathBuf| toml::Value::String(p.display().to_string());
-        let mut set = |section: Option<&str>, key: &str, value: Option<toml::Value>| {
-            let Some(value) = value else { return };
-            let target = match section {
-                Some(name) => table
-                    .entry(name)
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                    .as_table_mut()
-                    .expect("config section is a table"),
-                None => &mut table,
-            };
-            target.insert(key.to_owned(), value);
-        };
-        set(None, "listen", self.listen.clone().map(toml::Value::String));
-        set(None, "data_dir", self.data_dir.as_ref().map(path));
-        set(None, "root_key_file", self.root_key_file.as_ref().map(path));
-        set(
-            None,
-            "root_key_env",
-            self.root_key_env.clone().map(toml::Value::String),
-        );
-        set(None, "policy_file", self.policy_file.as_ref().map(path));
-        set(Some("tls"), "cert", self.tls_cert.as_ref().map(path));
-        set(Some("tls"), "key", self.tls_key.as_ref().map(path));
-        set(
-            Some("tls"),
-            "client_ca",
-            self.tls_client_ca.as_ref().map(path),
-        );
-        set(Some("tls"), "crl", self.tls_crl.as_ref().map(path));
         let format = self.log_format.map(|f| {
             toml::Value::String(if f == LogFormat::Json { "json" } else { "text" }.into())
         });
-        set(Some("log"), "format", format);
-        set(
-            Some("log"),
-            "level",
-            self.log_level.clone().map(toml::Value::String),
-        );
-        Ok(Config::parse(&toml::to_string(&table)?)?)
+        let overrides = [
+            (
+                "listen",
+                "CREDVAULT_LISTEN",
+                self.listen.clone().map(string),
+            ),
+            (
+                "data_dir",
+                "CREDVAULT_DATA_DIR",
+                self.data_dir.as_ref().map(path),
+            ),
+            (
+                "root_key_file",
+                "CREDVAULT_ROOT_KEY_FILE",
+                self.root_key_file.as_ref().map(path),
+            ),
+            (
+                "root_key_env",
+                "CREDVAULT_ROOT_KEY_ENV",
+                self.root_key_env.clone().map(string),
+            ),
+            (
+                "policy_file",
+                "CREDVAULT_POLICY_FILE",
+                self.policy_file.as_ref().map(path),
+            ),
+            (
+                "tls.cert",
+                "CREDVAULT_TLS_CERT",
+                self.tls_cert.as_ref().map(path),
+            ),
+            (
+                "tls.key",
+                "CREDVAULT_TLS_KEY",
+                self.tls_key.as_ref().map(path),
+            ),
+            (
+                "tls.client_ca",
+                "CREDVAULT_TLS_CLIENT_CA",
+                self.tls_client_ca.as_ref().map(path),
+            ),
+            (
+                "tls.crl",
+                "CREDVAULT_TLS_CRL",
+                self.tls_crl.as_ref().map(path),
+            ),
+            ("log.format", "CREDVAULT_LOG_FORMAT", format),
+            (
+                "log.level",
+                "CREDVAULT_LOG",
+                self.log_level.clone().map(string),
+            ),
+        ];
+        let mut applied = Vec::new();
+        for (field, env, value) in overrides {
+            let Some(value) = value else { continue };
+            let target = match field.split_once('.') {
+                Some((section, _)) => table
+                    .entry(section)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .with_context(|| format!("config field `{section}`: must be a table"))?,
+                None => &mut table,
+            };
+            let key = field.rsplit('.').next().unwrap_or(field);
+            target.insert(key.to_owned(), value);
+            applied.push(format!(
+                "`{field}` (--{} or {env})",
+                field.replace(['.', '_'], "-")
+            ));
+        }
+        let origin = match (&self.config, applied.is_empty()) {
+            (Some(path), true) => format!("config file {}", path.display()),
+            (Some(path), false) => format!(
+                "config file {} overridden by {} (lines of the merged text)",
+                path.display(),
+                applied.join(", ")
+            ),
+            (None, true) => {
+                "no configuration (give --config FILE, flags or CREDVAULT_* variables)".to_owned()
+            }
+            (None, false) => format!("configuration from {}", applied.join(", ")),
+        };
+        // Unchanged, the file is parsed as written so that error positions are its own.
+        let merged = match text {
+            Some(text) if applied.is_empty() => text,
+            _ => toml::to_string(&table)?,
+        };
+        Config::parse(&merged).map_err(|error| match error {
+            ConfigError::Parse { error, .. } => anyhow::anyhow!("{origin}: {error}"),
+            other => other.into(),
+        })
     }
 }
 
@@ -106,10 +172,16 @@ pub struct DevArgs {
     /// Listen address (loopback).
     #[arg(long, default_value = "127.0.0.1:7443")]
     listen: String,
+    /// A tracing filter such as `info` or `credvault=debug` (default `info`).
+    #[arg(long, env = "CREDVAULT_LOG")]
+    log_level: Option<String>,
 }
 
 pub fn dev(args: DevArgs) -> anyhow::Result<()> {
-    let config = prepare_dev(&args.dir, &args.listen)?;
+    let mut config = prepare_dev(&args.dir, &args.listen)?;
+    if let Some(level) = args.log_level {
+        config.log.level = level;
+    }
     print_tour(&args.dir, &args.listen);
     run(config)
 }
@@ -192,8 +264,10 @@ async fn shutdown_signal() {
 pub fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).context("config field `log.level`")?;
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),

@@ -2,7 +2,7 @@
 
 use super::pb;
 use crate::error::{Error, Invalid};
-use crate::vault::{Kind, Metadata, Revocation};
+use crate::vault::{KeyStatus, Kind, Metadata, Revocation};
 
 pub fn kind_to_pb(kind: Kind) -> pb::CredentialKind {
     match kind {
@@ -50,5 +50,119 @@ pub fn metadata(m: Metadata) -> pb::CredentialMetadata {
         size_bytes: m.size,
         dek_version: m.dek_version,
         revocation: m.revocation.map(revocation),
+    }
+}
+
+/// The ledger as rows: the root key, then every KEK, then every DEK (by tenant
+/// and version). The root key's encryptions are not counted (it wraps one KEK
+/// per KEK version); its protected records are the KEK versions it wraps.
+pub fn key_status(status: KeyStatus) -> pb::KeyStatus {
+    let root = pb::KeyVersionStatus {
+        layer: "root".into(),
+        tenant_id: String::new(),
+        version: status.root.version,
+        state: "active".into(),
+        created_at_ms: status.root.created_at_ms,
+        encryptions: 0,
+        protected_records: status.root.wrapped_keks,
+    };
+    let keks = status.keks.into_iter().map(|k| pb::KeyVersionStatus {
+        layer: "kek".into(),
+        tenant_id: String::new(),
+        version: k.version,
+        state: k.state.name().into(),
+        created_at_ms: k.created_at_ms,
+        encryptions: k.encryptions,
+        protected_records: k.wrapped_deks,
+    });
+    let deks = status.deks.into_iter().map(|d| pb::KeyVersionStatus {
+        layer: "dek".into(),
+        tenant_id: d.tenant,
+        version: d.version,
+        state: d.state.name().into(),
+        created_at_ms: d.created_at_ms,
+        encryptions: d.encryptions,
+        protected_records: d.protected_versions,
+    });
+    pb::KeyStatus {
+        versions: std::iter::once(root).chain(keks).chain(deks).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::records::KeyState;
+    use crate::vault::{DekStatus, KekStatus, RootKeyStatus};
+
+    #[test]
+    fn key_status_rows_name_layer_and_state() {
+        let status = KeyStatus {
+            root: RootKeyStatus {
+                version: 1,
+                created_at_ms: 10,
+                wrapped_keks: 2,
+            },
+            keks: vec![
+                KekStatus {
+                    version: 1,
+                    state: KeyState::DecryptOnly,
+                    created_at_ms: 10,
+                    encryptions: 5,
+                    wrapped_deks: 3,
+                },
+                KekStatus {
+                    version: 2,
+                    state: KeyState::Active,
+                    created_at_ms: 20,
+                    encryptions: 1,
+                    wrapped_deks: 1,
+                },
+            ],
+            deks: vec![DekStatus {
+                tenant: "acme".into(),
+                version: 4,
+                kek_version: 2,
+                state: KeyState::Destroyed,
+                created_at_ms: 30,
+                encryptions: 7,
+                protected_versions: 0,
+            }],
+        };
+        let rows: Vec<_> = key_status(status)
+            .versions
+            .into_iter()
+            .map(|r| {
+                (
+                    r.layer,
+                    r.tenant_id,
+                    r.version,
+                    r.state,
+                    r.created_at_ms,
+                    r.encryptions,
+                    r.protected_records,
+                )
+            })
+            .collect();
+        let row = |layer: &str, tenant: &str, v, state: &str, at, enc, prot| {
+            (
+                layer.to_owned(),
+                tenant.to_owned(),
+                v,
+                state.to_owned(),
+                at,
+                enc,
+                prot,
+            )
+        };
+        assert_eq!(
+            rows,
+            [
+                row("root", "", 1, "active", 10, 0, 2),
+                row("kek", "", 1, "decrypt-only", 10, 5, 3),
+                row("kek", "", 2, "active", 20, 1, 1),
+                row("dek", "acme", 4, "destroyed", 30, 7, 0),
+            ]
+        );
     }
 }

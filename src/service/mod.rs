@@ -134,11 +134,76 @@ pub fn router(
     let admin = pb::admin_server::AdminServer::new(admin::AdminService(shared))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
+    let (vault, admin) = (SizeChecked::new(vault), SizeChecked::new(admin));
     Ok(server_builder(limits)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(vault)
         .add_service(admin))
+}
+
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+type MapResponse<S> = tower::util::MapResponse<S, fn(HttpResponse) -> HttpResponse>;
+
+/// A generated service whose requests over the message size limit get the
+/// contract's status for a secret over the limit, INVALID_ARGUMENT + TOO_LARGE,
+/// instead of tonic's bare OUT_OF_RANGE (tonic rejects them from the 5-byte
+/// length prefix, before buffering anything, and before the handler runs).
+#[derive(Clone)]
+struct SizeChecked<S>(MapResponse<S>);
+
+impl<S> SizeChecked<S> {
+    fn new(inner: S) -> Self {
+        Self(tower::util::MapResponse::new(inner, too_large_is_invalid))
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for SizeChecked<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<tonic::codegen::http::Request<B>> for SizeChecked<S>
+where
+    S: tower::Service<tonic::codegen::http::Request<B>, Response = HttpResponse>,
+{
+    type Response = HttpResponse;
+    type Error = S::Error;
+    type Future = <MapResponse<S> as tower::Service<tonic::codegen::http::Request<B>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        self.0.call(req)
+    }
+}
+
+/// How tonic's decoder words a request message over `max_decoding_message_size`.
+const DECODE_TOO_LARGE: &str = "Error, decoded message length too large";
+
+fn too_large_is_invalid(mut response: HttpResponse) -> HttpResponse {
+    let headers = response.headers_mut();
+    if headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"11") // OUT_OF_RANGE, as a trailers-only response
+        && let Some(status) = Status::from_header_map(headers)
+        && status.message().starts_with(DECODE_TOO_LARGE)
+    {
+        for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+            headers.remove(name);
+        }
+        let mapped =
+            status_with_reason(tonic::Code::InvalidArgument, status.message(), "TOO_LARGE");
+        if mapped.add_header(headers).is_err() {
+            // Cannot happen (the message is tonic's ASCII); keep the original code then.
+            let _ = status.add_header(headers);
+        }
+    }
+    response
 }
 
 /// The tonic server builder with the limits applied (also used by the benchmark).
@@ -161,9 +226,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (incoming, accept_loop) = tls_incoming(listener, TlsAcceptor::from(tls), handshake_timeout);
-    let result = router
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+    // On shutdown, stop accepting at once (closing the listener), so that a
+    // client connecting during the drain is refused instead of left waiting.
+    let stop_accepting = accept_loop.abort_handle();
+    let signal = async move {
+        shutdown.await;
+        stop_accepting.abort();
+    };
+    let result = router.serve_with_incoming_shutdown(incoming, signal).await;
     accept_loop.abort();
     Ok(result?)
 }

@@ -6,16 +6,24 @@
 //!
 //! ```text
 //! m\0root                          RootCheck
+//! m\0ledger                        u64: version of the usage ledger the store keeps
 //! k\0{kek:u32}                     KekRecord
 //! n\0k\0{kek:u32}                  u64: encryptions made with the KEK (DEK wraps)
+//! r\0k\0{kek:u32}                  u64: DEK records the KEK wraps now
 //! t\0{tenant}                      TenantRecord
 //! d\0{tenant}\0{dek:u32}           DekRecord
 //! n\0d\0{tenant}\0{dek:u32}        u64: encryptions made with the DEK (payload seals)
+//! r\0d\0{tenant}\0{dek:u32}        u64: stored credential versions whose live ciphertext it sealed
 //! h\0{tenant}\0{credential}        CredentialHead
 //! v\0{tenant}\0{credential}\0{v:u32}  VersionRecord
 //! ```
 
 pub const ROOT_CHECK: &[u8] = b"m\0root";
+
+/// Present (holding [`LEDGER_VERSION`]) once the store keeps the `r\0…` reference
+/// counts; a store written before them gets them counted once, when opened.
+pub const LEDGER: &[u8] = b"m\0ledger";
+pub const LEDGER_VERSION: u64 = 1;
 
 fn key(parts: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
@@ -40,6 +48,16 @@ pub fn kek_counter(version: u32) -> Vec<u8> {
     key(&[b"n", b"k", &version.to_be_bytes()])
 }
 
+/// The number of (non-destroyed) DEK records wrapped by KEK `version`.
+pub fn kek_refs(version: u32) -> Vec<u8> {
+    key(&[b"r", b"k", &version.to_be_bytes()])
+}
+
+/// Prefix of every tenant record; the rest of the key is the tenant id.
+pub fn tenant_prefix() -> Vec<u8> {
+    b"t\0".to_vec()
+}
+
 pub fn tenant(tenant: &str) -> Vec<u8> {
     key(&[b"t", tenant.as_bytes()])
 }
@@ -54,6 +72,32 @@ pub fn dek(tenant: &str, version: u32) -> Vec<u8> {
 
 pub fn dek_counter(tenant: &str, version: u32) -> Vec<u8> {
     key(&[b"n", b"d", tenant.as_bytes(), &version.to_be_bytes()])
+}
+
+/// Prefix of the DEK use counters of a tenant; the rest of the key is the version.
+pub fn dek_counter_prefix(tenant: &str) -> Vec<u8> {
+    key(&[b"n", b"d", tenant.as_bytes(), b""])
+}
+
+/// The number of stored credential versions of `tenant` whose live ciphertext
+/// DEK `version` sealed.
+pub fn dek_refs(tenant: &str, version: u32) -> Vec<u8> {
+    key(&[b"r", b"d", tenant.as_bytes(), &version.to_be_bytes()])
+}
+
+/// Prefix of the DEK reference counts of a tenant; the rest of the key is the version.
+pub fn dek_refs_prefix(tenant: &str) -> Vec<u8> {
+    key(&[b"r", b"d", tenant.as_bytes(), b""])
+}
+
+/// Prefix of every reference count (KEK and DEK).
+pub fn refs_prefix() -> Vec<u8> {
+    b"r\0".to_vec()
+}
+
+/// Prefix of every version record of every credential of a tenant.
+pub fn tenant_versions_prefix(tenant: &str) -> Vec<u8> {
+    key(&[b"v", tenant.as_bytes(), b""])
 }
 
 /// Prefix of every credential head of a tenant; the rest of the key is the credential id.
@@ -110,5 +154,12 @@ mod tests {
         assert!(head("acme", "x").starts_with(&head_prefix("acme")));
         assert!(!head("acme2", "x").starts_with(&head_prefix("acme")));
         assert!(!version("t", "ab", 1).starts_with(&version_prefix("t", "a")));
+        assert!(dek_refs("acme", 1).starts_with(&dek_refs_prefix("acme")));
+        assert!(!dek_refs("acme2", 1).starts_with(&dek_refs_prefix("acme")));
+        assert!(dek_counter("acme", 1).starts_with(&dek_counter_prefix("acme")));
+        assert!(kek_refs(1).starts_with(&refs_prefix()));
+        assert!(version("t", "c", 1).starts_with(&tenant_versions_prefix("t")));
+        assert!(!version("t2", "c", 1).starts_with(&tenant_versions_prefix("t")));
+        assert_ne!(kek_refs(1), kek_counter(1));
     }
 }

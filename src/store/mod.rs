@@ -1,7 +1,7 @@
 //! Storage: a narrow key-value trait and its sled backend.
 //!
 //! The vault sees only [`Store`]: point reads, ordered prefix scans, and atomic
-//! batches with preconditions and counters. [`Store::commit`] resolves only
+//! batches with preconditions and counters (add and saturating subtract). [`Store::commit`] resolves only
 //! once the batch is on disk (fsync'd); that is the moment a write may be
 //! acknowledged. Only `store::sled` imports sled; another backend (a
 //! replicated SQL database) implements the same trait.
@@ -39,8 +39,12 @@ pub enum Op {
     Put(Vec<u8>, Vec<u8>),
     /// Remove `key` (no error if absent).
     Delete(Vec<u8>),
-    /// Add to the big-endian u64 counter at `key` (absent = 0).
+    /// Add to the big-endian u64 counter at `key` (absent = 0), saturating at `u64::MAX`.
     Add(Vec<u8>, u64),
+    /// Subtract from the big-endian u64 counter at `key` (absent = 0), saturating
+    /// at 0. Reference counts go down with it; a saturation means they had
+    /// drifted, and the backend logs it.
+    Sub(Vec<u8>, u64),
 }
 
 /// An atomic, conditional set of changes: either every op applies, or none.
@@ -73,6 +77,11 @@ impl Batch {
         self.ops.push(Op::Add(key, delta));
         self
     }
+
+    pub fn sub(&mut self, key: Vec<u8>, delta: u64) -> &mut Self {
+        self.ops.push(Op::Sub(key, delta));
+        self
+    }
 }
 
 /// A key and its value.
@@ -80,8 +89,8 @@ pub type Row = (Vec<u8>, Vec<u8>);
 /// Key-value pairs, in key order.
 pub type Rows = Vec<Row>;
 
-/// Resolves to the new values of the batch's [`Op::Add`] counters, in batch
-/// order, once the batch is applied and durable.
+/// Resolves to the new values of the batch's counters ([`Op::Add`] and
+/// [`Op::Sub`]), in batch order, once the batch is applied and durable.
 pub type CommitFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u64>, StoreError>> + Send + 'a>>;
 
 /// The storage the vault needs, and nothing more.

@@ -23,6 +23,18 @@ pub enum KeyState {
     Destroyed = 3,
 }
 
+impl KeyState {
+    /// The name operators see (`keys status`, `GetKeyStatus`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyState::Unspecified => "unspecified",
+            KeyState::Active => "active",
+            KeyState::DecryptOnly => "decrypt-only",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
+}
+
 /// State of a stored credential version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, prost::Enumeration)]
 #[repr(i32)]

@@ -195,16 +195,21 @@ impl Committer {
                     writes.remove(key.as_slice());
                     staged.push((key, None));
                 }
-                Op::Add(key, delta) => {
+                Op::Add(key, delta) | Op::Sub(key, delta) => {
                     let current = match staged.iter().rev().find(|(k, _)| k == key) {
                         Some((_, value)) => value.clone(),
                         None => self.db.get(key).map_err(backend)?.map(|v| v.to_vec()),
                     };
-                    let new = current
-                        .as_deref()
-                        .and_then(decode_counter)
-                        .unwrap_or(0)
-                        .saturating_add(*delta);
+                    let current = current.as_deref().and_then(decode_counter).unwrap_or(0);
+                    let new = match op {
+                        Op::Add(..) => current.saturating_add(*delta),
+                        _ => {
+                            if current < *delta {
+                                tracing::warn!(key = %key.escape_ascii(), current, delta, "counter would go below zero; kept at 0");
+                            }
+                            current.saturating_sub(*delta)
+                        }
+                    };
                     writes.insert(key.as_slice(), encode_counter(new));
                     staged.push((key, Some(encode_counter(new))));
                     counters.push(new);
@@ -368,6 +373,32 @@ mod tests {
             .add(b"n".to_vec(), 2);
         assert_eq!(store.commit(batch.clone()).await.unwrap(), vec![7]);
         assert_eq!(store.get(b"a").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn sub_sees_earlier_ops_and_saturates_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::GroupCommit);
+        let mut batch = Batch::default();
+        batch
+            .add(b"n".to_vec(), 5)
+            .sub(b"n".to_vec(), 2)
+            .sub(b"m".to_vec(), 1)
+            .add(b"m".to_vec(), 4);
+        assert_eq!(store.commit(batch).await.unwrap(), vec![5, 3, 0, 4]);
+        let mut batch = Batch::default();
+        batch.sub(b"n".to_vec(), 10).put(b"x".to_vec(), vec![1]);
+        assert_eq!(store.commit(batch).await.unwrap(), vec![0]);
+        assert_eq!(store.get(b"n").unwrap(), Some(encode_counter(0)));
+        assert_eq!(store.get(b"m").unwrap(), Some(encode_counter(4)));
+        // A failed check moves no counter.
+        let mut batch = Batch::default();
+        batch.check(b"x".to_vec(), None).sub(b"m".to_vec(), 1);
+        assert!(matches!(
+            store.commit(batch).await,
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(store.get(b"m").unwrap(), Some(encode_counter(4)));
     }
 
     #[tokio::test]

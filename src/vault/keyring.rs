@@ -111,7 +111,7 @@ impl KeyRing {
         })
     }
 
-    /// A new store: writes the root check value and KEK v1 in one batch.
+    /// A new store: writes the root check value, KEK v1 and the ledger mark in one batch.
     async fn initialise(store: &dyn Store, clock: &dyn Clock, root: &SymmetricKey) -> Result<u32> {
         if !store.scan(&layout::kek_prefix(), None, 1)?.is_empty() {
             return Err(Error::Corrupt(
@@ -146,7 +146,12 @@ impl KeyRing {
         batch
             .check(layout::ROOT_CHECK.to_vec(), None)
             .put(layout::ROOT_CHECK.to_vec(), check.encode_to_vec())
-            .put(layout::kek(1), record.encode_to_vec());
+            .put(layout::kek(1), record.encode_to_vec())
+            .put(layout::kek_refs(1), layout::encode_counter(0))
+            .put(
+                layout::LEDGER.to_vec(),
+                layout::encode_counter(layout::LEDGER_VERSION),
+            );
         store.commit(batch).await?;
         tracing::info!("initialised a new store: root check value and KEK v1 written");
         Ok(root_version)
@@ -218,7 +223,8 @@ impl KeyRing {
         }
     }
 
-    /// Adds a new active DEK `version` for `tenant`, wrapped under `kek`, to `batch`.
+    /// Adds a new active DEK `version` for `tenant`, wrapped under `kek`, to `batch`,
+    /// with its ledger: one more DEK the KEK wraps, and nothing the DEK protects yet.
     /// The batch's first counter is then the KEK's use count.
     fn add_new_dek(
         &self,
@@ -246,7 +252,9 @@ impl KeyRing {
             .check(layout::kek(kek.version()), Some(kek_bytes))
             .check(layout::dek(tenant, version), None)
             .put(layout::dek(tenant, version), record.encode_to_vec())
-            .add(layout::kek_counter(kek.version()), 1);
+            .add(layout::kek_counter(kek.version()), 1)
+            .add(layout::kek_refs(kek.version()), 1)
+            .put(layout::dek_refs(tenant, version), layout::encode_counter(0));
     }
 
     fn load_tenant(&self, tenant: &str) -> Result<TenantKeys> {
@@ -388,7 +396,8 @@ impl KeyRing {
                 .check(layout::kek(current), Some(current_bytes))
                 .check(layout::kek(next), None)
                 .put(layout::kek(current), old.encode_to_vec())
-                .put(layout::kek(next), record.encode_to_vec());
+                .put(layout::kek(next), record.encode_to_vec())
+                .put(layout::kek_refs(next), layout::encode_counter(0));
             match self.store.commit(batch).await {
                 Ok(_) => {
                     self.reload_keks()?;

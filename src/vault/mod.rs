@@ -2,11 +2,15 @@
 //!
 //! Each operation validates its input, picks keys from the [`keyring`], seals or
 //! opens with the [`envelope`](crate::crypto::envelope), and writes through one
-//! atomic, durable store batch. A write that races another is retried against
-//! fresh state (every batch names the exact bytes it replaces).
+//! atomic, durable store batch, which also moves the usage counts of the
+//! [`ledger`]. A write that races another is retried against fresh state (every
+//! batch names the exact bytes it replaces).
 
 mod keyring;
+mod ledger;
 pub mod validate;
+
+pub use ledger::{DekStatus, KekStatus, KeyStatus, RootKeyStatus};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -202,6 +206,7 @@ impl Vault {
             options.rotate_after_encryptions,
         )
         .await?;
+        ledger::ensure(&*store).await?;
         Ok(Self {
             store,
             clock,
@@ -266,9 +271,12 @@ impl Vault {
                 created_at_ms: head.as_ref().map_or(now, |h| h.created_at_ms),
                 updated_at_ms: now,
             };
+            // The DEK's use count is the batch's first counter (for rotation);
+            // the new live version is one more record the DEK protects.
             let mut batch = Batch::default();
             batch
                 .add(layout::dek_counter(tenant, dek.version()), 1)
+                .add(layout::dek_refs(tenant, dek.version()), 1)
                 .check(layout::dek(tenant, dek.version()), Some(dek_bytes.to_vec()))
                 .check(head_key.clone(), head_bytes)
                 .put(head_key.clone(), new_head.encode_to_vec())
@@ -295,7 +303,8 @@ impl Vault {
         Err(Error::Contention)
     }
 
-    /// Adds deletions of versions that fall out of the `max_versions` window.
+    /// Adds deletions of versions that fall out of the `max_versions` window,
+    /// each releasing its DEK's reference if it was live.
     fn prune_old_versions(
         &self,
         batch: &mut Batch,
@@ -313,6 +322,10 @@ impl Vault {
             .scan(&layout::version_prefix(tenant, credential), None, 8)?
         {
             if layout::trailing_version(&key).is_some_and(|v| v < oldest_kept) {
+                let record: VersionRecord = records::decode(&bytes)?;
+                if ledger::protects(&record) {
+                    batch.sub(layout::dek_refs(tenant, record.dek_version), 1);
+                }
                 batch.check(key.clone(), Some(bytes)).delete(key);
             }
         }
@@ -462,8 +475,9 @@ impl Vault {
         }
     }
 
-    /// Revokes every version of a credential: their ciphertexts are destroyed and
-    /// a tombstone kept, durably, before this returns. Idempotent: revoking a
+    /// Revokes every version of a credential: their ciphertexts are destroyed
+    /// (and their DEKs' references released) and a tombstone kept, durably,
+    /// before this returns. Idempotent: revoking a
     /// revoked credential returns the original tombstone and changes nothing.
     pub async fn revoke(
         &self,
@@ -499,6 +513,9 @@ impl Vault {
                 }
                 if record.state() == VersionState::Revoked {
                     continue;
+                }
+                if ledger::protects(&record) {
+                    batch.sub(layout::dek_refs(tenant, record.dek_version), 1);
                 }
                 record.state = VersionState::Revoked as i32;
                 record.ciphertext = Vec::new();

@@ -1,0 +1,246 @@
+//! The usage ledger: for every key version, what it still protects.
+//!
+//! Two persistent reference counts sit beside the encryption counts:
+//!
+//! - `r\0k\0{kek}`: the DEK records KEK `kek` wraps (those not destroyed);
+//! - `r\0d\0{tenant}\0{dek}`: the stored credential versions whose live
+//!   ciphertext DEK `dek` sealed (a revoked version holds no ciphertext, a
+//!   pruned one is gone).
+//!
+//! They are never recomputed by scanning: each operation that makes or drops a
+//! reference moves the count in the same atomic batch as the record change
+//! ([`Batch::add`] / [`Batch::sub`]), and that batch names the exact record
+//! bytes it replaces, so a count cannot drift from the records under
+//! concurrency. Every key version gets its count (0) when it is created, so
+//! "nothing depends on it" is one exact value a later batch can check.
+//!
+//! A store written before the ledger existed has no counts; [`ensure`] counts
+//! them once, when the vault opens, and marks the store (`m\0ledger`).
+//!
+//! This module also reads the ledger back: [`Vault::key_status`].
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::store::records::{self, DekRecord, KekRecord, KeyState, RootCheck, VersionRecord};
+use crate::store::{Batch, Store, layout};
+
+use super::{Vault, validate};
+
+/// The root key, as [`Vault::key_status`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootKeyStatus {
+    pub version: u32,
+    /// When this root key was put in place (ms since the Unix epoch). Its age
+    /// is what the backup erasure schedule follows: a backup stays readable for
+    /// as long as the root key it was made under exists.
+    pub created_at_ms: u64,
+    /// KEK versions it wraps (those not destroyed).
+    pub wrapped_keks: u64,
+}
+
+/// One KEK version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekStatus {
+    pub version: u32,
+    pub state: KeyState,
+    pub created_at_ms: u64,
+    /// DEK wraps it has made, ever.
+    pub encryptions: u64,
+    /// DEK records it wraps now.
+    pub wrapped_deks: u64,
+}
+
+/// One DEK version of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DekStatus {
+    pub tenant: String,
+    pub version: u32,
+    /// The KEK version that wraps it.
+    pub kek_version: u32,
+    pub state: KeyState,
+    pub created_at_ms: u64,
+    /// Payloads it has sealed, ever.
+    pub encryptions: u64,
+    /// Stored credential versions whose live ciphertext it sealed.
+    pub protected_versions: u64,
+}
+
+/// Every key version with its state, age, encryption count and what it still
+/// protects: see [`Vault::key_status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub root: RootKeyStatus,
+    /// By version.
+    pub keks: Vec<KekStatus>,
+    /// By tenant id, then version.
+    pub deks: Vec<DekStatus>,
+}
+
+impl Vault {
+    /// The usage ledger: the root key, every KEK version, and every DEK version
+    /// of `tenant` (or of every tenant when `None`). An unknown tenant is
+    /// [`Error::NotFound`].
+    ///
+    /// Reads the records and counts as they are, not as one snapshot: a change
+    /// committed meanwhile may show in some rows and not others. A decision that
+    /// depends on a count (destroying a version) must check it in its own batch.
+    pub fn key_status(&self, tenant: Option<&str>) -> Result<KeyStatus> {
+        let store = &*self.store;
+        let check: RootCheck = records::decode(
+            &store
+                .get(layout::ROOT_CHECK)?
+                .ok_or_else(|| Error::Corrupt("the root check value is missing".into()))?,
+        )?;
+        let mut keks = Vec::new();
+        for (key, bytes) in store.scan(&layout::kek_prefix(), None, usize::MAX)? {
+            let record: KekRecord = records::decode(&bytes)?;
+            let version = versioned(&key, record.version, "KEK")?;
+            keks.push(KekStatus {
+                version,
+                state: record.state(),
+                created_at_ms: record.created_at_ms,
+                encryptions: counter(store, &layout::kek_counter(version))?,
+                wrapped_deks: counter(store, &layout::kek_refs(version))?,
+            });
+        }
+        let tenants = match tenant {
+            Some(tenant) => {
+                validate::tenant_id(tenant)?;
+                if store.get(&layout::tenant(tenant))?.is_none() {
+                    return Err(Error::NotFound);
+                }
+                vec![tenant.to_owned()]
+            }
+            None => tenant_ids(store)?,
+        };
+        let mut deks = Vec::new();
+        for tenant in tenants {
+            let encryptions = counters(store, &layout::dek_counter_prefix(&tenant))?;
+            let protected = counters(store, &layout::dek_refs_prefix(&tenant))?;
+            for (key, bytes) in store.scan(&layout::dek_prefix(&tenant), None, usize::MAX)? {
+                let record: DekRecord = records::decode(&bytes)?;
+                let version = versioned(&key, record.version, "data key")?;
+                deks.push(DekStatus {
+                    tenant: tenant.clone(),
+                    version,
+                    kek_version: record.kek_version,
+                    state: record.state(),
+                    created_at_ms: record.created_at_ms,
+                    encryptions: encryptions.get(&version).copied().unwrap_or(0),
+                    protected_versions: protected.get(&version).copied().unwrap_or(0),
+                });
+            }
+        }
+        Ok(KeyStatus {
+            root: RootKeyStatus {
+                version: check.root_version,
+                created_at_ms: check.created_at_ms,
+                wrapped_keks: keks
+                    .iter()
+                    .filter(|k| k.state != KeyState::Destroyed)
+                    .count() as u64,
+            },
+            keks,
+            deks,
+        })
+    }
+}
+
+/// Counts the ledger of a store written before it existed, once: every
+/// reference count from the records, in one batch with the `m\0ledger` mark.
+/// Runs when the vault opens, before it takes any write.
+pub(crate) async fn ensure(store: &dyn Store) -> Result<()> {
+    if store.get(layout::LEDGER)?.is_some() {
+        return Ok(());
+    }
+    let mut kek_refs: BTreeMap<u32, u64> = BTreeMap::new();
+    for (key, bytes) in store.scan(&layout::kek_prefix(), None, usize::MAX)? {
+        let record: KekRecord = records::decode(&bytes)?;
+        kek_refs.insert(versioned(&key, record.version, "KEK")?, 0);
+    }
+    let mut batch = Batch::default();
+    batch.check(layout::LEDGER.to_vec(), None);
+    for (key, _) in store.scan(&layout::refs_prefix(), None, usize::MAX)? {
+        batch.delete(key);
+    }
+    let tenants = tenant_ids(store)?;
+    for tenant in &tenants {
+        let mut dek_refs: BTreeMap<u32, u64> = BTreeMap::new();
+        for (key, bytes) in store.scan(&layout::dek_prefix(tenant), None, usize::MAX)? {
+            let record: DekRecord = records::decode(&bytes)?;
+            dek_refs.insert(versioned(&key, record.version, "data key")?, 0);
+            if record.state() != KeyState::Destroyed {
+                *kek_refs.entry(record.kek_version).or_default() += 1;
+            }
+        }
+        for (_, bytes) in store.scan(&layout::tenant_versions_prefix(tenant), None, usize::MAX)? {
+            let record: VersionRecord = records::decode(&bytes)?;
+            if protects(&record) {
+                *dek_refs.entry(record.dek_version).or_default() += 1;
+            }
+        }
+        for (version, n) in dek_refs {
+            batch.put(layout::dek_refs(tenant, version), layout::encode_counter(n));
+        }
+    }
+    for (version, n) in kek_refs {
+        batch.put(layout::kek_refs(version), layout::encode_counter(n));
+    }
+    batch.put(
+        layout::LEDGER.to_vec(),
+        layout::encode_counter(layout::LEDGER_VERSION),
+    );
+    store.commit(batch).await?;
+    tracing::info!(
+        tenants = tenants.len(),
+        "counted the usage ledger of a store written before it existed"
+    );
+    Ok(())
+}
+
+/// Whether a version record holds a ciphertext, and so depends on its DEK.
+pub(crate) fn protects(record: &VersionRecord) -> bool {
+    record.state() == records::VersionState::Live
+}
+
+/// Every tenant id, in order.
+fn tenant_ids(store: &dyn Store) -> Result<Vec<String>> {
+    let prefix = layout::tenant_prefix();
+    store
+        .scan(&prefix, None, usize::MAX)?
+        .into_iter()
+        .map(|(key, _)| {
+            String::from_utf8(key[prefix.len()..].to_vec())
+                .map_err(|_| Error::Corrupt("tenant id is not UTF-8".into()))
+        })
+        .collect()
+}
+
+/// The version a key record is stored under, which its own field must repeat.
+fn versioned(key: &[u8], claimed: u32, what: &str) -> Result<u32> {
+    layout::trailing_version(key)
+        .filter(|v| *v == claimed)
+        .ok_or_else(|| Error::Corrupt(format!("{what} record under the wrong key")))
+}
+
+fn counter(store: &dyn Store, key: &[u8]) -> Result<u64> {
+    Ok(store
+        .get(key)?
+        .and_then(|b| layout::decode_counter(&b))
+        .unwrap_or(0))
+}
+
+/// The counters under `prefix`, by the version that ends their key.
+fn counters(store: &dyn Store, prefix: &[u8]) -> Result<BTreeMap<u32, u64>> {
+    Ok(store
+        .scan(prefix, None, usize::MAX)?
+        .into_iter()
+        .filter_map(|(key, value)| {
+            Some((
+                layout::trailing_version(&key)?,
+                layout::decode_counter(&value)?,
+            ))
+        })
+        .collect())
+}

@@ -1,0 +1,831 @@
+//! The `credvault` binary end to end: `dev` on an empty directory and again on the same one,
+//! the client commands against it, `certs init`, `keygen`, `serve` refusing bad
+//! configurations, no secret in the logs at TRACE, and a graceful stop on SIGTERM.
+//!
+//! Every test runs the real binary in its own temporary directory; servers listen on a free
+//! 127.0.0.1 port and are killed by a guard even when the test fails. Readiness is a client
+//! command that succeeds, never a sleep.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credvault");
+
+/// How long a server may take to answer its first call, and any command to exit. Generous:
+/// these are hang guards, not measurements.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(50);
+/// Attempts at finding a port that is still free when the server binds it.
+const BIND_ATTEMPTS: usize = 5;
+
+/// Private keys and the root key: readable by the owner only.
+const PRIVATE_MODE: u32 = 0o600;
+
+/// The files of the dev PKI; every `.key` is private.
+const PKI_FILES: [&str; 12] = [
+    "ca.pem",
+    "ca.key",
+    "server.pem",
+    "server.key",
+    "executor.pem",
+    "executor.key",
+    "ingest.pem",
+    "ingest.key",
+    "settings.pem",
+    "settings.key",
+    "admin.pem",
+    "admin.key",
+];
+
+// ---------------------------------------------------------------------------------------------
+// Running the binary
+
+/// `credvault` with nothing from the test's own environment that it reads.
+fn credvault() -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("CREDVAULT_") {
+            command.env_remove(name);
+        }
+    }
+    command.env_remove("RUST_LOG").env("NO_COLOR", "1");
+    command
+}
+
+/// What a finished command printed.
+struct Output {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Output {
+    fn stdout_text(&self) -> String {
+        String::from_utf8(self.stdout.clone()).expect("stdout is UTF-8")
+    }
+
+    /// The single JSON value on stdout.
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
+            panic!("stdout is not one JSON value ({e}): {}", self.stdout_text())
+        })
+    }
+
+    #[track_caller]
+    fn assert_success(&self, what: &str) -> &Self {
+        assert!(
+            self.status.success(),
+            "{what}: {} — stderr: {}",
+            self.status,
+            self.stderr
+        );
+        self
+    }
+
+    /// Failed with an ordinary error (exit code 1), not a panic or a signal.
+    #[track_caller]
+    fn assert_failure(&self, what: &str) -> &Self {
+        assert_eq!(
+            self.status.code(),
+            Some(1),
+            "{what} should fail with exit code 1: {} — stderr: {}",
+            self.status,
+            self.stderr
+        );
+        assert!(!self.stderr.contains("panicked"), "{what}: {}", self.stderr);
+        self
+    }
+}
+
+/// Runs `command` to the end with `stdin` as its input.
+fn run(command: &mut Command, stdin: &[u8]) -> Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
+    let mut input = child.stdin.take().expect("stdin");
+    let stdin = stdin.to_vec();
+    // The child may exit without reading its input: a broken pipe is no concern here.
+    let writer = thread::spawn(move || drop(input.write_all(&stdin)));
+    let stdout = drain(child.stdout.take().expect("stdout"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    let Some(status) = wait_for_exit(&mut child, EXIT_TIMEOUT) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{command:?} did not exit within {EXIT_TIMEOUT:?}");
+    };
+    writer.join().expect("stdin writer");
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: String::from_utf8_lossy(&stderr.join().expect("stderr reader")).into_owned(),
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        pipe.read_to_end(&mut bytes).expect("reading a pipe");
+        bytes
+    })
+}
+
+fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A server child
+
+/// A running `credvault dev` or `serve`, killed and reaped on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    /// The directory holding `certs/`, as the client commands' `--dir`.
+    dir: PathBuf,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    _logs: tempfile::TempDir,
+}
+
+enum Start {
+    Ready,
+    PortTaken,
+}
+
+impl Server {
+    /// `credvault dev --dir DIR --listen 127.0.0.1:PORT` with the extra environment `env`.
+    fn dev(dir: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start(dir, |port| {
+            let mut command = credvault();
+            command
+                .arg("dev")
+                .arg("--dir")
+                .arg(dir)
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .envs(env.iter().copied());
+            command
+        })
+    }
+
+    /// Starts `command(port)` on free ports until one binds, then waits until `list` answers.
+    fn start(dir: &Path, command: impl Fn(u16) -> Command) -> Server {
+        for _ in 0..BIND_ATTEMPTS {
+            let port = free_port();
+            let logs = tempfile::tempdir().expect("temp dir");
+            let (stdout, stderr) = (logs.path().join("stdout"), logs.path().join("stderr"));
+            let child = command(port)
+                .stdin(Stdio::null())
+                .stdout(fs::File::create(&stdout).expect("stdout file"))
+                .stderr(fs::File::create(&stderr).expect("stderr file"))
+                .spawn()
+                .expect("spawning the server");
+            let mut server = Server {
+                child,
+                port,
+                dir: dir.to_owned(),
+                stdout,
+                stderr,
+                _logs: logs,
+            };
+            match server.wait_until_ready() {
+                Start::Ready => return server,
+                Start::PortTaken => continue,
+            }
+        }
+        panic!("no free port after {BIND_ATTEMPTS} attempts");
+    }
+
+    fn wait_until_ready(&mut self) -> Start {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                let stderr = self.stderr_text();
+                if stderr.contains("cannot bind") {
+                    return Start::PortTaken;
+                }
+                panic!("the server exited before serving: {status}\n{stderr}");
+            }
+            let probe = run(
+                self.client("list").args(["--tenant", "readiness-probe"]),
+                b"",
+            );
+            if probe.status.success() {
+                return Start::Ready;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the server did not answer within {READY_TIMEOUT:?}; last client error: {}\n\
+                     server log: {}",
+                    probe.stderr,
+                    self.stderr_text()
+                );
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// `credvault SUBCOMMAND --server localhost:PORT --dir DIR`.
+    fn client(&self, subcommand: &str) -> Command {
+        let mut command = credvault();
+        command
+            .arg(subcommand)
+            .args(["--server", &format!("localhost:{}", self.port)])
+            .arg("--dir")
+            .arg(&self.dir);
+        command
+    }
+
+    fn stdout_text(&self) -> String {
+        fs::read_to_string(&self.stdout).expect("server stdout")
+    }
+
+    fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.stderr).expect("server stderr")).into_owned()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    fn terminate(&mut self) -> ExitStatus {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill -TERM {}: {sent}", self.child.id());
+        wait_for_exit(&mut self.child, EXIT_TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "the server did not stop within {EXIT_TIMEOUT:?} of SIGTERM\n{}",
+                self.stderr_text()
+            )
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Kill is a no-op on a child that has already been reaped.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+#[track_caller]
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0; N];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("reading /dev/urandom");
+    bytes
+}
+
+/// Removes ANSI colour sequences (`ESC [ … m`), in case the log is coloured anyway.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+
+#[test]
+fn dev_on_an_empty_directory_serves_the_client_commands_and_a_restart_reuses_everything() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    assert_eq!(fs::read_dir(dir).unwrap().count(), 0);
+    let mut server = Server::dev(dir, &[]);
+
+    // What the first run created.
+    let certs = dir.join("certs");
+    for file in PKI_FILES {
+        let path = certs.join(file);
+        assert!(path.is_file(), "{} missing", path.display());
+        if file.ends_with(".key") {
+            assert_eq!(mode(&path), PRIVATE_MODE, "{}", path.display());
+        }
+    }
+    let data = dir.join("data");
+    assert_eq!(mode(&data.join("root.key")), PRIVATE_MODE);
+    assert!(data.join("policy.toml").is_file());
+    assert!(data.join("store").is_dir());
+    let tour = server.stdout_text();
+    assert!(tour.contains("credvault seal"), "{tour}");
+    assert!(
+        tour.contains(&format!("--server localhost:{}", server.port)),
+        "{tour}"
+    );
+    assert!(tour.contains(&format!("--dir {}", dir.display())), "{tour}");
+
+    // Seal from stdin: binary, with a NUL, invalid UTF-8 and a trailing newline kept as is.
+    let first: &[u8] = b"SID=31d4d96e407aad42; HSID=\xff\xfe\x00\x80\xc3(; end\n";
+    let sealed = run(
+        server.client("seal").args([
+            "--tenant",
+            "acme",
+            "--id",
+            "gmail",
+            "--kind",
+            "cookie-jar",
+            "--label",
+            "site=mail.google.com",
+            "--label",
+            "k=v",
+        ]),
+        first,
+    );
+    let meta = sealed.assert_success("seal from stdin").json();
+    assert_eq!(meta["version"], 1, "{meta}");
+    assert_eq!(meta["kind"], "COOKIE_JAR", "{meta}");
+    assert_eq!(meta["labels"]["k"], "v", "{meta}");
+    assert_eq!(meta["labels"]["site"], "mail.google.com", "{meta}");
+    assert_eq!(meta["size_bytes"], first.len(), "{meta}");
+
+    // Seal from --file: a second version of the same credential.
+    let second: &[u8] = b"SID=9b2e0c77a1f5d3e8;\x00\x01\xe2\x82 second\xf0\x28\x8c\xbc";
+    let file = tmp.path().join("jar.bin");
+    fs::write(&file, second).unwrap();
+    let sealed = run(
+        server
+            .client("seal")
+            .args(["--tenant", "acme", "--id", "gmail", "--kind", "cookie-jar"])
+            .args(["--label", "k=v", "--file"])
+            .arg(&file),
+        b"ignored: the secret comes from --file",
+    );
+    let meta = sealed.assert_success("seal --file").json();
+    assert_eq!(meta["version"], 2, "{meta}");
+    assert_eq!(meta["size_bytes"], second.len(), "{meta}");
+
+    // And another credential, so that list has more than one line.
+    let api_key: &[u8] = b"sk-test-4f1c2a9e8b7d6c5a";
+    run(
+        server
+            .client("seal")
+            .args(["--tenant", "acme", "--id", "openai", "--kind", "api-key"]),
+        api_key,
+    )
+    .assert_success("seal api-key");
+
+    // Unseal prints exactly the secret bytes, nothing else.
+    let unsealed = run(
+        server
+            .client("unseal")
+            .args(["--tenant", "acme", "--id", "gmail", "--purpose", "test"]),
+        b"",
+    );
+    assert_eq!(unsealed.assert_success("unseal").stdout, second);
+    let unsealed = run(
+        server
+            .client("unseal")
+            .args(["--tenant", "acme", "--id", "gmail", "--version", "1"]),
+        b"",
+    );
+    assert_eq!(unsealed.assert_success("unseal --version 1").stdout, first);
+
+    // Metadata and list: JSON, never the secret.
+    let secret_markers: [&[u8]; 3] = [b"31d4d96e407aad42", b"9b2e0c77a1f5d3e8", b"sk-test-4f1c"];
+    let shown = run(
+        server
+            .client("meta")
+            .args(["--tenant", "acme", "--id", "gmail"]),
+        b"",
+    );
+    let meta = shown.assert_success("meta").json();
+    assert_eq!(meta["version"], 2, "{meta}");
+    assert_eq!(meta["latest_version"], 2, "{meta}");
+    assert_eq!(meta["kind"], "COOKIE_JAR", "{meta}");
+    assert!(meta.get("secret").is_none(), "{meta}");
+    let listed = run(server.client("list").args(["--tenant", "acme"]), b"");
+    listed.assert_success("list");
+    let lines: Vec<Value> = listed
+        .stdout_text()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON value per line"))
+        .collect();
+    let mut ids: Vec<&str> = lines
+        .iter()
+        .map(|m| m["credential_id"].as_str().expect("credential_id"))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["gmail", "openai"], "{}", listed.stdout_text());
+    assert!(lines.iter().all(|m| m["tenant_id"] == "acme"));
+    for output in [&shown, &listed] {
+        for marker in secret_markers {
+            assert!(
+                !contains(&output.stdout, marker),
+                "{}",
+                output.stdout_text()
+            );
+        }
+    }
+
+    // Revoke prints the tombstone; the next unseal is refused with REVOKED.
+    let revoked = run(
+        server
+            .client("revoke")
+            .args(["--tenant", "acme", "--id", "gmail", "--reason", "leaked"]),
+        b"",
+    );
+    let tombstone = revoked.assert_success("revoke").json();
+    assert_eq!(tombstone["reason"], "leaked", "{tombstone}");
+    assert_eq!(
+        tombstone["revoked_by"], "spiffe://credvault/settings/dev",
+        "{tombstone}"
+    );
+    assert!(
+        tombstone["revoked_at_ms"].as_u64().unwrap_or(0) > 0,
+        "{tombstone}"
+    );
+    let refused = run(
+        server
+            .client("unseal")
+            .args(["--tenant", "acme", "--id", "gmail"]),
+        b"",
+    );
+    refused.assert_failure("unseal after revoke");
+    assert!(refused.stderr.contains("REVOKED"), "{}", refused.stderr);
+    assert!(refused.stdout.is_empty(), "{:?}", refused.stdout);
+
+    // A second run on the same directory reuses the PKI, the root key and the store.
+    let before: Vec<(PathBuf, Vec<u8>)> = [
+        certs.join("ca.pem"),
+        certs.join("server.key"),
+        certs.join("executor.pem"),
+        data.join("root.key"),
+        data.join("policy.toml"),
+    ]
+    .into_iter()
+    .map(|path| {
+        let bytes = fs::read(&path).unwrap();
+        (path, bytes)
+    })
+    .collect();
+    assert!(server.terminate().success(), "{}", server.stderr_text());
+    drop(server);
+
+    let server = Server::dev(dir, &[]);
+    for (path, bytes) in &before {
+        assert_eq!(
+            &fs::read(path).unwrap(),
+            bytes,
+            "{} changed",
+            path.display()
+        );
+    }
+    let listed = run(server.client("list").args(["--tenant", "acme"]), b"");
+    let text = listed.assert_success("list after restart").stdout_text();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    let unsealed = run(
+        server
+            .client("unseal")
+            .args(["--tenant", "acme", "--id", "openai"]),
+        b"",
+    );
+    assert_eq!(
+        unsealed.assert_success("unseal after restart").stdout,
+        api_key
+    );
+    let refused = run(
+        server
+            .client("unseal")
+            .args(["--tenant", "acme", "--id", "gmail"]),
+        b"",
+    );
+    refused.assert_failure("unseal of a revoked credential after restart");
+    assert!(refused.stderr.contains("REVOKED"), "{}", refused.stderr);
+}
+
+#[test]
+fn certs_init_and_keygen_write_private_files_and_never_overwrite() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let pki = tmp.path().join("pki");
+    let init = run(credvault().args(["certs", "init", "--dir"]).arg(&pki), b"");
+    let report = init.assert_success("certs init").stdout_text();
+    assert_eq!(mode(&pki), 0o700);
+    for file in PKI_FILES {
+        let path = pki.join(file);
+        assert!(
+            report.contains(&format!("created {}", path.display())),
+            "{report}"
+        );
+        if file.ends_with(".key") {
+            assert_eq!(mode(&path), PRIVATE_MODE, "{}", path.display());
+        }
+    }
+    let ca = fs::read(pki.join("ca.pem")).unwrap();
+    let again = run(credvault().args(["certs", "init", "--dir"]).arg(&pki), b"");
+    let report = again.assert_success("second certs init").stdout_text();
+    assert!(!report.contains("created"), "{report}");
+    assert_eq!(
+        report.matches("reused ").count(),
+        PKI_FILES.len(),
+        "{report}"
+    );
+    assert_eq!(fs::read(pki.join("ca.pem")).unwrap(), ca);
+
+    let key = tmp.path().join("root.key");
+    run(credvault().arg("keygen").arg("--out").arg(&key), b"").assert_success("keygen");
+    assert_eq!(mode(&key), PRIVATE_MODE);
+    let written = fs::read_to_string(&key).unwrap();
+    let decoded = STANDARD.decode(written.trim()).expect("a base64 key");
+    assert_eq!(decoded.len(), 32);
+    let refused = run(credvault().arg("keygen").arg("--out").arg(&key), b"");
+    refused.assert_failure("keygen over an existing key");
+    assert!(!refused.stderr.is_empty());
+    assert_eq!(
+        fs::read_to_string(&key).unwrap(),
+        written,
+        "key overwritten"
+    );
+}
+
+/// A working `serve` setup: dev PKI, root key and policy under `dir`, and its config text.
+fn serve_setup(dir: &Path) -> String {
+    run(
+        credvault()
+            .args(["certs", "init", "--dir"])
+            .arg(dir.join("certs")),
+        b"",
+    )
+    .assert_success("certs init");
+    run(
+        credvault()
+            .arg("keygen")
+            .arg("--out")
+            .arg(dir.join("root.key")),
+        b"",
+    )
+    .assert_success("keygen");
+    fs::write(dir.join("policy.toml"), credvault::authz::DEV_POLICY_TOML).unwrap();
+    let at = |name: &str| format!("{:?}", dir.join(name).display().to_string());
+    format!(
+        "listen = \"127.0.0.1:0\"\n\
+         data_dir = {}\n\
+         root_key_file = {}\n\
+         policy_file = {}\n\
+         \n\
+         [tls]\n\
+         cert = {}\n\
+         key = {}\n\
+         client_ca = {}\n",
+        at("store"),
+        at("root.key"),
+        at("policy.toml"),
+        at("certs/server.pem"),
+        at("certs/server.key"),
+        at("certs/ca.pem"),
+    )
+}
+
+/// A config that `serve` must refuse, and what its error must say.
+struct BadConfig {
+    case: &'static str,
+    text: String,
+    /// Environment for the run.
+    env: &'static [(&'static str, &'static str)],
+    /// Substrings of stderr; `{file}` stands for the config file's path.
+    expected: &'static [&'static str],
+}
+
+#[test]
+fn serve_refuses_a_bad_config_at_start_naming_the_field() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let good = serve_setup(tmp.path());
+    let head = good.split_once("[tls]").expect("a [tls] table").0;
+    let cases = [
+        BadConfig {
+            case: "unknown key",
+            text: format!("bogus_key = 1\n{good}"),
+            env: &[],
+            expected: &["config file {file}", "bogus_key", "line 1"],
+        },
+        BadConfig {
+            case: "bad listen",
+            text: good.replace("127.0.0.1:0", "nonsense"),
+            env: &[],
+            expected: &["config file {file}", "listen", "nonsense", "line 1"],
+        },
+        BadConfig {
+            case: "missing [tls]",
+            text: head.to_owned(),
+            env: &[],
+            expected: &["config file {file}", "missing field `tls`"],
+        },
+        BadConfig {
+            case: "rotate_after_encryptions = 0",
+            text: format!("{good}\n[limits]\nrotate_after_encryptions = 0\n"),
+            env: &[],
+            expected: &["limits.rotate_after_encryptions"],
+        },
+        BadConfig {
+            case: "CREDVAULT_LISTEN=nonsense",
+            text: good.clone(),
+            env: &[("CREDVAULT_LISTEN", "nonsense")],
+            expected: &["CREDVAULT_LISTEN", "listen", "nonsense"],
+        },
+        BadConfig {
+            case: "tls not a table, with a CREDVAULT_TLS_CERT override",
+            text: format!("{head}tls = \"certs\"\n"),
+            env: &[("CREDVAULT_TLS_CERT", "server.pem")],
+            expected: &["config field `tls`"],
+        },
+    ];
+    for (i, bad) in cases.iter().enumerate() {
+        let file = tmp.path().join(format!("bad-{i}.toml"));
+        fs::write(&file, &bad.text).unwrap();
+        let refused = run(
+            credvault()
+                .arg("serve")
+                .arg("--config")
+                .arg(&file)
+                .envs(bad.env.iter().copied()),
+            b"",
+        );
+        refused.assert_failure(bad.case);
+        for needle in bad.expected {
+            let needle = needle.replace("{file}", &file.display().to_string());
+            assert!(
+                refused.stderr.contains(&needle),
+                "{}: stderr lacks {needle:?}: {}",
+                bad.case,
+                refused.stderr
+            );
+        }
+    }
+    assert!(
+        !tmp.path().join("store").exists(),
+        "a refused config opened the store"
+    );
+}
+
+#[test]
+fn serve_refuses_a_world_readable_root_key_and_serves_once_it_is_private() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let config = tmp.path().join("credvault.toml");
+    fs::write(&config, serve_setup(tmp.path())).unwrap();
+    let key = tmp.path().join("root.key");
+
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = run(credvault().arg("serve").arg("--config").arg(&config), b"");
+    refused.assert_failure("serve with a 0644 root key");
+    for needle in ["root key file", "0644", "readable by group or others"] {
+        assert!(refused.stderr.contains(needle), "{}", refused.stderr);
+    }
+
+    // The same setup with the key made private serves: the mode was the only problem.
+    fs::set_permissions(&key, fs::Permissions::from_mode(PRIVATE_MODE)).unwrap();
+    let mut server = Server::start(tmp.path(), |port| {
+        let mut command = credvault();
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}")]);
+        command
+    });
+    assert!(server.terminate().success(), "{}", server.stderr_text());
+}
+
+#[test]
+fn no_secret_reaches_the_log_at_trace_level() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut server = Server::dev(tmp.path(), &[("CREDVAULT_LOG", "trace")]);
+    let hex64 = hex::encode(random_bytes::<32>());
+    let token = STANDARD.encode(random_bytes::<24>());
+    let secret = format!("sid={hex64}; token={token}");
+    let call = |subcommand: &str, args: &[&str], stdin: &[u8]| {
+        run(
+            server
+                .client(subcommand)
+                .args(["--tenant", "logtest", "--id", "session"])
+                .args(args),
+            stdin,
+        )
+    };
+
+    call(
+        "seal",
+        &["--kind", "cookie-jar", "--label", "k=v"],
+        secret.as_bytes(),
+    )
+    .assert_success("seal");
+    let unsealed = call("unseal", &["--purpose", "log test"], b"");
+    assert_eq!(unsealed.assert_success("unseal").stdout, secret.as_bytes());
+    call("meta", &[], b"").assert_success("meta");
+    run(server.client("list").args(["--tenant", "logtest"]), b"").assert_success("list");
+    call("revoke", &["--reason", "log test"], b"").assert_success("revoke");
+    call("unseal", &[], b"").assert_failure("unseal after revoke");
+    assert!(server.terminate().success(), "{}", server.stderr_text());
+
+    let log = strip_ansi(&server.stderr_text());
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "the log is not at TRACE: {}",
+        &log[..log.len().min(2000)]
+    );
+    assert!(log.contains("\"Unseal\""), "the calls were not logged");
+    assert!(log.contains("credvault stopped"), "the log was cut short");
+
+    let bytes = secret.as_bytes();
+    let mut needles = vec![
+        secret.clone(),
+        hex64.clone(),
+        hex64.to_uppercase(),
+        token.clone(),
+        hex::encode(bytes),
+        URL_SAFE_NO_PAD.encode(bytes),
+        // Debug of the bytes: `[115, 105, 100, …`.
+        format!("{:?}", &bytes[..12])
+            .trim_end_matches(']')
+            .to_owned(),
+    ];
+    // Base64 of the secret inside a larger buffer, at each of the three alignments.
+    for skip in 0..3 {
+        let encoded = STANDARD.encode(&bytes[skip..]);
+        needles.push(encoded[4..encoded.len() - 4].to_owned());
+    }
+    for needle in &needles {
+        if let Some(line) = log.lines().find(|line| line.contains(needle.as_str())) {
+            panic!("the log holds the secret as {needle:?}:\n{line}");
+        }
+    }
+}
+
+#[test]
+fn sigterm_stops_dev_gracefully_with_status_0() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut server = Server::dev(tmp.path(), &[]);
+    run(
+        server
+            .client("seal")
+            .args(["--tenant", "acme", "--id", "jar"]),
+        b"cookie",
+    )
+    .assert_success("seal");
+
+    let status = server.terminate();
+    let log = strip_ansi(&server.stderr_text());
+    assert_eq!(status.code(), Some(0), "{status}\n{log}");
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(log.contains("credvault stopped"), "{log}");
+    let after = run(server.client("list").args(["--tenant", "acme"]), b"");
+    after.assert_failure("list after the server stopped");
+}

@@ -1,0 +1,458 @@
+//! The usage ledger against the records it summarises: after every step of long
+//! random sequences of seals (with pruning and DEK and KEK rotations) and
+//! revokes, across restarts and under concurrent writers, `Vault::key_status`
+//! must equal what a full scan of the store counts. Also: a fresh vault's
+//! status, and a store written before the ledger existed gets it counted once.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use credvault::clock::ManualClock;
+use credvault::crypto::SymmetricKey;
+use credvault::error::{Error, Invalid};
+use credvault::store::records::{
+    DekRecord, KekRecord, KeyState, RootCheck, VersionRecord, VersionState,
+};
+use credvault::store::{Batch, Store, layout};
+use credvault::vault::{DekStatus, KekStatus, KeyStatus, Kind, RootKeyStatus, Vault, VaultOptions};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use prost::Message;
+
+use common::{SplitMix, T0, TestVault, request};
+
+const TENANTS: u8 = 3;
+const CREDENTIALS: u8 = 4;
+
+/// Small limits, so that pruning and rotations at both layers happen often.
+fn churning() -> VaultOptions {
+    VaultOptions {
+        max_secret_bytes: 4096,
+        max_versions: 3,
+        rotate_after_encryptions: 3,
+    }
+}
+
+fn tenant(t: u8) -> String {
+    format!("tenant-{t}")
+}
+
+fn credential(c: u8) -> String {
+    format!("cred/{c}")
+}
+
+/// Payload seals per (tenant, DEK version), as the seals reported them.
+type Seals = BTreeMap<(String, u32), u64>;
+
+/// The status a full scan of the store implies: every record decoded and
+/// counted. Nothing is destroyed or rewrapped yet, so a KEK's encryptions are
+/// the DEK records it wrapped; a DEK's encryptions come from `seals`.
+fn status_from_scan(store: &dyn Store, seals: &Seals) -> KeyStatus {
+    let rows = common::scan_all(store);
+    let table = |tag: u8| {
+        rows.iter()
+            .filter(move |(k, _)| k.len() > 2 && k[0] == tag && k[1] == 0)
+    };
+    let check =
+        RootCheck::decode(store.get(layout::ROOT_CHECK).unwrap().unwrap().as_slice()).unwrap();
+
+    // `d\0{tenant}\0{v:u32}`
+    let mut deks: Vec<(String, DekRecord)> = table(b'd')
+        .map(|(k, v)| {
+            let tenant = String::from_utf8(k[2..k.len() - 5].to_vec()).unwrap();
+            (tenant, DekRecord::decode(v.as_slice()).unwrap())
+        })
+        .collect();
+    deks.sort_by(|a, b| (&a.0, a.1.version).cmp(&(&b.0, b.1.version)));
+
+    // `v\0{tenant}\0{credential}\0{v:u32}`: live versions per (tenant, DEK).
+    let mut live: BTreeMap<(String, u32), u64> = BTreeMap::new();
+    for (k, v) in table(b'v') {
+        let rest = &k[2..];
+        let tenant =
+            String::from_utf8(rest[..rest.iter().position(|b| *b == 0).unwrap()].to_vec()).unwrap();
+        let record = VersionRecord::decode(v.as_slice()).unwrap();
+        assert_eq!(
+            record.ciphertext.is_empty(),
+            record.state() == VersionState::Revoked,
+            "a version holds a ciphertext exactly when it is live"
+        );
+        if record.state() == VersionState::Live {
+            *live.entry((tenant, record.dek_version)).or_default() += 1;
+        }
+    }
+
+    let keks: Vec<KekRecord> = table(b'k')
+        .map(|(_, v)| KekRecord::decode(v.as_slice()).unwrap())
+        .collect();
+    let wraps = |kek: u32, only_live: bool| {
+        deks.iter()
+            .filter(|(_, d)| {
+                d.kek_version == kek && (!only_live || d.state() != KeyState::Destroyed)
+            })
+            .count() as u64
+    };
+    KeyStatus {
+        root: RootKeyStatus {
+            version: check.root_version,
+            created_at_ms: check.created_at_ms,
+            wrapped_keks: keks
+                .iter()
+                .filter(|k| k.state() != KeyState::Destroyed)
+                .count() as u64,
+        },
+        keks: keks
+            .iter()
+            .map(|k| KekStatus {
+                version: k.version,
+                state: k.state(),
+                created_at_ms: k.created_at_ms,
+                encryptions: wraps(k.version, false),
+                wrapped_deks: wraps(k.version, true),
+            })
+            .collect(),
+        deks: deks
+            .iter()
+            .map(|(tenant, d)| DekStatus {
+                tenant: tenant.clone(),
+                version: d.version,
+                kek_version: d.kek_version,
+                state: d.state(),
+                created_at_ms: d.created_at_ms,
+                encryptions: seals
+                    .get(&(tenant.clone(), d.version))
+                    .copied()
+                    .unwrap_or(0),
+                protected_versions: live.get(&(tenant.clone(), d.version)).copied().unwrap_or(0),
+            })
+            .collect(),
+    }
+}
+
+/// The ledger equals the scan, for the whole vault and for `tenant` alone.
+fn assert_ledger_matches_scan(
+    vault: &Vault,
+    store: &dyn Store,
+    seals: &Seals,
+    tenant: &str,
+    step: &str,
+) -> Result<(), TestCaseError> {
+    let scanned = status_from_scan(store, seals);
+    let ledger = vault.key_status(None).unwrap();
+    prop_assert_eq!(&ledger, &scanned, "after {}", step);
+    if let Ok(one) = vault.key_status(Some(tenant)) {
+        let expected = KeyStatus {
+            deks: scanned
+                .deks
+                .iter()
+                .filter(|d| d.tenant == tenant)
+                .cloned()
+                .collect(),
+            ..scanned
+        };
+        prop_assert_eq!(one, expected, "{} alone, after {}", tenant, step);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Seal {
+        tenant: u8,
+        credential: u8,
+        size: usize,
+    },
+    Revoke {
+        tenant: u8,
+        credential: u8,
+    },
+    Reopen,
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    let step = prop_oneof![
+        12 => (0..TENANTS, 0..CREDENTIALS, 0usize..=4096)
+            .prop_map(|(tenant, credential, size)| Step::Seal { tenant, credential, size }),
+        4 => (0..TENANTS, 0..CREDENTIALS).prop_map(|(tenant, credential)| Step::Revoke { tenant, credential }),
+        1 => Just(Step::Reopen),
+    ];
+    prop::collection::vec(step, 150..=250)
+}
+
+/// What a credential's latest version must unseal to (`None`: revoked).
+type Latest = BTreeMap<(String, String), Option<Vec<u8>>>;
+
+async fn run_sequence(steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let mut tv = TestVault::new(churning()).await;
+    let mut seals = Seals::new();
+    let mut latest = Latest::new();
+    let middle = steps.len() / 2;
+    for (i, step) in steps.into_iter().enumerate() {
+        tv.clock.advance_ms(1000);
+        let touched = match step {
+            Step::Seal {
+                tenant: t,
+                credential: c,
+                size,
+            } => {
+                let (tenant, credential) = (tenant(t), credential(c));
+                let secret = SplitMix::from_str(&format!("{i}/{tenant}/{credential}")).bytes(size);
+                let meta = tv
+                    .vault()
+                    .seal(request(&tenant, &credential, Kind::Generic, &secret))
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("step {i}: seal: {e}")))?;
+                *seals.entry((tenant.clone(), meta.dek_version)).or_default() += 1;
+                latest.insert((tenant.clone(), credential), Some(secret));
+                tenant
+            }
+            Step::Revoke {
+                tenant: t,
+                credential: c,
+            } => {
+                let (tenant, credential) = (tenant(t), credential(c));
+                let result = tv
+                    .vault()
+                    .revoke(&tenant, &credential, "test", "random")
+                    .await;
+                match (
+                    &result,
+                    latest.contains_key(&(tenant.clone(), credential.clone())),
+                ) {
+                    (Ok(_), true) => {
+                        latest.insert((tenant.clone(), credential), None);
+                    }
+                    (Err(Error::NotFound), false) => {}
+                    _ => return Err(TestCaseError::fail(format!("step {i}: revoke: {result:?}"))),
+                }
+                tenant
+            }
+            Step::Reopen => {
+                tv.reopen().await;
+                tenant(0)
+            }
+        };
+        if i == middle {
+            // The counts are in the store, not in memory: a restart keeps them.
+            let before = tv.vault().key_status(None).unwrap();
+            tv.reopen().await;
+            prop_assert_eq!(
+                tv.vault().key_status(None).unwrap(),
+                before,
+                "reopen at step {}",
+                i
+            );
+        }
+        assert_ledger_matches_scan(
+            tv.vault(),
+            &**tv.store(),
+            &seals,
+            &touched,
+            &format!("step {i}"),
+        )?;
+    }
+
+    // The churn really happened: versions pruned, keys rotated at both layers.
+    let status = tv.vault().key_status(None).unwrap();
+    prop_assert!(status.keks.len() > 1, "no KEK rotation");
+    prop_assert!(status.deks.iter().any(|d| d.version > 1), "no DEK rotation");
+    // And every credential still reads back as the model says.
+    for ((tenant, credential), secret) in &latest {
+        let got = tv.vault().unseal(tenant, credential, None).await;
+        match (secret, got) {
+            (Some(secret), Ok(u)) => prop_assert_eq!(u.secret.expose(), secret.as_slice()),
+            (None, Err(Error::Revoked)) => {}
+            (want, got) => {
+                return Err(TestCaseError::fail(format!(
+                    "{tenant}/{credential}: want {:?}, got {got:?}",
+                    want.as_ref().map(Vec::len)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_ledger_matches_a_full_scan_after_every_step() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut runner = TestRunner::new(Config {
+        cases: 6,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&steps(), |steps| rt.block_on(run_sequence(steps)))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_seals_and_revokes_keep_the_ledger_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = common::open_store(dir.path());
+    let root = *SymmetricKey::generate().expose_bytes();
+    let clock = Arc::new(ManualClock::new(T0));
+    let options = VaultOptions {
+        max_versions: 2,
+        ..churning()
+    };
+    let vault = Arc::new(
+        common::open_vault(&store, &root, &clock, options)
+            .await
+            .unwrap(),
+    );
+    let tasks: Vec<_> = (0..8u64)
+        .map(|task| {
+            let vault = vault.clone();
+            tokio::spawn(async move {
+                let mut rng = SplitMix::from_str(&format!("task {task}"));
+                let mut seals = Seals::new();
+                for _ in 0..40 {
+                    let tenant = tenant((rng.next_u64() % 2) as u8);
+                    let credential = credential((rng.next_u64() % 3) as u8);
+                    if rng.next_u64().is_multiple_of(4) {
+                        match vault.revoke(&tenant, &credential, "test", "race").await {
+                            Ok(_) | Err(Error::NotFound) => {}
+                            Err(e) => panic!("revoke: {e}"),
+                        }
+                    } else {
+                        let len = (rng.next_u64() % 512) as usize;
+                        let secret = rng.bytes(len);
+                        let meta = vault
+                            .seal(request(&tenant, &credential, Kind::ApiKey, &secret))
+                            .await
+                            .unwrap_or_else(|e| panic!("seal: {e}"));
+                        *seals.entry((tenant, meta.dek_version)).or_default() += 1;
+                    }
+                }
+                seals
+            })
+        })
+        .collect();
+    let mut seals = Seals::new();
+    for task in tasks {
+        for (key, n) in task.await.unwrap() {
+            *seals.entry(key).or_default() += n;
+        }
+    }
+    assert!(seals.values().sum::<u64>() > 150, "{seals:?}");
+    assert!(seals.keys().any(|(_, dek)| *dek > 1), "no DEK rotation");
+    assert_ledger_matches_scan(&vault, &*store, &seals, "tenant-1", "concurrent writers").unwrap();
+}
+
+#[tokio::test]
+async fn a_fresh_vault_has_root_v1_and_one_active_kek_protecting_nothing() {
+    let tv = TestVault::new(VaultOptions::default()).await;
+    let expected = KeyStatus {
+        root: RootKeyStatus {
+            version: 1,
+            created_at_ms: T0,
+            wrapped_keks: 1,
+        },
+        keks: vec![KekStatus {
+            version: 1,
+            state: KeyState::Active,
+            created_at_ms: T0,
+            encryptions: 0,
+            wrapped_deks: 0,
+        }],
+        deks: vec![],
+    };
+    assert_eq!(tv.vault().key_status(None).unwrap(), expected);
+    assert!(matches!(
+        tv.vault().key_status(Some("nobody")),
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(
+        tv.vault().key_status(Some("not a tenant!")),
+        Err(Error::Invalid(Invalid::TenantId))
+    ));
+
+    // The first seal: the tenant's DEK v1 is wrapped by KEK v1 and protects one version.
+    tv.clock.advance_ms(5);
+    tv.seal("acme", "openai", Kind::ApiKey, b"sk-1").await;
+    let status = tv.vault().key_status(Some("acme")).unwrap();
+    assert_eq!(
+        (status.keks[0].encryptions, status.keks[0].wrapped_deks),
+        (1, 1)
+    );
+    assert_eq!(
+        status.deks,
+        [DekStatus {
+            tenant: "acme".into(),
+            version: 1,
+            kek_version: 1,
+            state: KeyState::Active,
+            created_at_ms: T0 + 5,
+            encryptions: 1,
+            protected_versions: 1,
+        }]
+    );
+    // Revoked: still sealed once, protects nothing.
+    tv.vault()
+        .revoke("acme", "openai", "test", "gone")
+        .await
+        .unwrap();
+    let dek = &tv.vault().key_status(Some("acme")).unwrap().deks[0];
+    assert_eq!((dek.encryptions, dek.protected_versions), (1, 0));
+}
+
+#[tokio::test]
+async fn the_counts_live_in_the_store_and_an_old_store_gets_them_counted_once() {
+    let mut tv = TestVault::new(churning()).await;
+    for i in 0..20u32 {
+        let (tenant, credential) = (tenant((i % 2) as u8), credential((i % 3) as u8));
+        tv.seal(&tenant, &credential, Kind::Generic, &i.to_be_bytes())
+            .await;
+        if i % 7 == 6 {
+            tv.vault()
+                .revoke(&tenant, &credential, "test", "x")
+                .await
+                .unwrap();
+        }
+    }
+    let status = tv.vault().key_status(None).unwrap();
+    assert!(status.deks.iter().any(|d| d.protected_versions > 0));
+    let refs = |tv: &TestVault| {
+        tv.store()
+            .scan(&layout::refs_prefix(), None, usize::MAX)
+            .unwrap()
+    };
+    let stored = refs(&tv);
+    // One count per key version, from its creation.
+    assert_eq!(stored.len(), status.keks.len() + status.deks.len());
+
+    // Opening does not recount: a count changed behind the vault's back stays
+    // changed (which is why it must be right all along).
+    let key = layout::dek_refs("tenant-0", 1);
+    let mut batch = Batch::default();
+    batch.put(key.clone(), layout::encode_counter(999));
+    tv.store().commit(batch).await.unwrap();
+    tv.reopen().await;
+    let tampered = tv.vault().key_status(Some("tenant-0")).unwrap();
+    assert_eq!(tampered.deks[0].protected_versions, 999);
+
+    // A store from before the ledger: no mark, no counts. Opening counts them.
+    let mut batch = Batch::default();
+    batch.delete(layout::LEDGER.to_vec());
+    for (key, _) in &stored {
+        batch.delete(key.clone());
+    }
+    tv.store().commit(batch).await.unwrap();
+    assert!(refs(&tv).is_empty());
+    tv.reopen().await;
+    assert_eq!(tv.vault().key_status(None).unwrap(), status);
+    assert_eq!(refs(&tv), stored);
+    assert_eq!(
+        tv.store().get(layout::LEDGER).unwrap(),
+        Some(layout::encode_counter(layout::LEDGER_VERSION))
+    );
+    let tenants: BTreeSet<_> = status.deks.iter().map(|d| d.tenant.clone()).collect();
+    assert_eq!(tenants, BTreeSet::from([tenant(0), tenant(1)]));
+}
