@@ -299,9 +299,8 @@ async fn execute(command: ClientCommand) -> anyhow::Result<()> {
                 .revoke(request)
                 .await
                 .map_err(status)?;
-            let r = response.into_inner().revocation.unwrap_or_default();
-            let value = serde_json::json!({"revoked_at_ms": r.revoked_at_ms, "revoked_by": r.revoked_by, "reason": r.reason});
-            writeln!(out, "{value}")?;
+            let revocation = response.into_inner().revocation.unwrap_or_default();
+            writeln!(out, "{}", revocation_json(&revocation))?;
         }
     }
     Ok(())
@@ -330,6 +329,10 @@ fn json(m: &pb::CredentialMetadata) -> serde_json::Value {
         "expires_at_ms": m.expires_at_ms,
         "size_bytes": m.size_bytes,
         "dek_version": m.dek_version,
-        "revocation": m.revocation.as_ref().map(|r| serde_json::json!({"revoked_at_ms": r.revoked_at_ms, "revoked_by": r.revoked_by, "reason": r.reason})),
+        "revocation": m.revocation.as_ref().map(revocation_json),
     })
+}
+
+fn revocation_json(r: &pb::Revocation) -> serde_json::Value {
+    serde_json::json!({"revoked_at_ms": r.revoked_at_ms, "revoked_by": r.revoked_by, "reason": r.reason})
 }
