@@ -1,5 +1,9 @@
 //! Generates the gRPC code from proto/ with protox (pure Rust: no protoc needed)
 //! and writes the encoded file descriptor set for server reflection.
+//!
+//! The benchmark's echo service (`proto/credvault/bench/v1`, package
+//! `credvault.bench.v1`) is compiled from its own descriptor set, so the
+//! product's reflection descriptor (`credvault_descriptor.bin`) never lists it.
 
 use std::path::PathBuf;
 
@@ -18,5 +22,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+
+    // Bench only: `credvault bench grpc`'s transport floor. Not in the product's
+    // descriptor set, not registered by `service::router`.
+    let bench = protox::compile(["proto/credvault/bench/v1/echo.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(bench)?;
     Ok(())
 }
