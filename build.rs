@@ -9,6 +9,9 @@ use std::path::PathBuf;
 
 use prost::Message;
 
+/// The messages with a `secret` field.
+const SECRET_MESSAGES: [&str; 2] = [".credvault.v1.SealRequest", ".credvault.v1.UnsealResponse"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let files = [
@@ -21,6 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Messages that carry a secret get a hand-written Debug that hides it
+        // (src/service/mod.rs, `pb`).
+        .skip_debug(SECRET_MESSAGES)
         .compile_fds(fds)?;
 
     // Bench only: `credvault bench grpc`'s transport floor. Not in the product's

@@ -33,6 +33,37 @@ use crate::vault::Vault;
 pub mod pb {
     tonic::include_proto!("credvault.v1");
 
+    /// `Debug` of the messages that carry a secret: every field but the secret,
+    /// which shows only its length (build.rs skips the derived `Debug`).
+    impl std::fmt::Debug for SealRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("SealRequest")
+                .field("tenant_id", &self.tenant_id)
+                .field("credential_id", &self.credential_id)
+                .field("kind", &self.kind)
+                .field(
+                    "secret",
+                    &format_args!("<{} bytes redacted>", self.secret.len()),
+                )
+                .field("labels", &self.labels)
+                .field("expires_at_ms", &self.expires_at_ms)
+                .field("expected_version", &self.expected_version)
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for UnsealResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("UnsealResponse")
+                .field(
+                    "secret",
+                    &format_args!("<{} bytes redacted>", self.secret.len()),
+                )
+                .field("metadata", &self.metadata)
+                .finish()
+        }
+    }
+
     /// The encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("credvault_descriptor");
@@ -310,4 +341,27 @@ fn tls_incoming(
 
 fn log_handshake_failure(peer: SocketAddr, error: &std::io::Error) {
     tracing::info!(%peer, %error, "TLS handshake refused");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn debug_of_secret_messages_hides_the_secret() {
+        let secret = b"hunter2-cookie-jar".to_vec();
+        let seal = super::pb::SealRequest {
+            secret: secret.clone(),
+            tenant_id: "acme".into(),
+            ..Default::default()
+        };
+        let unseal = super::pb::UnsealResponse {
+            secret,
+            metadata: None,
+        };
+        for shown in [format!("{seal:?}"), format!("{unseal:?}")] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(!shown.contains("104, 117"), "{shown}"); // "hu" as a byte list
+            assert!(shown.contains("18 bytes redacted"), "{shown}");
+        }
+        assert!(format!("{seal:?}").contains("acme"));
+    }
 }
