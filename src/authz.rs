@@ -92,19 +92,9 @@ impl Rpc {
     }
 
     /// Whether the RPC belongs to `service Admin` (else `service Vault`).
+    /// The Admin RPCs are declared last, from `RotateKek` on.
     pub fn is_admin(self) -> bool {
-        matches!(
-            self,
-            Rpc::RotateKek
-                | Rpc::RotateTenantKey
-                | Rpc::RotateRootKey
-                | Rpc::GetKeyStatus
-                | Rpc::DestroyKeyVersion
-                | Rpc::GetRotationJob
-                | Rpc::QueryAudit
-                | Rpc::VerifyAudit
-                | Rpc::Backup
-        )
+        self >= Rpc::RotateKek
     }
 
     fn bit(self) -> u32 {
@@ -153,17 +143,8 @@ const SETTINGS: &[Rpc] = &[
     Rpc::RestoreTenant,
     Rpc::SetLegalHold,
 ];
-const ADMIN: &[Rpc] = &[
-    Rpc::RotateKek,
-    Rpc::RotateTenantKey,
-    Rpc::RotateRootKey,
-    Rpc::GetKeyStatus,
-    Rpc::DestroyKeyVersion,
-    Rpc::GetRotationJob,
-    Rpc::QueryAudit,
-    Rpc::VerifyAudit,
-    Rpc::Backup,
-];
+/// Every Admin RPC (declared last in [`Rpc`]).
+const ADMIN: &[Rpc] = Rpc::ALL.split_at(Rpc::RotateKek as usize).1;
 
 /// The RPCs of a built-in role, or `None` if `name` is not one.
 pub fn builtin_role(name: &str) -> Option<&'static [Rpc]> {

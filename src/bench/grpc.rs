@@ -39,6 +39,7 @@ use tonic::{Request, Response, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use super::store::{credential_of, tenant_of};
 use super::{Bar, Report, Row};
 use crate::authz::Policy;
 use crate::clock::SystemClock;
@@ -94,15 +95,6 @@ const PURPOSE: &str = "bench grpc";
 pub const ECHO_ROW: &str = "echo, 2 KiB reply (transport floor)";
 pub const UNSEAL_ROW: &str = "unseal 2 KiB, warm store, executor";
 pub const HEALTH_ROW: &str = "health Check (reference)";
-
-/// The names [`super::store::fill`] gives credential `i`.
-fn tenant_of(i: u64, tenants: u64) -> String {
-    format!("tenant-{}", i % tenants)
-}
-
-fn credential_of(i: u64) -> String {
-    format!("cred-{i}")
-}
 
 /// The bench-only Echo service: returns the request's payload padded to
 /// `reply_size`. No identity, no policy, no store: the floor of one call.

@@ -39,11 +39,13 @@ pub struct Params {
 
 const PAYLOAD: usize = 2048;
 
-fn tenant_of(i: u64, tenants: u64) -> String {
+/// The tenant of the `i`-th credential [`fill`] seals.
+pub fn tenant_of(i: u64, tenants: u64) -> String {
     format!("tenant-{}", i % tenants)
 }
 
-fn credential_of(i: u64) -> String {
+/// The id of the `i`-th credential [`fill`] seals.
+pub fn credential_of(i: u64) -> String {
     format!("cred-{i}")
 }
 

@@ -339,7 +339,7 @@ impl Vault {
         credential: &str,
         version: Option<u32>,
     ) -> Result<Unsealed> {
-        let (version, latest, record) = self.version_record(tenant, credential, version)?;
+        let (version, latest, mut record) = self.version_record(tenant, credential, version)?;
         if record.state() == VersionState::Revoked {
             return Err(Error::Revoked);
         }
@@ -355,7 +355,6 @@ impl Vault {
         // a record moved to another version's place fails to open like any other
         // tampering.
         let context = Context::payload(tenant, credential, version, kind as u8, record.dek_version);
-        let mut record = record;
         let secret =
             envelope::open_owned(dek.key(), &context, std::mem::take(&mut record.ciphertext))?;
         Ok(Unsealed {
