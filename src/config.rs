@@ -194,6 +194,7 @@ impl Config {
             max_secret_bytes: self.limits.max_secret_bytes,
             max_versions: self.limits.max_versions,
             rotate_after_encryptions: self.limits.rotate_after_encryptions,
+            rotation: Default::default(),
         }
     }
 

@@ -32,6 +32,12 @@ pub enum Invalid {
     TooLong { field: &'static str, limit: usize },
     #[error("page token is malformed")]
     PageToken,
+    #[error(
+        "layer must be \"kek\" or \"dek\" (root keys are not kept in the store: destroy a retired root key file yourself)"
+    )]
+    KeyLayer,
+    #[error("job id is malformed")]
+    JobId,
 }
 
 impl Invalid {
@@ -47,6 +53,8 @@ impl Invalid {
             Invalid::Expiry => "INVALID_EXPIRY",
             Invalid::TooLong { .. } => "TOO_LONG",
             Invalid::PageToken => "INVALID_PAGE_TOKEN",
+            Invalid::KeyLayer => "INVALID_LAYER",
+            Invalid::JobId => "INVALID_ID",
         }
     }
 }
@@ -80,6 +88,32 @@ pub enum Error {
         "the root key does not match this data directory (its check value does not open): start with the root key the store was created with"
     )]
     WrongRootKey,
+    /// The root key given at start-up is the one a root rotation retired.
+    #[error(
+        "this is the retired root key; the store was rotated to root key v{current}: start with the new root key"
+    )]
+    RetiredRootKey { current: u32 },
+    /// A key version cannot be destroyed while records depend on it.
+    #[error("{layer} v{version} still protects {count} {what}; {hint}")]
+    KeyInUse {
+        layer: &'static str,
+        version: u32,
+        count: u64,
+        what: &'static str,
+        hint: &'static str,
+    },
+    /// The primary version of a ring cannot be destroyed.
+    #[error("{layer} v{version} is the primary version and cannot be destroyed; rotate first")]
+    PrimaryKey { layer: &'static str, version: u32 },
+    /// No such key version (or tenant).
+    #[error("no such key version")]
+    KeyNotFound,
+    /// No such rotation job.
+    #[error("no such rotation job")]
+    JobNotFound,
+    /// A root rotation was given the root key already in use.
+    #[error("the new root key is the one already in use; generate a new one (credvault keygen)")]
+    SameRootKey,
     /// The root key could not be loaded.
     #[error(transparent)]
     RootKey(#[from] RootKeyError),
@@ -111,7 +145,12 @@ impl Error {
             Error::TenantDeleted => "TENANT_DELETED",
             Error::VersionMismatch { .. } => "VERSION_MISMATCH",
             Error::DecryptionFailed => "DECRYPTION_FAILED",
-            Error::WrongRootKey => "WRONG_ROOT_KEY",
+            Error::WrongRootKey | Error::RetiredRootKey { .. } => "WRONG_ROOT_KEY",
+            Error::KeyInUse { .. } => "KEY_IN_USE",
+            Error::PrimaryKey { .. } => "KEY_IS_PRIMARY",
+            Error::KeyNotFound => "KEY_NOT_FOUND",
+            Error::JobNotFound => "JOB_NOT_FOUND",
+            Error::SameRootKey => "SAME_ROOT_KEY",
             Error::RootKey(_) => "ROOT_KEY_UNAVAILABLE",
             Error::Contention => "CONTENTION",
             Error::Store(_) => "STORAGE",
@@ -144,7 +183,10 @@ impl From<Error> for tonic::Status {
         use tonic::Code;
         let code = match &error {
             Error::Invalid(_) => Code::InvalidArgument,
-            Error::NotFound => Code::NotFound,
+            Error::NotFound | Error::KeyNotFound | Error::JobNotFound => Code::NotFound,
+            Error::KeyInUse { .. } | Error::PrimaryKey { .. } | Error::SameRootKey => {
+                Code::FailedPrecondition
+            }
             Error::Revoked
             | Error::Expired
             | Error::TenantDeleted
@@ -152,10 +194,17 @@ impl From<Error> for tonic::Status {
             Error::DecryptionFailed => Code::DataLoss,
             Error::Contention => Code::Aborted,
             Error::Store(_) => Code::Unavailable,
-            Error::WrongRootKey | Error::RootKey(_) | Error::Corrupt(_) => Code::Internal,
+            Error::WrongRootKey
+            | Error::RetiredRootKey { .. }
+            | Error::RootKey(_)
+            | Error::Corrupt(_) => Code::Internal,
         };
         let message = match &error {
-            Error::Store(_) | Error::WrongRootKey | Error::RootKey(_) | Error::Corrupt(_) => {
+            Error::Store(_)
+            | Error::WrongRootKey
+            | Error::RetiredRootKey { .. }
+            | Error::RootKey(_)
+            | Error::Corrupt(_) => {
                 tracing::error!(%error, "internal error");
                 "internal error; see the server log".to_string()
             }

@@ -32,6 +32,7 @@ fn churning() -> VaultOptions {
         max_secret_bytes: 4096,
         max_versions: 3,
         rotate_after_encryptions: 3,
+        ..VaultOptions::default()
     }
 }
 

@@ -16,6 +16,8 @@
 //! r\0d\0{tenant}\0{dek:u32}        u64: stored credential versions whose live ciphertext it sealed
 //! h\0{tenant}\0{credential}        CredentialHead
 //! v\0{tenant}\0{credential}\0{v:u32}  VersionRecord
+//! j\0{job id}                      JobRecord
+//! m\0root.previous                 RootCheck of the root key before the last rotation
 //! ```
 
 pub const ROOT_CHECK: &[u8] = b"m\0root";
@@ -24,6 +26,24 @@ pub const ROOT_CHECK: &[u8] = b"m\0root";
 /// counts; a store written before them gets them counted once, when opened.
 pub const LEDGER: &[u8] = b"m\0ledger";
 pub const LEDGER_VERSION: u64 = 1;
+
+/// The check value of the root key that the last root rotation replaced, kept
+/// only so that starting with it says "this is the retired root key".
+pub const PREVIOUS_ROOT_CHECK: &[u8] = b"m\0root.previous";
+
+/// Prefix of every rotation job; the rest of the key is the job id.
+pub fn job_prefix() -> Vec<u8> {
+    b"j\0".to_vec()
+}
+
+pub fn job(id: &str) -> Vec<u8> {
+    key(&[b"j", id.as_bytes()])
+}
+
+/// Prefix of every DEK record of every tenant.
+pub fn all_deks_prefix() -> Vec<u8> {
+    b"d\0".to_vec()
+}
 
 fn key(parts: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());

@@ -72,6 +72,12 @@ pub struct KekRecord {
     /// seal[root](KEK bytes, kek_wrap(version)); empty once destroyed.
     #[prost(bytes = "vec", tag = "4")]
     pub wrapped: Vec<u8>,
+    /// When it stopped being the primary (0 = still active).
+    #[prost(uint64, tag = "5")]
+    pub retired_at_ms: u64,
+    /// When it was destroyed (0 = not destroyed).
+    #[prost(uint64, tag = "6")]
+    pub destroyed_at_ms: u64,
 }
 
 /// A tenant (`t\0{tenant}`).
@@ -96,6 +102,12 @@ pub struct DekRecord {
     /// seal[kek](DEK bytes, dek_wrap(tenant, version, kek_version)); empty once destroyed.
     #[prost(bytes = "vec", tag = "5")]
     pub wrapped: Vec<u8>,
+    /// When it stopped being the primary (0 = still active).
+    #[prost(uint64, tag = "6")]
+    pub retired_at_ms: u64,
+    /// When it was destroyed (0 = not destroyed).
+    #[prost(uint64, tag = "7")]
+    pub destroyed_at_ms: u64,
 }
 
 /// A credential's head (`h\0{tenant}\0{credential}`): what the latest version is.
@@ -149,6 +161,48 @@ pub struct VersionRecord {
     pub size: u64,
     #[prost(message, optional, tag = "10")]
     pub tombstone: Option<Tombstone>,
+}
+
+/// What a rotation job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, prost::Enumeration)]
+#[repr(i32)]
+pub enum JobKind {
+    Unspecified = 0,
+    /// Rewrap every DEK not wrapped by KEK `target_version` or later.
+    Kek = 1,
+    /// Re-encrypt a tenant's live credential versions sealed by a DEK older than `target_version`.
+    TenantKey = 2,
+    /// Rewrap every KEK under root key `target_version` (done in one batch).
+    RootKey = 3,
+}
+
+/// A rotation job (`j\0{job id}`): what it does and how far it got. Its
+/// progress is written in the same batch as the records it changed, so after
+/// a crash it resumes exactly where the last durable batch left it.
+#[derive(Clone, PartialEq, Message)]
+pub struct JobRecord {
+    #[prost(enumeration = "JobKind", tag = "1")]
+    pub kind: i32,
+    /// Empty unless the job is a tenant's.
+    #[prost(string, tag = "2")]
+    pub tenant: String,
+    /// The key version the job moves records onto (or above).
+    #[prost(uint32, tag = "3")]
+    pub target_version: u32,
+    /// Records to change, as counted when the job started.
+    #[prost(uint64, tag = "4")]
+    pub total: u64,
+    /// Records changed so far.
+    #[prost(uint64, tag = "5")]
+    pub done: u64,
+    /// The last store key the job has dealt with (empty: none yet).
+    #[prost(bytes = "vec", tag = "6")]
+    pub cursor: Vec<u8>,
+    #[prost(uint64, tag = "7")]
+    pub created_at_ms: u64,
+    /// 0 while running.
+    #[prost(uint64, tag = "8")]
+    pub finished_at_ms: u64,
 }
 
 /// Decodes a record, turning a malformed one into a storage error.

@@ -141,6 +141,7 @@ impl KeyRing {
                 &Context::kek_wrap(1),
                 kek.expose_bytes(),
             ),
+            ..Default::default()
         };
         let mut batch = Batch::default();
         batch
@@ -247,6 +248,7 @@ impl KeyRing {
                 &Context::dek_wrap(tenant, version, kek.version()),
                 dek.expose_bytes(),
             ),
+            ..Default::default()
         };
         batch
             .check(layout::kek(kek.version()), Some(kek_bytes))
@@ -390,6 +392,7 @@ impl KeyRing {
                     &Context::kek_wrap(next),
                     kek.expose_bytes(),
                 ),
+                ..Default::default()
             };
             let mut batch = Batch::default();
             batch

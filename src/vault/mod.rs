@@ -8,9 +8,12 @@
 
 mod keyring;
 mod ledger;
+mod rotation;
 pub mod validate;
 
+pub use crate::store::records::JobKind;
 pub use ledger::{DekStatus, KekStatus, KeyStatus, RootKeyStatus};
+pub use rotation::{JobState, KeyLayer, RotationJob, RotationOptions};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -163,6 +166,8 @@ pub struct VaultOptions {
     /// Encryptions after which a DEK or KEK version is replaced by a new primary
     /// (NIST SP 800-38D allows 2^32 random nonces per key).
     pub rotate_after_encryptions: u64,
+    /// Rotation schedules and job pacing.
+    pub rotation: RotationOptions,
 }
 
 impl Default for VaultOptions {
@@ -171,6 +176,7 @@ impl Default for VaultOptions {
             max_secret_bytes: 1 << 20,
             max_versions: 10,
             rotate_after_encryptions: 1 << 30,
+            rotation: RotationOptions::default(),
         }
     }
 }
@@ -187,6 +193,7 @@ pub struct Vault {
     clock: Arc<dyn Clock>,
     keys: keyring::KeyRing,
     options: VaultOptions,
+    jobs_started: tokio::sync::Notify,
 }
 
 impl Vault {
@@ -212,6 +219,7 @@ impl Vault {
             clock,
             keys,
             options,
+            jobs_started: tokio::sync::Notify::new(),
         })
     }
 
