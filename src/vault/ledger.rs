@@ -45,6 +45,10 @@ pub struct KekStatus {
     pub version: u32,
     pub state: KeyState,
     pub created_at_ms: u64,
+    /// When it stopped being the primary.
+    pub retired_at_ms: Option<u64>,
+    /// When its key bytes were destroyed.
+    pub destroyed_at_ms: Option<u64>,
     /// DEK wraps it has made, ever.
     pub encryptions: u64,
     /// DEK records it wraps now.
@@ -60,6 +64,10 @@ pub struct DekStatus {
     pub kek_version: u32,
     pub state: KeyState,
     pub created_at_ms: u64,
+    /// When it stopped being the primary.
+    pub retired_at_ms: Option<u64>,
+    /// When its key bytes were destroyed.
+    pub destroyed_at_ms: Option<u64>,
     /// Payloads it has sealed, ever.
     pub encryptions: u64,
     /// Stored credential versions whose live ciphertext it sealed.
@@ -100,6 +108,8 @@ impl Vault {
                 version,
                 state: record.state(),
                 created_at_ms: record.created_at_ms,
+                retired_at_ms: nonzero(record.retired_at_ms),
+                destroyed_at_ms: nonzero(record.destroyed_at_ms),
                 encryptions: counter(store, &layout::kek_counter(version))?,
                 wrapped_deks: counter(store, &layout::kek_refs(version))?,
             });
@@ -127,6 +137,8 @@ impl Vault {
                     kek_version: record.kek_version,
                     state: record.state(),
                     created_at_ms: record.created_at_ms,
+                    retired_at_ms: nonzero(record.retired_at_ms),
+                    destroyed_at_ms: nonzero(record.destroyed_at_ms),
                     encryptions: encryptions.get(&version).copied().unwrap_or(0),
                     protected_versions: protected.get(&version).copied().unwrap_or(0),
                 });
@@ -222,6 +234,10 @@ fn versioned(key: &[u8], claimed: u32, what: &str) -> Result<u32> {
     layout::trailing_version(key)
         .filter(|v| *v == claimed)
         .ok_or_else(|| Error::Corrupt(format!("{what} record under the wrong key")))
+}
+
+fn nonzero(ms: u64) -> Option<u64> {
+    (ms != 0).then_some(ms)
 }
 
 fn counter(store: &dyn Store, key: &[u8]) -> Result<u64> {
