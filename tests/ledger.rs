@@ -110,6 +110,8 @@ fn status_from_scan(store: &dyn Store, seals: &Seals) -> KeyStatus {
                 version: k.version,
                 state: k.state(),
                 created_at_ms: k.created_at_ms,
+                retired_at_ms: (k.retired_at_ms != 0).then_some(k.retired_at_ms),
+                destroyed_at_ms: (k.destroyed_at_ms != 0).then_some(k.destroyed_at_ms),
                 encryptions: wraps(k.version, false),
                 wrapped_deks: wraps(k.version, true),
             })
@@ -122,6 +124,8 @@ fn status_from_scan(store: &dyn Store, seals: &Seals) -> KeyStatus {
                 kek_version: d.kek_version,
                 state: d.state(),
                 created_at_ms: d.created_at_ms,
+                retired_at_ms: (d.retired_at_ms != 0).then_some(d.retired_at_ms),
+                destroyed_at_ms: (d.destroyed_at_ms != 0).then_some(d.destroyed_at_ms),
                 encryptions: seals
                     .get(&(tenant.clone(), d.version))
                     .copied()
@@ -360,6 +364,8 @@ async fn a_fresh_vault_has_root_v1_and_one_active_kek_protecting_nothing() {
             version: 1,
             state: KeyState::Active,
             created_at_ms: T0,
+            retired_at_ms: None,
+            destroyed_at_ms: None,
             encryptions: 0,
             wrapped_deks: 0,
         }],
@@ -391,6 +397,8 @@ async fn a_fresh_vault_has_root_v1_and_one_active_kek_protecting_nothing() {
             kek_version: 1,
             state: KeyState::Active,
             created_at_ms: T0 + 5,
+            retired_at_ms: None,
+            destroyed_at_ms: None,
             encryptions: 1,
             protected_versions: 1,
         }]
