@@ -1,7 +1,8 @@
 //! The usage ledger against the records it summarises: after every step of long
 //! random sequences of seals (with pruning and DEK and KEK rotations) and
 //! revokes, across restarts and under concurrent writers, `Vault::key_status`
-//! must equal what a full scan of the store counts. Also: a fresh vault's
+//! must equal what a full scan of the store counts. Rotation jobs (KEK rewraps,
+//! tenant re-encryptions) and destroy attempts are steps too. Also: a fresh vault's
 //! status, and a store written before the ledger existed gets it counted once.
 
 mod common;
@@ -16,7 +17,9 @@ use credvault::store::records::{
     DekRecord, KekRecord, KeyState, RootCheck, VersionRecord, VersionState,
 };
 use credvault::store::{Batch, Store, layout};
-use credvault::vault::{DekStatus, KekStatus, KeyStatus, Kind, RootKeyStatus, Vault, VaultOptions};
+use credvault::vault::{
+    DekStatus, JobState, KekStatus, KeyLayer, KeyStatus, Kind, RootKeyStatus, Vault, VaultOptions,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use prost::Message;
@@ -44,13 +47,17 @@ fn credential(c: u8) -> String {
     format!("cred/{c}")
 }
 
-/// Payload seals per (tenant, DEK version), as the seals reported them.
+/// Payload seals per (tenant, DEK version), as the seals (and the
+/// re-encryptions) made them.
 type Seals = BTreeMap<(String, u32), u64>;
 
+/// DEK wraps a KEK made whose DEK records a rewrap moved to a newer KEK.
+type MovedAway = BTreeMap<u32, u64>;
+
 /// The status a full scan of the store implies: every record decoded and
-/// counted. Nothing is destroyed or rewrapped yet, so a KEK's encryptions are
-/// the DEK records it wrapped; a DEK's encryptions come from `seals`.
-fn status_from_scan(store: &dyn Store, seals: &Seals) -> KeyStatus {
+/// counted. A KEK's encryptions are the DEK records that name it plus those
+/// rewrapped away from it (`moved`); a DEK's encryptions come from `seals`.
+fn status_from_scan(store: &dyn Store, seals: &Seals, moved: &MovedAway) -> KeyStatus {
     let rows = common::scan_all(store);
     let table = |tag: u8| {
         rows.iter()
@@ -112,7 +119,7 @@ fn status_from_scan(store: &dyn Store, seals: &Seals) -> KeyStatus {
                 created_at_ms: k.created_at_ms,
                 retired_at_ms: (k.retired_at_ms != 0).then_some(k.retired_at_ms),
                 destroyed_at_ms: (k.destroyed_at_ms != 0).then_some(k.destroyed_at_ms),
-                encryptions: wraps(k.version, false),
+                encryptions: wraps(k.version, false) + moved.get(&k.version).copied().unwrap_or(0),
                 wrapped_deks: wraps(k.version, true),
             })
             .collect(),
@@ -141,10 +148,11 @@ fn assert_ledger_matches_scan(
     vault: &Vault,
     store: &dyn Store,
     seals: &Seals,
+    moved: &MovedAway,
     tenant: &str,
     step: &str,
 ) -> Result<(), TestCaseError> {
-    let scanned = status_from_scan(store, seals);
+    let scanned = status_from_scan(store, seals, moved);
     let ledger = vault.key_status(None).unwrap();
     prop_assert_eq!(&ledger, &scanned, "after {}", step);
     if let Ok(one) = vault.key_status(Some(tenant)) {
@@ -174,6 +182,19 @@ enum Step {
         credential: u8,
     },
     Reopen,
+    /// A new primary KEK and its rewrap job, run to the end.
+    RotateKek,
+    /// A new primary DEK for the tenant and its re-encryption job, run to the end.
+    Reencrypt {
+        tenant: u8,
+    },
+    /// Destroy a key version (the tenant's DEK `pick` modulo its ring, or a KEK):
+    /// refused exactly when it is the primary or the ledger says it is in use.
+    Destroy {
+        tenant: u8,
+        pick: u8,
+        kek: bool,
+    },
 }
 
 fn steps() -> impl Strategy<Value = Vec<Step>> {
@@ -182,6 +203,10 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
             .prop_map(|(tenant, credential, size)| Step::Seal { tenant, credential, size }),
         4 => (0..TENANTS, 0..CREDENTIALS).prop_map(|(tenant, credential)| Step::Revoke { tenant, credential }),
         1 => Just(Step::Reopen),
+        1 => Just(Step::RotateKek),
+        1 => (0..TENANTS).prop_map(|tenant| Step::Reencrypt { tenant }),
+        2 => (0..TENANTS, any::<u8>(), any::<bool>())
+            .prop_map(|(tenant, pick, kek)| Step::Destroy { tenant, pick, kek }),
     ];
     prop::collection::vec(step, 150..=250)
 }
@@ -192,6 +217,7 @@ type Latest = BTreeMap<(String, String), Option<Vec<u8>>>;
 async fn run_sequence(steps: Vec<Step>) -> Result<(), TestCaseError> {
     let mut tv = TestVault::new(churning()).await;
     let mut seals = Seals::new();
+    let mut moved = MovedAway::new();
     let mut latest = Latest::new();
     let middle = steps.len() / 2;
     for (i, step) in steps.into_iter().enumerate() {
@@ -238,6 +264,67 @@ async fn run_sequence(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 tv.reopen().await;
                 tenant(0)
             }
+            Step::RotateKek => {
+                let before = wraps_and_live(&**tv.store());
+                let job = tv.vault().rotate_kek().await.unwrap();
+                let done = run_to_end(tv.vault(), &job.id).await?;
+                let after = wraps_and_live(&**tv.store());
+                account(&before, &after, done, true, &mut seals, &mut moved, i)?;
+                tenant(0)
+            }
+            Step::Reencrypt { tenant: t } => {
+                let tenant = tenant(t);
+                let before = wraps_and_live(&**tv.store());
+                match tv.vault().rotate_tenant_key(&tenant, true).await {
+                    Ok(job) => {
+                        let done = run_to_end(tv.vault(), &job.id).await?;
+                        let after = wraps_and_live(&**tv.store());
+                        account(&before, &after, done, false, &mut seals, &mut moved, i)?;
+                    }
+                    Err(Error::NotFound) => {
+                        prop_assert!(!latest.keys().any(|(t, _)| *t == tenant), "step {}", i);
+                    }
+                    Err(e) => return Err(TestCaseError::fail(format!("step {i}: rotate: {e}"))),
+                }
+                tenant
+            }
+            Step::Destroy {
+                tenant: t,
+                pick,
+                kek,
+            } => {
+                let tenant = tenant(t);
+                let status = tv.vault().key_status(None).unwrap();
+                let target = if kek {
+                    let k = &status.keks[pick as usize % status.keks.len()];
+                    Some((KeyLayer::Kek, k.version, k.state, k.wrapped_deks))
+                } else {
+                    let ring: Vec<_> = status.deks.iter().filter(|d| d.tenant == tenant).collect();
+                    (!ring.is_empty()).then(|| {
+                        let d = ring[pick as usize % ring.len()];
+                        (KeyLayer::Dek, d.version, d.state, d.protected_versions)
+                    })
+                };
+                if let Some((layer, version, state, refs)) = target {
+                    let result = tv
+                        .vault()
+                        .destroy_key_version(layer, Some(&tenant), version)
+                        .await;
+                    match (state, refs, &result) {
+                        (KeyState::Active, _, Err(Error::PrimaryKey { .. })) => {}
+                        (KeyState::Destroyed, _, Ok(())) => {}
+                        (KeyState::DecryptOnly, 0, Ok(())) => {}
+                        (KeyState::DecryptOnly, n, Err(Error::KeyInUse { count, .. }))
+                            if *count == n => {}
+                        _ => {
+                            return Err(TestCaseError::fail(format!(
+                                "step {i}: destroy {layer:?} v{version} ({state:?}, {refs} refs): {result:?}"
+                            )));
+                        }
+                    }
+                }
+                tenant
+            }
         };
         if i == middle {
             // The counts are in the store, not in memory: a restart keeps them.
@@ -254,6 +341,7 @@ async fn run_sequence(steps: Vec<Step>) -> Result<(), TestCaseError> {
             tv.vault(),
             &**tv.store(),
             &seals,
+            &moved,
             &touched,
             &format!("step {i}"),
         )?;
@@ -263,6 +351,13 @@ async fn run_sequence(steps: Vec<Step>) -> Result<(), TestCaseError> {
     let status = tv.vault().key_status(None).unwrap();
     prop_assert!(status.keks.len() > 1, "no KEK rotation");
     prop_assert!(status.deks.iter().any(|d| d.version > 1), "no DEK rotation");
+    // Jobs moved records, and retired versions got destroyed.
+    let jobs = tv.vault().rotation_jobs().unwrap();
+    prop_assert!(
+        jobs.iter().map(|j| j.done).sum::<u64>() > 0,
+        "no job moved anything"
+    );
+    prop_assert!(jobs.iter().all(|j| j.state == JobState::Done));
     // And every credential still reads back as the model says.
     for ((tenant, credential), secret) in &latest {
         let got = tv.vault().unseal(tenant, credential, None).await;
@@ -276,6 +371,102 @@ async fn run_sequence(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// DEK records per KEK version (destroyed included), and live versions per
+/// (tenant, DEK version).
+type Snapshot = (BTreeMap<u32, u64>, BTreeMap<(String, u32), u64>);
+
+fn wraps_and_live(store: &dyn Store) -> Snapshot {
+    let mut wraps = BTreeMap::new();
+    let mut live = BTreeMap::new();
+    for (k, v) in common::scan_all(store) {
+        match k.first() {
+            Some(b'd') => {
+                *wraps
+                    .entry(DekRecord::decode(v.as_slice()).unwrap().kek_version)
+                    .or_default() += 1;
+            }
+            Some(b'v') => {
+                let rest = &k[2..];
+                let tenant =
+                    String::from_utf8(rest[..rest.iter().position(|b| *b == 0).unwrap()].to_vec())
+                        .unwrap();
+                let record = VersionRecord::decode(v.as_slice()).unwrap();
+                if record.state() == VersionState::Live {
+                    *live.entry((tenant, record.dek_version)).or_default() += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    (wraps, live)
+}
+
+/// Runs the jobs and returns how many records the job `id` changed, checking
+/// that it finished with done == total.
+async fn run_to_end(vault: &Vault, id: &str) -> Result<u64, TestCaseError> {
+    vault
+        .run_jobs()
+        .await
+        .map_err(|e| TestCaseError::fail(format!("run jobs: {e}")))?;
+    let job = vault.rotation_job(id).unwrap();
+    prop_assert_eq!(job.state, JobState::Done);
+    prop_assert_eq!(job.done, job.total);
+    Ok(job.done)
+}
+
+/// Moves the model by what a job changed (no seal or revoke ran meanwhile):
+/// records that left a key version still count in its encryptions; records that
+/// arrived at one were encrypted by it. Exactly `done` records moved.
+fn account(
+    before: &Snapshot,
+    after: &Snapshot,
+    done: u64,
+    rewrap: bool,
+    seals: &mut Seals,
+    moved: &mut MovedAway,
+    step: usize,
+) -> Result<(), TestCaseError> {
+    let (mut left, mut arrived_total) = (0u64, 0u64);
+    let kek_versions: BTreeSet<u32> = before.0.keys().chain(after.0.keys()).copied().collect();
+    for k in kek_versions {
+        let (b, a) = (
+            before.0.get(&k).copied().unwrap_or(0),
+            after.0.get(&k).copied().unwrap_or(0),
+        );
+        if a < b {
+            *moved.entry(k).or_default() += b - a;
+            left += b - a;
+        }
+    }
+    let deks: BTreeSet<(String, u32)> = before.1.keys().chain(after.1.keys()).cloned().collect();
+    let mut reencrypted_away = 0u64;
+    for key in deks {
+        let (b, a) = (
+            before.1.get(&key).copied().unwrap_or(0),
+            after.1.get(&key).copied().unwrap_or(0),
+        );
+        if a > b {
+            *seals.entry(key).or_default() += a - b;
+            arrived_total += a - b;
+        } else {
+            reencrypted_away += b - a;
+        }
+    }
+    if rewrap {
+        prop_assert_eq!(left, done, "step {}: DEKs rewrapped", step);
+        prop_assert_eq!(arrived_total, 0, "step {}: a rewrap moved payloads", step);
+    } else {
+        prop_assert_eq!(arrived_total, done, "step {}: versions re-encrypted", step);
+        prop_assert_eq!(
+            reencrypted_away,
+            done,
+            "step {}: versions re-encrypted away",
+            step
+        );
     }
     Ok(())
 }
@@ -348,7 +539,15 @@ async fn concurrent_seals_and_revokes_keep_the_ledger_exact() {
     }
     assert!(seals.values().sum::<u64>() > 150, "{seals:?}");
     assert!(seals.keys().any(|(_, dek)| *dek > 1), "no DEK rotation");
-    assert_ledger_matches_scan(&vault, &*store, &seals, "tenant-1", "concurrent writers").unwrap();
+    assert_ledger_matches_scan(
+        &vault,
+        &*store,
+        &seals,
+        &MovedAway::new(),
+        "tenant-1",
+        "concurrent writers",
+    )
+    .unwrap();
 }
 
 #[tokio::test]

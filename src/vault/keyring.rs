@@ -65,11 +65,22 @@ impl TenantKeys {
     }
 }
 
+/// The root key in use, with its check record exactly as stored (a batch that
+/// wraps under it checks that record, so it conflicts with a root rotation).
+struct Root {
+    key: Arc<RootKey>,
+    check_bytes: Vec<u8>,
+}
+
+/// Extra changes a rotation commits in its own batch (a job record), given the
+/// new primary version.
+pub(crate) type AlongWith<'a> = &'a (dyn Fn(&mut Batch, u32) + Sync);
+
 /// All unwrapped keys, and the logic that creates and rotates them.
 pub(crate) struct KeyRing {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    root: RootKey,
+    root: RwLock<Root>,
     keks: RwLock<BTreeMap<u32, Loaded<Kek>>>,
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
     rotate_after: u64,
@@ -84,19 +95,29 @@ impl KeyRing {
         root: SymmetricKey,
         rotate_after: u64,
     ) -> Result<Self> {
-        let root_version = match store.get(layout::ROOT_CHECK)? {
-            Some(bytes) => {
-                let check: RootCheck = records::decode(&bytes)?;
-                let opened = envelope::open(&root, &Context::root_check(), &check.check)
-                    .map_err(|_| Error::WrongRootKey)?;
-                if opened.as_slice() != ROOT_CHECK_PLAINTEXT {
-                    return Err(Error::WrongRootKey);
+        if store.get(layout::ROOT_CHECK)?.is_none() {
+            Self::initialise(&*store, &*clock, &root).await?;
+        }
+        let check_bytes = store
+            .get(layout::ROOT_CHECK)?
+            .ok_or_else(|| Error::Corrupt("the root check value is missing".into()))?;
+        let check: RootCheck = records::decode(&check_bytes)?;
+        if !opens_check(&root, &check) {
+            let previous = store.get(layout::PREVIOUS_ROOT_CHECK)?;
+            let retired = previous
+                .as_deref()
+                .map(records::decode::<RootCheck>)
+                .transpose()?
+                .is_some_and(|p| opens_check(&root, &p));
+            return Err(if retired {
+                Error::RetiredRootKey {
+                    current: check.root_version,
                 }
-                check.root_version
-            }
-            None => Self::initialise(&*store, &*clock, &root).await?,
-        };
-        let root = RootKey::new(root_version, root);
+            } else {
+                Error::WrongRootKey
+            });
+        }
+        let root = RootKey::new(check.root_version, root);
         let keks = load_keks(&*store, &root, &BTreeMap::new())?;
         if primary(&keks).is_none() {
             return Err(Error::Corrupt("no active key-encryption key".into()));
@@ -104,7 +125,10 @@ impl KeyRing {
         Ok(Self {
             store,
             clock,
-            root,
+            root: RwLock::new(Root {
+                key: Arc::new(root),
+                check_bytes,
+            }),
             keks: RwLock::new(keks),
             tenants: RwLock::default(),
             rotate_after: rotate_after.max(1),
@@ -112,7 +136,7 @@ impl KeyRing {
     }
 
     /// A new store: writes the root check value, KEK v1 and the ledger mark in one batch.
-    async fn initialise(store: &dyn Store, clock: &dyn Clock, root: &SymmetricKey) -> Result<u32> {
+    async fn initialise(store: &dyn Store, clock: &dyn Clock, root: &SymmetricKey) -> Result<()> {
         if !store.scan(&layout::kek_prefix(), None, 1)?.is_empty() {
             return Err(Error::Corrupt(
                 "key-encryption keys exist but the root check value is missing".into(),
@@ -155,16 +179,21 @@ impl KeyRing {
             );
         store.commit(batch).await?;
         tracing::info!("initialised a new store: root check value and KEK v1 written");
-        Ok(root_version)
+        Ok(())
     }
 
     /// The root key's version.
     pub fn root_version(&self) -> u32 {
-        self.root.version()
+        self.root.read().expect("root lock").key.version()
+    }
+
+    fn root(&self) -> (Arc<RootKey>, Vec<u8>) {
+        let root = self.root.read().expect("root lock");
+        (root.key.clone(), root.check_bytes.clone())
     }
 
     /// The primary KEK with its record bytes.
-    fn primary_kek(&self) -> Result<(Arc<Kek>, Vec<u8>)> {
+    pub fn primary_kek(&self) -> Result<(Arc<Kek>, Vec<u8>)> {
         let keks = self.keks.read().expect("kek lock");
         let (_, loaded) = primary(&keks).ok_or_else(|| Error::Corrupt("no active KEK".into()))?;
         let kek = loaded
@@ -311,19 +340,43 @@ impl KeyRing {
         self.tenants.write().expect("tenant lock").remove(tenant);
     }
 
-    fn reload_keks(&self) -> Result<()> {
-        let fresh = load_keks(
-            &*self.store,
-            &self.root,
-            &self.keks.read().expect("kek lock"),
-        )?;
+    /// The unwrapped KEK of `version`, unless it is missing or destroyed.
+    pub fn kek(&self, version: u32) -> Option<Arc<Kek>> {
+        self.keks
+            .read()
+            .expect("kek lock")
+            .get(&version)
+            .and_then(Loaded::usable)
+            .cloned()
+    }
+
+    /// The tenant's DEK ring, read from the store (not the cache).
+    pub fn tenant_fresh(&self, tenant: &str) -> Result<Arc<TenantKeys>> {
+        let keys = Arc::new(self.load_tenant(tenant)?);
+        self.tenants
+            .write()
+            .expect("tenant lock")
+            .insert(tenant.to_owned(), keys.clone());
+        Ok(keys)
+    }
+
+    pub fn reload_keks(&self) -> Result<()> {
+        let (root, _) = self.root();
+        let fresh = load_keks(&*self.store, &root, &self.keks.read().expect("kek lock"))?;
         *self.keks.write().expect("kek lock") = fresh;
         Ok(())
     }
 
     /// Makes a new primary DEK for `tenant`; the old primary becomes decrypt-only.
-    /// A no-op if `from_version` is no longer the primary (someone else rotated).
-    pub async fn rotate_dek(&self, tenant: &str, from_version: u32) -> Result<()> {
+    /// `along` adds its changes to the same batch. Returns the new version, or
+    /// `None` (a no-op) if `from_version` is no longer the primary (someone else
+    /// rotated).
+    pub async fn rotate_dek(
+        &self,
+        tenant: &str,
+        from_version: u32,
+        along: AlongWith<'_>,
+    ) -> Result<Option<u32>> {
         for _ in 0..MAX_ATTEMPTS {
             let keys = self.load_tenant(tenant)?;
             let Some((current, loaded)) = primary(&keys.deks) else {
@@ -331,32 +384,29 @@ impl KeyRing {
             };
             if current != from_version {
                 self.invalidate(tenant);
-                return Ok(());
+                return Ok(None);
             }
             let next = keys.deks.keys().next_back().copied().unwrap_or(current) + 1;
+            let now = self.clock.now_ms();
             let mut old: DekRecord = records::decode(&loaded.record_bytes)?;
             old.state = KeyState::DecryptOnly as i32;
+            old.retired_at_ms = now;
             let (kek, kek_bytes) = self.primary_kek()?;
             let mut batch = Batch::default();
-            self.add_new_dek(
-                &mut batch,
-                tenant,
-                next,
-                &kek,
-                kek_bytes,
-                self.clock.now_ms(),
-            );
+            self.add_new_dek(&mut batch, tenant, next, &kek, kek_bytes, now);
             batch
                 .check(
                     layout::dek(tenant, current),
                     Some(loaded.record_bytes.clone()),
                 )
                 .put(layout::dek(tenant, current), old.encode_to_vec());
+            along(&mut batch, next);
             match self.store.commit(batch).await {
                 Ok(counters) => {
                     self.invalidate(tenant);
                     tracing::info!(tenant, from = current, to = next, "rotated tenant data key");
-                    return self.after_kek_use(kek.version(), counters[0]).await;
+                    self.after_kek_use(kek.version(), counters[0]).await?;
+                    return Ok(Some(next));
                 }
                 Err(StoreError::Conflict) => self.reload_keks()?,
                 Err(e) => return Err(e.into()),
@@ -365,9 +415,15 @@ impl KeyRing {
         Err(Error::Contention)
     }
 
-    /// Makes a new primary KEK; the old primary becomes decrypt-only.
-    /// A no-op if `from_version` is no longer the primary.
-    pub async fn rotate_kek(&self, from_version: u32) -> Result<()> {
+    /// The primary KEK's version.
+    pub fn primary_kek_version(&self) -> Result<u32> {
+        Ok(self.primary_kek()?.0.version())
+    }
+
+    /// Makes a new primary KEK; the old primary becomes decrypt-only. `along`
+    /// adds its changes to the same batch. Returns the new version, or `None`
+    /// (a no-op) if `from_version` is no longer the primary.
+    pub async fn rotate_kek(&self, from_version: u32, along: AlongWith<'_>) -> Result<Option<u32>> {
         for _ in 0..MAX_ATTEMPTS {
             let (current, current_bytes, next) = {
                 let keks = self.keks.read().expect("kek lock");
@@ -377,18 +433,21 @@ impl KeyRing {
                 (current, loaded.record_bytes.clone(), next)
             };
             if current != from_version {
-                return Ok(());
+                return Ok(None);
             }
+            let now = self.clock.now_ms();
             let mut old: KekRecord = records::decode(&current_bytes)?;
             old.state = KeyState::DecryptOnly as i32;
+            old.retired_at_ms = now;
             let kek = SymmetricKey::generate();
+            let (root, root_bytes) = self.root();
             let record = KekRecord {
                 version: next,
                 state: KeyState::Active as i32,
-                created_at_ms: self.clock.now_ms(),
+                created_at_ms: now,
                 wrapped: envelope::seal(
-                    self.root.key(),
-                    self.root.version(),
+                    root.key(),
+                    root.version(),
                     &Context::kek_wrap(next),
                     kek.expose_bytes(),
                 ),
@@ -396,16 +455,18 @@ impl KeyRing {
             };
             let mut batch = Batch::default();
             batch
+                .check(layout::ROOT_CHECK.to_vec(), Some(root_bytes))
                 .check(layout::kek(current), Some(current_bytes))
                 .check(layout::kek(next), None)
                 .put(layout::kek(current), old.encode_to_vec())
                 .put(layout::kek(next), record.encode_to_vec())
                 .put(layout::kek_refs(next), layout::encode_counter(0));
+            along(&mut batch, next);
             match self.store.commit(batch).await {
                 Ok(_) => {
                     self.reload_keks()?;
                     tracing::info!(from = current, to = next, "rotated key-encryption key");
-                    return Ok(());
+                    return Ok(Some(next));
                 }
                 Err(StoreError::Conflict) => self.reload_keks()?,
                 Err(e) => return Err(e.into()),
@@ -414,12 +475,91 @@ impl KeyRing {
         Err(Error::Contention)
     }
 
-    /// Called with a KEK's new use count: rotates it once it reaches the threshold.
-    async fn after_kek_use(&self, version: u32, count: u64) -> Result<()> {
+    /// Called with a KEK's new use count: rotates it once it reaches the
+    /// threshold (with the rewrap job `along` builds, if any).
+    pub async fn after_kek_use(&self, version: u32, count: u64) -> Result<()> {
         if count >= self.rotate_after() {
-            self.rotate_kek(version).await?;
+            self.rotate_kek(version, &|_, _| {}).await?;
         }
         Ok(())
+    }
+
+    /// Rewraps every live KEK under `new_root` and switches the check value,
+    /// in one batch (with `along`'s changes); keeps the old check value so that
+    /// starting with the retired key says so. Returns the new root version and
+    /// how many KEKs were rewrapped.
+    pub async fn rotate_root(
+        &self,
+        new_root: SymmetricKey,
+        along: &(dyn Fn(&mut Batch, u32, u64) + Sync),
+    ) -> Result<(u32, u64)> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (root, root_bytes) = self.root();
+            let check: RootCheck = records::decode(&root_bytes)?;
+            if opens_check(&new_root, &check) {
+                return Err(Error::SameRootKey);
+            }
+            let version = root
+                .version()
+                .checked_add(1)
+                .ok_or_else(|| Error::Corrupt("root key version overflow".into()))?;
+            let mut batch = Batch::default();
+            let mut rewrapped = 0;
+            for (key, bytes) in self.store.scan(&layout::kek_prefix(), None, usize::MAX)? {
+                let mut record: KekRecord = records::decode(&bytes)?;
+                if record.state() == KeyState::Destroyed {
+                    continue;
+                }
+                let context = Context::kek_wrap(record.version);
+                let material =
+                    envelope::open(root.key(), &context, &record.wrapped).map_err(|_| {
+                        Error::Corrupt(format!(
+                            "KEK v{} does not open under the root key",
+                            record.version
+                        ))
+                    })?;
+                record.wrapped = envelope::seal(&new_root, version, &context, &material);
+                batch
+                    .check(key.clone(), Some(bytes))
+                    .put(key, record.encode_to_vec());
+                rewrapped += 1;
+            }
+            let new_check = RootCheck {
+                root_version: version,
+                check: envelope::seal(
+                    &new_root,
+                    version,
+                    &Context::root_check(),
+                    ROOT_CHECK_PLAINTEXT,
+                ),
+                created_at_ms: self.clock.now_ms(),
+            }
+            .encode_to_vec();
+            batch
+                .check(layout::ROOT_CHECK.to_vec(), Some(root_bytes.clone()))
+                .put(layout::ROOT_CHECK.to_vec(), new_check.clone())
+                .put(layout::PREVIOUS_ROOT_CHECK.to_vec(), root_bytes);
+            along(&mut batch, version, rewrapped);
+            match self.store.commit(batch).await {
+                Ok(_) => {
+                    *self.root.write().expect("root lock") = Root {
+                        key: Arc::new(RootKey::new(version, new_root)),
+                        check_bytes: new_check,
+                    };
+                    self.reload_keks()?;
+                    tracing::info!(
+                        from = version - 1,
+                        to = version,
+                        keks = rewrapped,
+                        "rotated the root key"
+                    );
+                    return Ok((version, rewrapped));
+                }
+                Err(StoreError::Conflict) => self.reload_keks()?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Contention)
     }
 
     /// The use count at which a key version is replaced by a new primary.
@@ -466,6 +606,12 @@ fn load_keks(
         );
     }
     Ok(keks)
+}
+
+/// Whether `key` opens a root check value.
+fn opens_check(key: &SymmetricKey, check: &RootCheck) -> bool {
+    envelope::open(key, &Context::root_check(), &check.check)
+        .is_ok_and(|opened| opened.as_slice() == ROOT_CHECK_PLAINTEXT)
 }
 
 /// How often a conflicting key change is retried before giving up.

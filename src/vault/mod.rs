@@ -298,7 +298,10 @@ impl Vault {
                     // The seal is durable: a failed rotation must not turn it into an
                     // error (a retry would store a duplicate). The next seal retries.
                     if counters[0] >= self.keys.rotate_after()
-                        && let Err(error) = self.keys.rotate_dek(tenant, dek.version()).await
+                        && let Err(error) = self
+                            .keys
+                            .rotate_dek(tenant, dek.version(), &|_, _| {})
+                            .await
                     {
                         tracing::warn!(tenant, %error, "automatic data key rotation failed; will retry");
                     }
