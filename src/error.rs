@@ -111,8 +111,10 @@ pub enum Error {
     /// No such rotation job.
     #[error("no such rotation job")]
     JobNotFound,
-    /// A root rotation was given the root key already in use.
-    #[error("the new root key is the one already in use; generate a new one (credvault keygen)")]
+    /// A root rotation was given the root key in use, or a retired one.
+    #[error(
+        "the new root key is the one in use or a retired one; generate a new one (credvault keygen)"
+    )]
     SameRootKey,
     /// The root key could not be loaded.
     #[error(transparent)]

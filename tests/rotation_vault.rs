@@ -307,6 +307,12 @@ async fn root_rotation_switches_the_check_value_and_the_old_key_is_refused() {
         ("root-v2", JobKind::RootKey, JobState::Done, 2, 2)
     );
     assert_eq!(tv.vault().root_version(), 2);
+    // A retired root key cannot be brought back (destroying it must erase its backups).
+    assert!(matches!(
+        tv.vault().rotate_root_key(common::key(&old_root)).await,
+        Err(Error::SameRootKey)
+    ));
+    assert_eq!(tv.vault().root_version(), 2);
     // The running vault keeps working, and new KEKs are wrapped under the new root.
     assert_all_unseal(tv.vault(), &expected).await;
     tv.vault().rotate_kek().await.unwrap();
@@ -550,4 +556,45 @@ async fn a_threshold_rotation_of_the_kek_gets_its_rewrap_from_the_schedule() {
     assert!(again.iter().all(|j| j.id != "kek-v2"));
     vault.run_jobs().await.unwrap();
     assert_all_unseal(vault, &expected).await;
+}
+
+#[tokio::test]
+async fn a_record_that_does_not_open_is_skipped_counted_and_keeps_its_old_key_alive() {
+    let tv = TestVault::new(options(4)).await;
+    let mut expected = fill(tv.vault(), 1, 10).await;
+    // Flip one ciphertext byte of cred/3 in the store.
+    let key = credvault::store::layout::version("tenant-0", "cred/3", 1);
+    let bytes = tv.store().get(&key).unwrap().unwrap();
+    let mut record: credvault::store::records::VersionRecord =
+        prost::Message::decode(&*bytes).unwrap();
+    let last = record.ciphertext.len() - 1;
+    record.ciphertext[last] ^= 1;
+    let mut batch = credvault::store::Batch::default();
+    batch.put(key, prost::Message::encode_to_vec(&record));
+    tv.store().commit(batch).await.unwrap();
+    expected.remove(&("tenant-0".into(), "cred/3".into()));
+
+    let job = tv
+        .vault()
+        .rotate_tenant_key("tenant-0", true)
+        .await
+        .unwrap();
+    tv.vault().run_jobs().await.unwrap();
+    let job = tv.vault().rotation_job(&job.id).unwrap();
+    assert_eq!(
+        (job.state, job.done, job.skipped, job.total),
+        (JobState::Done, 9, 1, 10)
+    );
+    assert_eq!(dek(tv.vault(), "tenant-0", 1).protected_versions, 1);
+    assert!(matches!(
+        tv.vault()
+            .destroy_key_version(KeyLayer::Dek, Some("tenant-0"), 1)
+            .await,
+        Err(Error::KeyInUse { count: 1, .. })
+    ));
+    assert_all_unseal(tv.vault(), &expected).await;
+    assert!(matches!(
+        tv.vault().unseal("tenant-0", "cred/3", None).await,
+        Err(Error::DecryptionFailed)
+    ));
 }

@@ -17,7 +17,7 @@
 //! h\0{tenant}\0{credential}        CredentialHead
 //! v\0{tenant}\0{credential}\0{v:u32}  VersionRecord
 //! j\0{job id}                      JobRecord
-//! m\0root.previous                 RootCheck of the root key before the last rotation
+//! m\0root.retired\0{v:u32}          RootCheck of root key v, retired by a root rotation
 //! ```
 
 pub const ROOT_CHECK: &[u8] = b"m\0root";
@@ -27,9 +27,18 @@ pub const ROOT_CHECK: &[u8] = b"m\0root";
 pub const LEDGER: &[u8] = b"m\0ledger";
 pub const LEDGER_VERSION: u64 = 1;
 
-/// The check value of the root key that the last root rotation replaced, kept
-/// only so that starting with it says "this is the retired root key".
-pub const PREVIOUS_ROOT_CHECK: &[u8] = b"m\0root.previous";
+/// Prefix of the check values of retired root keys, kept so that starting with
+/// one says "this is a retired root key", and a root rotation refuses to bring
+/// one back (its backups are meant to become unreadable once it is destroyed).
+pub fn retired_root_prefix() -> Vec<u8> {
+    b"m\0root.retired\0".to_vec()
+}
+
+pub fn retired_root(version: u32) -> Vec<u8> {
+    let mut key = retired_root_prefix();
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
 
 /// Prefix of every rotation job; the rest of the key is the job id.
 pub fn job_prefix() -> Vec<u8> {

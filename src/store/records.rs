@@ -189,7 +189,8 @@ pub struct JobRecord {
     /// The key version the job moves records onto (or above).
     #[prost(uint32, tag = "3")]
     pub target_version: u32,
-    /// Records to change, as counted when the job started.
+    /// Records to change: counted when the job started, raised if more turn up,
+    /// and once finished, exactly `done + skipped`.
     #[prost(uint64, tag = "4")]
     pub total: u64,
     /// Records changed so far.
@@ -203,6 +204,9 @@ pub struct JobRecord {
     /// 0 while running.
     #[prost(uint64, tag = "8")]
     pub finished_at_ms: u64,
+    /// Records the job had to leave as they were (they do not open: tampered).
+    #[prost(uint64, tag = "9")]
+    pub skipped: u64,
 }
 
 /// Decodes a record, turning a malformed one into a storage error.

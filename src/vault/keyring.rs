@@ -103,13 +103,7 @@ impl KeyRing {
             .ok_or_else(|| Error::Corrupt("the root check value is missing".into()))?;
         let check: RootCheck = records::decode(&check_bytes)?;
         if !opens_check(&root, &check) {
-            let previous = store.get(layout::PREVIOUS_ROOT_CHECK)?;
-            let retired = previous
-                .as_deref()
-                .map(records::decode::<RootCheck>)
-                .transpose()?
-                .is_some_and(|p| opens_check(&root, &p));
-            return Err(if retired {
+            return Err(if opens_retired(&*store, &root)? {
                 Error::RetiredRootKey {
                     current: check.root_version,
                 }
@@ -486,7 +480,8 @@ impl KeyRing {
 
     /// Rewraps every live KEK under `new_root` and switches the check value,
     /// in one batch (with `along`'s changes); keeps the old check value so that
-    /// starting with the retired key says so. Returns the new root version and
+    /// starting with the retired key says so, and so that no later rotation
+    /// brings it back. The current and every retired root key are refused. Returns the new root version and
     /// how many KEKs were rewrapped.
     pub async fn rotate_root(
         &self,
@@ -496,7 +491,7 @@ impl KeyRing {
         for _ in 0..MAX_ATTEMPTS {
             let (root, root_bytes) = self.root();
             let check: RootCheck = records::decode(&root_bytes)?;
-            if opens_check(&new_root, &check) {
+            if opens_check(&new_root, &check) || opens_retired(&*self.store, &new_root)? {
                 return Err(Error::SameRootKey);
             }
             let version = root
@@ -538,7 +533,7 @@ impl KeyRing {
             batch
                 .check(layout::ROOT_CHECK.to_vec(), Some(root_bytes.clone()))
                 .put(layout::ROOT_CHECK.to_vec(), new_check.clone())
-                .put(layout::PREVIOUS_ROOT_CHECK.to_vec(), root_bytes);
+                .put(layout::retired_root(root.version()), root_bytes);
             along(&mut batch, version, rewrapped);
             match self.store.commit(batch).await {
                 Ok(_) => {
@@ -612,6 +607,16 @@ fn load_keks(
 fn opens_check(key: &SymmetricKey, check: &RootCheck) -> bool {
     envelope::open(key, &Context::root_check(), &check.check)
         .is_ok_and(|opened| opened.as_slice() == ROOT_CHECK_PLAINTEXT)
+}
+
+/// Whether `key` is a retired root key of this store.
+fn opens_retired(store: &dyn Store, key: &SymmetricKey) -> Result<bool> {
+    for (_, bytes) in store.scan(&layout::retired_root_prefix(), None, usize::MAX)? {
+        if opens_check(key, &records::decode(&bytes)?) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// How often a conflicting key change is retried before giving up.

@@ -122,7 +122,13 @@ pub struct RotationJob {
     /// The new primary version the job moves records onto.
     pub target_version: u32,
     pub done: u64,
+    /// Records to change; raised when more turn up (records written under the
+    /// old version while the rotation was being made); once finished, exactly
+    /// `done + skipped`.
     pub total: u64,
+    /// Records that needed changing but did not open (tampered or damaged):
+    /// left as they are, logged, and still depending on the old version.
+    pub skipped: u64,
     pub created_at_ms: u64,
     pub finished_at_ms: Option<u64>,
 }
@@ -153,6 +159,7 @@ impl RotationJob {
             target_version: record.target_version,
             done: record.done,
             total: record.total,
+            skipped: record.skipped,
             created_at_ms: record.created_at_ms,
             finished_at_ms: (record.finished_at_ms != 0).then_some(record.finished_at_ms),
         }
@@ -182,6 +189,8 @@ fn tenant_of_dek_key(key: &[u8]) -> Result<&str> {
 #[derive(Default)]
 struct Moves {
     changed: u64,
+    /// Records that needed moving but do not open (tampered): left as they are.
+    skipped: u64,
     /// References released, by old version.
     released: BTreeMap<u32, u64>,
 }
@@ -276,6 +285,7 @@ impl Vault {
                 cursor: Vec::new(),
                 created_at_ms: now,
                 finished_at_ms: now,
+                skipped: 0,
             };
             batch.put(layout::job(&root_job_id(version)), record.encode_to_vec());
         };
@@ -484,7 +494,7 @@ impl Vault {
             let Some(cursor) = cursor else {
                 // Past the last record: the job is done.
                 job.finished_at_ms = self.clock.now_ms().max(1);
-                job.total = job.done;
+                job.total = job.done + job.skipped;
                 let mut batch = Batch::default();
                 batch
                     .check(job_key.clone(), Some(job_bytes))
@@ -506,6 +516,8 @@ impl Vault {
             let changed = moves.as_ref().map_or(0, |m| m.changed);
             job.cursor = cursor;
             job.done += changed;
+            job.skipped += moves.as_ref().map_or(0, |m| m.skipped);
+            job.total = job.total.max(job.done + job.skipped);
             batch
                 .check(job_key.clone(), Some(job_bytes))
                 .put(job_key.clone(), job.encode_to_vec());
@@ -596,6 +608,7 @@ impl Vault {
                     kek = old,
                     "data key names a missing KEK; left as is"
                 );
+                moves.skipped += 1;
                 continue;
             };
             let Ok(material) = envelope::open(
@@ -608,6 +621,7 @@ impl Vault {
                     version = record.version,
                     "data key does not unwrap; left as is"
                 );
+                moves.skipped += 1;
                 continue;
             };
             record.kek_version = kek.version();
@@ -676,6 +690,7 @@ impl Vault {
                     version,
                     "credential version cannot be opened; left as is"
                 );
+                moves.skipped += 1;
                 continue;
             };
             let Ok(secret) = envelope::open(
@@ -689,6 +704,7 @@ impl Vault {
                     version,
                     "credential version does not open; left as is"
                 );
+                moves.skipped += 1;
                 continue;
             };
             record.dek_version = dek.version();
@@ -876,6 +892,7 @@ fn put_new_job(
         cursor: Vec::new(),
         created_at_ms: now,
         finished_at_ms: 0,
+        skipped: 0,
     };
     batch.put(layout::job(id), record.encode_to_vec());
 }
@@ -898,6 +915,7 @@ fn finish_in(
         cursor: Vec::new(),
         created_at_ms: now,
         finished_at_ms: now.max(1),
+        skipped: 0,
     };
     batch.put(layout::job(id), record.encode_to_vec());
 }
