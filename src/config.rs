@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::service::Limits;
-use crate::vault::VaultOptions;
+use crate::vault::{RotationOptions, VaultOptions};
 
 /// The whole configuration, as in the TOML file.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,6 +34,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Rotation schedules and job pacing.
+    #[serde(default)]
+    pub rotation: RotationConfig,
     /// sled page cache, in MiB.
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
@@ -103,6 +106,152 @@ impl Default for LogConfig {
         }
     }
 }
+
+/// The `[rotation]` section. Durations are text (`"90d"`, `"12h"`, `"30m"`,
+/// `"45s"`, or `"off"` where a schedule may be turned off), checked by
+/// [`Config::validate`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationConfig {
+    /// Age at which the primary KEK is replaced (`"off"`: only on demand).
+    pub kek_period: String,
+    /// Age at which a tenant's primary DEK is replaced (`"off"`: only on demand).
+    pub dek_period: String,
+    /// Whether a scheduled DEK rotation also re-encrypts the tenant's credentials
+    /// (so that the old DEK retires and can be destroyed).
+    pub reencrypt_on_schedule: bool,
+    /// How long after it stopped being the primary a retired version that
+    /// protects nothing is destroyed (`"off"`: only by `keys destroy`).
+    pub destroy_retired_after: String,
+    /// Records per job batch (each batch is one atomic write).
+    pub batch_size: usize,
+    /// Pause between a job's batches, in ms (throttles its share of the machine).
+    pub batch_pause_ms: u64,
+    /// How often the server checks the schedules (at least 1s). Jobs started
+    /// on demand begin at once, whatever this says.
+    pub check_interval: String,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        let options = RotationOptions::default();
+        Self {
+            kek_period: "90d".into(),
+            dek_period: "30d".into(),
+            reencrypt_on_schedule: options.reencrypt_on_schedule,
+            destroy_retired_after: "7d".into(),
+            batch_size: options.batch_size,
+            batch_pause_ms: options.batch_pause_ms,
+            check_interval: "60s".into(),
+        }
+    }
+}
+
+/// Parses a duration: a whole number and a unit, `s`, `m`, `h` or `d`
+/// (`"90d"`); `"off"` is `None`.
+fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
+    const EXPECTED: &str =
+        "expected a whole number and a unit (s, m, h or d), such as \"90d\" or \"45s\", or \"off\"";
+    let text = text.trim();
+    if text == "off" {
+        return Ok(None);
+    }
+    let Some(unit) = text.chars().last() else {
+        return Err(format!("empty; {EXPECTED}"));
+    };
+    let seconds: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("{text:?} has no unit; {EXPECTED}")),
+    };
+    let number = &text[..text.len() - 1];
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{text:?} is not a duration; {EXPECTED}"));
+    }
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(seconds))
+        // Kept in milliseconds downstream: leave room for that.
+        .filter(|s| s.checked_mul(1000).is_some())
+        .map(|s| Some(Duration::from_secs(s)))
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// A duration field: parsed, with the field named in any error; `off_allowed`
+/// says whether `"off"` is accepted, `min` is the least accepted value.
+fn duration_field(
+    field: &'static str,
+    text: &str,
+    off_allowed: bool,
+    min: Duration,
+) -> Result<Option<Duration>, ConfigError> {
+    let error = |reason: String| ConfigError::Field { field, reason };
+    match parse_duration(text).map_err(error)? {
+        None if !off_allowed => Err(error("cannot be \"off\"".into())),
+        Some(d) if d < min => Err(error(format!(
+            "{text:?} is too short: the least is {}s",
+            min.as_secs()
+        ))),
+        parsed => Ok(parsed),
+    }
+}
+
+fn ms(duration: Option<Duration>) -> Option<u64> {
+    duration.map(|d| d.as_millis() as u64)
+}
+
+impl RotationConfig {
+    /// The vault's rotation options, or the first bad field.
+    pub fn options(&self) -> Result<RotationOptions, ConfigError> {
+        const SECOND: Duration = Duration::from_secs(1);
+        if self.batch_size == 0 {
+            return Err(ConfigError::Field {
+                field: "rotation.batch_size",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(RotationOptions {
+            kek_period_ms: ms(duration_field(
+                "rotation.kek_period",
+                &self.kek_period,
+                true,
+                SECOND,
+            )?),
+            dek_period_ms: ms(duration_field(
+                "rotation.dek_period",
+                &self.dek_period,
+                true,
+                SECOND,
+            )?),
+            reencrypt_on_schedule: self.reencrypt_on_schedule,
+            destroy_retired_after_ms: ms(duration_field(
+                "rotation.destroy_retired_after",
+                &self.destroy_retired_after,
+                true,
+                Duration::ZERO,
+            )?),
+            batch_size: self.batch_size,
+            batch_pause_ms: self.batch_pause_ms,
+        })
+    }
+
+    /// How often the schedules are checked.
+    pub fn check_interval(&self) -> Result<Duration, ConfigError> {
+        let interval = duration_field(
+            "rotation.check_interval",
+            &self.check_interval,
+            false,
+            Duration::from_secs(1),
+        )?;
+        Ok(interval.unwrap_or(DEFAULT_CHECK_INTERVAL))
+    }
+}
+
+/// The default of `rotation.check_interval`.
+const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7443))
@@ -186,16 +335,28 @@ impl Config {
         if self.cache_mb == 0 {
             return field("cache_mb", "must be at least 1");
         }
+        self.rotation.options()?;
+        self.rotation.check_interval()?;
         Ok(())
     }
 
+    /// The vault's options. On a config that did not pass [`Config::validate`]
+    /// (every loaded one did), bad rotation values give the defaults.
     pub fn vault_options(&self) -> VaultOptions {
         VaultOptions {
             max_secret_bytes: self.limits.max_secret_bytes,
             max_versions: self.limits.max_versions,
             rotate_after_encryptions: self.limits.rotate_after_encryptions,
-            rotation: Default::default(),
+            rotation: self.rotation.options().unwrap_or_default(),
         }
+    }
+
+    /// How often the server's background task checks the rotation schedules
+    /// (the default on a config that did not pass [`Config::validate`]).
+    pub fn check_interval(&self) -> Duration {
+        self.rotation
+            .check_interval()
+            .unwrap_or(DEFAULT_CHECK_INTERVAL)
     }
 
     pub fn server_limits(&self) -> Limits {
@@ -265,5 +426,95 @@ client_ca = "certs/ca.pem"
             .unwrap_err()
             .to_string();
         assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_a_number_and_a_unit_or_off() {
+        let parsed = |text| parse_duration(text).unwrap();
+        assert_eq!(parsed("45s"), Some(Duration::from_secs(45)));
+        assert_eq!(parsed("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parsed("12h"), Some(Duration::from_secs(43_200)));
+        assert_eq!(parsed(" 90d "), Some(Duration::from_secs(90 * 86_400)));
+        assert_eq!(parsed("0s"), Some(Duration::ZERO));
+        assert_eq!(parsed("off"), None);
+        for bad in [
+            "", "d", "90", "1.5h", "-1d", "+1d", "90 d", "1w", "OFF", "ninety d", "1e3s",
+        ] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("such as \"90d\""), "{bad:?}: {err}");
+        }
+        let err = parse_duration("99999999999999999999d").unwrap_err();
+        assert!(err.contains("too long"), "{err}");
+        let err = parse_duration(&format!("{}d", u64::MAX / 86_400)).unwrap_err();
+        assert!(err.contains("too long"), "{err}");
+    }
+
+    #[test]
+    fn rotation_defaults_match_the_vault_and_every_value_reaches_it() {
+        let config = Config::parse(MINIMAL).unwrap();
+        let (ours, vault) = (config.vault_options().rotation, RotationOptions::default());
+        assert_eq!(ours.kek_period_ms, vault.kek_period_ms);
+        assert_eq!(ours.dek_period_ms, vault.dek_period_ms);
+        assert_eq!(ours.reencrypt_on_schedule, vault.reencrypt_on_schedule);
+        assert_eq!(
+            ours.destroy_retired_after_ms,
+            vault.destroy_retired_after_ms
+        );
+        assert_eq!(ours.batch_size, vault.batch_size);
+        assert_eq!(ours.batch_pause_ms, vault.batch_pause_ms);
+        assert_eq!(config.check_interval(), Duration::from_secs(60));
+
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[rotation]\nkek_period = \"off\"\ndek_period = \"12h\"\n\
+             reencrypt_on_schedule = false\ndestroy_retired_after = \"off\"\n\
+             batch_size = 7\nbatch_pause_ms = 3\ncheck_interval = \"5m\"\n"
+        ))
+        .unwrap();
+        let rotation = config.vault_options().rotation;
+        assert_eq!(rotation.kek_period_ms, None);
+        assert_eq!(rotation.dek_period_ms, Some(12 * 3600 * 1000));
+        assert!(!rotation.reencrypt_on_schedule);
+        assert_eq!(rotation.destroy_retired_after_ms, None);
+        assert_eq!((rotation.batch_size, rotation.batch_pause_ms), (7, 3));
+        assert_eq!(config.check_interval(), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn bad_rotation_values_name_the_field() {
+        let cases = [
+            ("kek_period = \"90\"", "rotation.kek_period", "no unit"),
+            (
+                "dek_period = \"1.5d\"",
+                "rotation.dek_period",
+                "not a duration",
+            ),
+            ("dek_period = \"0d\"", "rotation.dek_period", "too short"),
+            (
+                "destroy_retired_after = \"soon\"",
+                "rotation.destroy_retired_after",
+                "no unit",
+            ),
+            ("batch_size = 0", "rotation.batch_size", "at least 1"),
+            ("check_interval = \"off\"", "rotation.check_interval", "off"),
+            (
+                "check_interval = \"0s\"",
+                "rotation.check_interval",
+                "too short",
+            ),
+        ];
+        for (line, field, why) in cases {
+            let err = Config::parse(&format!("{MINIMAL}\n[rotation]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("config field `{field}`: ")),
+                "{line}: {err}"
+            );
+            assert!(err.contains(why), "{line}: {err}");
+        }
+        let err = Config::parse(&format!("{MINIMAL}\n[rotation]\nkek_periods = \"9d\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kek_periods"), "{err}");
     }
 }

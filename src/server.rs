@@ -1,12 +1,18 @@
 //! Start-up and shutdown: from a validated [`Config`] to a serving process.
 //!
 //! Order: root key → store (recovery) → vault (root key check, KEK ring) →
-//! policy → TLS → health SERVING → serve until the shutdown signal → health
-//! NOT_SERVING → stop accepting, finish in-flight calls → close the store
-//! (its committer flushes whatever is queued).
+//! policy → TLS → rotation task → health SERVING → serve until the shutdown
+//! signal → stop the rotation task, health NOT_SERVING → stop accepting, finish
+//! in-flight calls → close the store (its committer flushes whatever is queued).
+//!
+//! The rotation task drives rotation jobs (resuming any a previous run left
+//! unfinished) and checks the schedules. Stopping it between two awaits is
+//! safe: each job batch is one atomic write, and the next start resumes from
+//! the last one.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -70,11 +76,16 @@ pub async fn run(
     }
     let limits = config.server_limits();
     let router = service::router(vault.clone(), Arc::new(policy), &limits, health_service)?;
-    tracing::info!(listen = %listener.local_addr()?, root_key_version = vault.root_version(), "credvault serving");
+    let listen = listener.local_addr()?;
+    // Started once nothing can fail before the serve loop, which stops it.
+    let rotation = tokio::spawn(rotation_task(vault.clone(), config.check_interval()));
+    let stop_rotation = rotation.abort_handle();
+    tracing::info!(%listen, root_key_version = vault.root_version(), "credvault serving");
 
     let draining = async {
         shutdown.await;
         tracing::info!("shutting down: draining in-flight calls");
+        stop_rotation.abort();
         for name in SERVICES {
             health
                 .set_service_status(name, tonic_health::ServingStatus::NotServing)
@@ -89,8 +100,55 @@ pub async fn run(
                 .await;
         }
     };
-    service::serve(router, listener, tls, limits.handshake_timeout, draining).await?;
+    let served = service::serve(router, listener, tls, limits.handshake_timeout, draining).await;
+    // Also when serving failed: the task must let go of the vault.
+    rotation.abort();
+    let _ = rotation.await; // cancelled: its vault handle is dropped
+    served?;
     drop(vault); // closes the store once the last handler is gone
     tracing::info!("credvault stopped");
     Ok(())
+}
+
+/// The pause after a failed round of the rotation task (at most the check interval).
+const FAILURE_PAUSE: Duration = Duration::from_secs(5);
+
+/// The background rotation task: runs the jobs, then the schedules, then waits
+/// for a job to be started (by an Admin call) or for the check interval. Errors
+/// are logged and retried on the next round; it never ends by itself.
+async fn rotation_task(vault: Arc<Vault>, check_interval: Duration) {
+    loop {
+        // Registered before the jobs run, so that a job started while they
+        // run wakes the next round instead of waiting for the interval.
+        let started = vault.jobs_started().notified();
+        tokio::pin!(started);
+        started.as_mut().enable();
+
+        let jobs = vault.run_jobs().await;
+        let mut failed = false;
+        if let Err(error) = jobs {
+            tracing::error!(%error, reason = error.reason(), "rotation jobs failed; retrying later");
+            failed = true;
+        }
+        match vault.run_schedules().await {
+            Ok(jobs) => {
+                for job in jobs {
+                    tracing::info!(job = %job.id, kind = job.kind.name(), target_version = job.target_version, "scheduled rotation started");
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, reason = error.reason(), "rotation schedules failed; retrying later");
+                failed = true;
+            }
+        }
+        if failed {
+            // A persistent failure must not spin, however often jobs start.
+            tokio::time::sleep(FAILURE_PAUSE.min(check_interval)).await;
+        }
+
+        tokio::select! {
+            () = &mut started => {}
+            () = tokio::time::sleep(check_interval) => {}
+        }
+    }
 }

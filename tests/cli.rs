@@ -1,6 +1,7 @@
 //! The `credvault` binary end to end: `dev` on an empty directory and again on the same one,
 //! the client commands against it, `certs init`, `keygen`, `serve` refusing bad
-//! configurations, no secret in the logs at TRACE, and a graceful stop on SIGTERM.
+//! configurations, no secret in the logs at TRACE, a graceful stop on SIGTERM, and
+//! `rotate …` / `keys status|destroy` through a KEK, tenant and root key rotation.
 //!
 //! Every test runs the real binary in its own temporary directory; servers listen on a free
 //! 127.0.0.1 port and are killed by a guard even when the test fails. Readiness is a client
@@ -257,9 +258,15 @@ impl Server {
 
     /// `credvault SUBCOMMAND --server localhost:PORT --dir DIR`.
     fn client(&self, subcommand: &str) -> Command {
+        self.command(&[subcommand])
+    }
+
+    /// `credvault WORDS… --server localhost:PORT --dir DIR`, for nested subcommands
+    /// (`rotate kek`, `keys status`): the connection flags belong to the last word.
+    fn command(&self, words: &[&str]) -> Command {
         let mut command = credvault();
         command
-            .arg(subcommand)
+            .args(words)
             .args(["--server", &format!("localhost:{}", self.port)])
             .arg("--dir")
             .arg(&self.dir);
@@ -828,4 +835,376 @@ fn sigterm_stops_dev_gracefully_with_status_0() {
     assert!(log.contains("credvault stopped"), "{log}");
     let after = run(server.client("list").args(["--tenant", "acme"]), b"");
     after.assert_failure("list after the server stopped");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotation
+
+/// `keys status --json` (of one tenant's DEKs, with the root key and KEKs).
+fn key_status(server: &Server, tenant: Option<&str>) -> Value {
+    let mut command = server.command(&["keys", "status", "--json"]);
+    if let Some(tenant) = tenant {
+        command.args(["--tenant", tenant]);
+    }
+    run(&mut command, b"").assert_success("keys status").json()
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_str().expect("a UTF-8 temp path").to_owned()
+}
+
+/// The row of `layer` version `version` (of `tenant`, for a DEK).
+#[track_caller]
+fn key_row<'a>(status: &'a Value, layer: &str, tenant: &str, version: u64) -> &'a Value {
+    status["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .find(|row| {
+            row["layer"] == layer && row["tenant_id"] == tenant && row["version"] == version
+        })
+        .unwrap_or_else(|| panic!("no {layer} v{version} {tenant:?} in {status:#}"))
+}
+
+/// The highest version of `layer` in a status.
+fn latest(status: &Value, layer: &str) -> u64 {
+    status["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .filter(|row| row["layer"] == layer)
+        .filter_map(|row| row["version"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A `--wait` run: succeeded, ended with `job ID done: N/N in …s`, and (not on a
+/// terminal) drew no progress bar.
+#[track_caller]
+fn assert_waited(output: &Output, what: &str, job: &str) {
+    output.assert_success(what);
+    let text = output.stdout_text();
+    let last = text.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("job {job} done: ")) && last.ends_with('s'),
+        "{what}: {text}"
+    );
+    let (done, total) = last
+        .split_once("done: ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .and_then(|(count, _)| count.split_once('/'))
+        .expect("done/total");
+    assert_eq!(done, total, "{what}: {text}");
+    assert!(!contains(&output.stdout, b"\r"), "{what}: \\r on stdout");
+    assert!(!output.stderr.contains('\r'), "{what}: \\r on stderr");
+}
+
+#[track_caller]
+fn assert_refused(output: &Output, what: &str, needles: &[&str]) {
+    output.assert_failure(what);
+    for needle in needles {
+        assert!(
+            output.stderr.contains(needle),
+            "{what}: stderr lacks {needle:?}: {}",
+            output.stderr
+        );
+    }
+}
+
+#[test]
+fn rotate_and_destroy_every_layer_from_the_command_line() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let mut server = Server::dev(dir, &[]);
+    let secrets: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            (
+                format!("cred-{i}"),
+                format!("secret {i}: {}", hex::encode(random_bytes::<8>())).into_bytes(),
+            )
+        })
+        .collect();
+    for (id, secret) in &secrets {
+        run(
+            server.client("seal").args(["--tenant", "acme", "--id", id]),
+            secret,
+        )
+        .assert_success("seal acme");
+    }
+    run(
+        server
+            .client("seal")
+            .args(["--tenant", "globex", "--id", "one"]),
+        b"globex secret",
+    )
+    .assert_success("seal globex");
+    let unseal_all = |server: &Server, what: &str| {
+        for (id, secret) in &secrets {
+            let unsealed = run(
+                server
+                    .client("unseal")
+                    .args(["--tenant", "acme", "--id", id]),
+                b"",
+            );
+            assert_eq!(
+                &unsealed.assert_success(what).stdout,
+                secret,
+                "{what}: {id}"
+            );
+        }
+    };
+
+    // KEK: a new primary, every DEK rewrapped onto it.
+    let before = key_status(&server, None);
+    let old_kek = latest(&before, "kek");
+    let new_kek = old_kek + 1;
+    let kek_job = format!("kek-v{new_kek}");
+    let rotated = run(&mut server.command(&["rotate", "kek", "--wait"]), b"");
+    assert_waited(&rotated, "rotate kek --wait", &kek_job);
+    let first = rotated.stdout_text();
+    let first = first.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("job {kek_job} (kek) ")),
+        "{first}"
+    );
+    let status = key_status(&server, None);
+    let (old, new) = (
+        key_row(&status, "kek", "", old_kek),
+        key_row(&status, "kek", "", new_kek),
+    );
+    assert_eq!(new["state"], "active", "{status:#}");
+    assert_eq!(old["state"], "decrypt-only", "{status:#}");
+    assert_eq!(old["protected_records"], 0, "{status:#}");
+    assert!(old["retired_at_ms"].as_u64().unwrap_or(0) > 0, "{status:#}");
+    assert!(new["retired_at_ms"].is_null(), "{status:#}");
+    let dek = key_row(&status, "dek", "acme", 1);
+    assert_eq!(dek["kek_version"], new_kek, "{status:#}");
+    let shown = run(&mut server.command(&["rotate", "status", &kek_job]), b"");
+    let line = shown.assert_success("rotate status").stdout_text();
+    assert!(
+        line.starts_with(&format!("job {kek_job} (kek) done: ")),
+        "{line}"
+    );
+
+    // The primary cannot be destroyed; the rewrapped old version can, once.
+    let refused = run(
+        &mut server.command(&[
+            "keys",
+            "destroy",
+            "--layer",
+            "kek",
+            "--version",
+            &new_kek.to_string(),
+        ]),
+        b"",
+    );
+    assert_refused(&refused, "destroying the primary KEK", &["KEY_IS_PRIMARY"]);
+    let destroyed = run(
+        &mut server.command(&[
+            "keys",
+            "destroy",
+            "--layer",
+            "kek",
+            "--version",
+            &old_kek.to_string(),
+        ]),
+        b"",
+    );
+    assert_eq!(
+        destroyed
+            .assert_success("destroying the old KEK")
+            .stdout_text(),
+        format!("destroyed kek v{old_kek}\n")
+    );
+    let status = key_status(&server, None);
+    let old = key_row(&status, "kek", "", old_kek);
+    assert_eq!(old["state"], "destroyed", "{status:#}");
+    assert!(
+        old["destroyed_at_ms"].as_u64().unwrap_or(0) > 0,
+        "{status:#}"
+    );
+    unseal_all(&server, "unseal after the KEK rotation");
+
+    // A tenant's DEK, re-encrypting its credentials: the old DEK protects nothing.
+    let rotated = run(
+        &mut server.command(&["rotate", "tenant", "acme", "--reencrypt", "--wait"]),
+        b"",
+    );
+    assert_waited(&rotated, "rotate tenant --reencrypt --wait", "dek-acme-v2");
+    let status = key_status(&server, Some("acme"));
+    assert_eq!(
+        key_row(&status, "dek", "acme", 2)["state"],
+        "active",
+        "{status:#}"
+    );
+    let old_dek = key_row(&status, "dek", "acme", 1);
+    assert_eq!(old_dek["state"], "decrypt-only", "{status:#}");
+    assert_eq!(old_dek["protected_records"], 0, "{status:#}");
+    assert_eq!(
+        key_row(&status, "dek", "acme", 2)["protected_records"],
+        secrets.len(),
+        "{status:#}"
+    );
+    unseal_all(&server, "unseal after the re-encryption");
+    let missing = run(
+        &mut server.command(&["keys", "destroy", "--layer", "dek", "--version", "1"]),
+        b"",
+    );
+    // A usage error: clap's exit code 2, naming the missing flag.
+    assert_eq!(missing.status.code(), Some(2), "{}", missing.stderr);
+    assert!(missing.stderr.contains("--tenant"), "{}", missing.stderr);
+    let destroyed = run(
+        &mut server.command(&[
+            "keys",
+            "destroy",
+            "--layer",
+            "dek",
+            "--tenant",
+            "acme",
+            "--version",
+            "1",
+        ]),
+        b"",
+    );
+    assert_eq!(
+        destroyed
+            .assert_success("destroying acme's old DEK")
+            .stdout_text(),
+        "destroyed dek v1 of tenant acme\n"
+    );
+    let unknown = run(
+        &mut server.command(&["rotate", "tenant", "nobody", "--wait"]),
+        b"",
+    );
+    assert_refused(
+        &unknown,
+        "rotating an unknown tenant",
+        &["NOT_FOUND", "nobody"],
+    );
+
+    // Root: a key file that others can read is refused, naming the problem; nothing changes.
+    let root_before = latest(&key_status(&server, None), "root");
+    let loose = dir.join("loose.key");
+    run(credvault().arg("keygen").arg("--out").arg(&loose), b"").assert_success("keygen");
+    fs::set_permissions(&loose, fs::Permissions::from_mode(0o644)).unwrap();
+    let loose_text = fs::read_to_string(&loose).unwrap();
+    let refused = run(
+        &mut server.command(&["rotate", "root", "--new-root-key-file", &path_text(&loose)]),
+        b"",
+    );
+    assert_refused(
+        &refused,
+        "rotate root with a 0644 key file",
+        &[
+            "InvalidArgument",
+            "ROOT_KEY_UNAVAILABLE",
+            "0644",
+            "readable by group or others",
+        ],
+    );
+    assert!(
+        !refused.stderr.contains(loose_text.trim()),
+        "{}",
+        refused.stderr
+    );
+    let missing_file = run(
+        &mut server.command(&[
+            "rotate",
+            "root",
+            "--new-root-key-file",
+            &path_text(&dir.join("no-such.key")),
+        ]),
+        b"",
+    );
+    assert_refused(
+        &missing_file,
+        "rotate root with no file",
+        &["ROOT_KEY_UNAVAILABLE", "no-such.key"],
+    );
+    assert_eq!(latest(&key_status(&server, None), "root"), root_before);
+
+    // A good key file: every KEK rewrapped; the operator is told what to do next.
+    let new_root = dir.join("new-root.key");
+    run(credvault().arg("keygen").arg("--out").arg(&new_root), b"").assert_success("keygen");
+    let new_root_text = fs::read_to_string(&new_root).unwrap();
+    let rotated = run(
+        &mut server.command(&[
+            "rotate",
+            "root",
+            "--wait",
+            "--new-root-key-file",
+            &path_text(&new_root),
+        ]),
+        b"",
+    );
+    let root_job = format!("root-v{}", root_before + 1);
+    assert_waited_prefix(&rotated, &root_job);
+    let text = rotated.stdout_text();
+    for needle in ["new root key", "Configure the server", "backups", "destroy"] {
+        assert!(text.contains(needle), "{needle:?}: {text}");
+    }
+    assert!(text.contains(&new_root.display().to_string()), "{text}");
+    let status = key_status(&server, None);
+    assert_eq!(latest(&status, "root"), root_before + 1, "{status:#}");
+    assert_eq!(
+        key_row(&status, "root", "", root_before + 1)["state"],
+        "active",
+        "{status:#}"
+    );
+    unseal_all(&server, "unseal after the root rotation");
+
+    let unknown = run(&mut server.command(&["rotate", "status", "nosuch"]), b"");
+    assert_refused(
+        &unknown,
+        "rotate status nosuch",
+        &["NotFound", "JOB_NOT_FOUND"],
+    );
+
+    // The server logged the jobs, and never a key.
+    assert!(server.terminate().success(), "{}", server.stderr_text());
+    let log = strip_ansi(&server.stderr_text());
+    assert!(log.contains("rotation job done"), "{log}");
+    assert!(log.contains(&kek_job), "{log}");
+    for key in [&new_root_text, &loose_text] {
+        assert!(!log.contains(key.trim()), "a root key in the log");
+    }
+    drop(server);
+
+    // The old root key no longer opens the store; the new one does.
+    let old_start = run(
+        credvault()
+            .arg("dev")
+            .arg("--dir")
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())]),
+        b"",
+    );
+    assert_refused(&old_start, "dev with the retired root key", &["root key"]);
+    fs::copy(&new_root, dir.join("data/root.key")).unwrap();
+    fs::set_permissions(
+        dir.join("data/root.key"),
+        fs::Permissions::from_mode(PRIVATE_MODE),
+    )
+    .unwrap();
+    let server = Server::dev(dir, &[]);
+    unseal_all(&server, "unseal after a restart with the new root key");
+}
+
+/// A root rotation's `--wait` run: its job line, then the done line, then the advice.
+#[track_caller]
+fn assert_waited_prefix(output: &Output, job: &str) {
+    output.assert_success("rotate root --wait");
+    let text = output.stdout_text();
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("job {job} (root-key) done: ")),
+        "{text}"
+    );
+    let second = lines.next().unwrap_or_default();
+    assert!(second.starts_with(&format!("job {job} done: ")), "{text}");
+    assert!(
+        !contains(&output.stdout, b"\r") && !output.stderr.contains('\r'),
+        "{text}"
+    );
 }

@@ -1,5 +1,6 @@
 //! `credvault keys status`: the usage ledger from a running server (Admin
-//! `GetKeyStatus`), as a table or JSON.
+//! `GetKeyStatus`), as a table or JSON; `credvault keys destroy`: destroy a
+//! retired key version (Admin `DestroyKeyVersion`).
 //!
 //! It connects like the client commands (`--server`, `--dir`, `--ca`, `--cert`,
 //! `--key`, the same `CREDVAULT_*` variables), with the admin dev certificate
@@ -8,7 +9,7 @@
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use credvault::pki::DevRole;
 
 use super::client::{Connection, status as status_error};
@@ -33,9 +34,43 @@ enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Destroy a retired key version: its key bytes are removed for good. Refused for the
+    /// primary and while anything still depends on it (see `keys status`).
+    Destroy {
+        #[command(flatten)]
+        conn: Connection,
+        /// The layer of the version.
+        #[arg(long, value_enum)]
+        layer: LayerArg,
+        /// The tenant, for a DEK version.
+        #[arg(long, required_if_eq("layer", "dek"))]
+        tenant: Option<String>,
+        /// The version to destroy.
+        #[arg(long)]
+        version: u32,
+    },
 }
 
-async fn admin(conn: &Connection) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+/// A layer whose versions the store keeps (root keys are files the operator holds).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LayerArg {
+    Kek,
+    Dek,
+}
+
+impl LayerArg {
+    fn name(self) -> &'static str {
+        match self {
+            LayerArg::Kek => "kek",
+            LayerArg::Dek => "dek",
+        }
+    }
+}
+
+/// An Admin client with the admin dev certificate unless told otherwise.
+pub(super) async fn admin(
+    conn: &Connection,
+) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     Ok(AdminClient::new(conn.channel(DevRole::Admin).await?).max_decoding_message_size(usize::MAX))
 }
 
@@ -68,11 +103,40 @@ async fn execute(command: KeysCommand) -> anyhow::Result<()> {
                 out.write_all(table(&status, now).as_bytes())?;
             }
         }
+        KeysCommand::Destroy {
+            conn,
+            layer,
+            tenant,
+            version,
+        } => {
+            let request = pb::DestroyKeyVersionRequest {
+                layer: layer.name().into(),
+                tenant_id: tenant.clone().unwrap_or_default(),
+                version,
+            };
+            admin(&conn)
+                .await?
+                .destroy_key_version(request)
+                .await
+                .map_err(status_error)?;
+            let of = tenant.map_or(String::new(), |t| format!(" of tenant {t}"));
+            println!("destroyed {} v{version}{of}", layer.name());
+        }
     }
     Ok(())
 }
 
-/// A failed call as an error line: the status code, its reason and message.
+/// A time that may be unset (0) as JSON: the number, or null.
+fn optional_ms(ms: u64) -> serde_json::Value {
+    if ms == 0 {
+        serde_json::Value::Null
+    } else {
+        ms.into()
+    }
+}
+
+/// The ledger as one JSON document. Times that are not set are null; a DEK row
+/// names the KEK version that wraps it.
 fn to_json(status: &pb::KeyStatus, now_ms: u64) -> serde_json::Value {
     let versions: Vec<_> = status
         .versions
@@ -87,6 +151,9 @@ fn to_json(status: &pb::KeyStatus, now_ms: u64) -> serde_json::Value {
                 "age_ms": now_ms.saturating_sub(v.created_at_ms),
                 "encryptions": v.encryptions,
                 "protected_records": v.protected_records,
+                "kek_version": if v.layer == "dek" { v.kek_version.into() } else { serde_json::Value::Null },
+                "retired_at_ms": optional_ms(v.retired_at_ms),
+                "destroyed_at_ms": optional_ms(v.destroyed_at_ms),
             })
         })
         .collect();
@@ -113,6 +180,8 @@ fn table(status: &pb::KeyStatus, now_ms: u64) -> String {
         "STATE",
         "CREATED (UTC)",
         "AGE",
+        "RETIRED",
+        "KEK",
         "ENCRYPTIONS",
         "PROTECTS",
     ]
@@ -130,6 +199,18 @@ fn table(status: &pb::KeyStatus, now_ms: u64) -> String {
             v.state.clone(),
             utc(v.created_at_ms),
             age(now_ms.saturating_sub(v.created_at_ms)),
+            // How long ago it stopped being the primary.
+            if v.retired_at_ms == 0 {
+                "-".into()
+            } else {
+                format!("{} ago", age(now_ms.saturating_sub(v.retired_at_ms)))
+            },
+            // The KEK version that wraps a DEK.
+            if v.layer == "dek" && v.kek_version != 0 {
+                format!("v{}", v.kek_version)
+            } else {
+                "-".into()
+            },
             // The root key's wraps are not counted (one per KEK version).
             if v.layer == "root" {
                 "-".into()
@@ -209,6 +290,9 @@ mod tests {
             created_at_ms: at,
             encryptions: enc,
             protected_records: prot,
+            kek_version: if layer == "dek" { 1 } else { 0 },
+            retired_at_ms: 0,
+            destroyed_at_ms: 0,
         }
     }
 
@@ -231,7 +315,10 @@ mod tests {
         let status = pb::KeyStatus {
             versions: vec![
                 row("root", "", 1, "active", T0, 0, 2),
-                row("kek", "", 1, "decrypt-only", T0, 12, 0),
+                pb::KeyVersionStatus {
+                    retired_at_ms: T0 + 36 * 3_600_000,
+                    ..row("kek", "", 1, "decrypt-only", T0, 12, 0)
+                },
                 row("dek", "acme", 3, "active", T0 + 86_400_000, 7, 5),
                 row("dek", "globex", 1, "active", T0 + 86_400_000, 1, 1),
             ],
@@ -239,16 +326,21 @@ mod tests {
         let now = T0 + 2 * 86_400_000;
         let text = table(&status, now);
         let expected = "\
-LAYER  TENANT  VERSION  STATE         CREATED (UTC)     AGE    ENCRYPTIONS  PROTECTS
-root   -       1        active        2026-01-01 00:00  2d 0h  -            2 KEKs
-kek    -       1        decrypt-only  2026-01-01 00:00  2d 0h  12           0 DEKs
-dek    acme    3        active        2026-01-02 00:00  1d 0h  7            5 versions
-dek    globex  1        active        2026-01-02 00:00  1d 0h  1            1 version
+LAYER  TENANT  VERSION  STATE         CREATED (UTC)     AGE    RETIRED     KEK  ENCRYPTIONS  PROTECTS
+root   -       1        active        2026-01-01 00:00  2d 0h  -           -    -            2 KEKs
+kek    -       1        decrypt-only  2026-01-01 00:00  2d 0h  12h 0m ago  -    12           0 DEKs
+dek    acme    3        active        2026-01-02 00:00  1d 0h  -           v1   7            5 versions
+dek    globex  1        active        2026-01-02 00:00  1d 0h  -           v1   1            1 version
 ";
         assert_eq!(text, expected);
         let json = to_json(&status, now);
         assert_eq!(json["versions"][2]["tenant_id"], "acme");
         assert_eq!(json["versions"][2]["protected_records"], 5);
         assert_eq!(json["versions"][0]["age_ms"], 2 * 86_400_000);
+        assert_eq!(json["versions"][2]["kek_version"], 1);
+        assert!(json["versions"][1]["kek_version"].is_null());
+        assert_eq!(json["versions"][1]["retired_at_ms"], T0 + 36 * 3_600_000);
+        assert!(json["versions"][2]["retired_at_ms"].is_null());
+        assert!(json["versions"][1]["destroyed_at_ms"].is_null());
     }
 }

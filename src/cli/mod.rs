@@ -4,6 +4,7 @@ pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod keys;
+pub mod rotate;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -28,8 +29,11 @@ pub enum Command {
     Certs(certs::CertsArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
-    /// Key versions: `keys status` shows states, ages, encryptions and what each still protects.
+    /// Key versions: `keys status` shows states, ages, encryptions and what each still
+    /// protects; `keys destroy` destroys a retired version.
     Keys(keys::KeysArgs),
+    /// Rotate a key layer (`kek`, `tenant ID`, `root`) or follow a rotation job (`status ID`).
+    Rotate(rotate::RotateArgs),
     /// Write a new random root key (base64, mode 0600). Refuses to overwrite.
     Keygen {
         /// Where to write the key.
@@ -48,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(args) => certs::run(args),
         Command::Client(command) => client::run(command),
         Command::Keys(args) => keys::run(args),
+        Command::Rotate(args) => rotate::run(args),
         Command::Keygen { out } => {
             credvault::crypto::root::generate_file(&out)?;
             println!(

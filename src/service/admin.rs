@@ -1,13 +1,23 @@
-//! The `Admin` service: `GetKeyStatus` today; the rest is implemented by the
-//! rotation (issue 4) and audit (issue 5) work. Every call is authorised first,
-//! so the policy matrix holds today: non-admins get PERMISSION_DENIED, admins
-//! UNIMPLEMENTED for what is not built yet.
+//! The `Admin` service: key status, rotation (issue 4) and key destruction;
+//! the audit RPCs (issue 5) and Backup answer UNIMPLEMENTED until built. Every
+//! call is authorised first, so the policy matrix holds for all of them:
+//! non-admins get PERMISSION_DENIED whatever the request holds.
+//!
+//! Each call logs one line (rpc, caller, tenant, outcome); never key bytes.
 
 use tonic::{Request, Response, Status};
 
 use super::{Shared, convert, pb};
 use crate::authz::Rpc;
-use crate::error::{Error, status_with_reason};
+use crate::crypto::root;
+use crate::error::{Error, Invalid, status_with_reason};
+use crate::vault::{KeyLayer, validate};
+
+/// Longest job id accepted (`dek-{64-character tenant}-v{u32}` is 80).
+const MAX_JOB_ID: usize = 128;
+
+/// The reason of a root key file the server could not use.
+const ROOT_KEY_UNAVAILABLE: &str = "ROOT_KEY_UNAVAILABLE";
 
 pub(crate) struct AdminService(pub Shared);
 
@@ -24,27 +34,158 @@ fn tenant(t: &str) -> Option<&str> {
     (!t.is_empty()).then_some(t)
 }
 
+/// The one log line of a call. `outcome` is "ok" or the stable reason.
+fn log(rpc: &str, caller: &str, tenant: &str, outcome: &str) {
+    tracing::info!(rpc, caller = %caller, tenant, outcome);
+}
+
+fn outcome<T>(result: &Result<T, Error>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(error) => error.reason(),
+    }
+}
+
+/// The library's NotFound speaks of credentials; for these calls it is the tenant.
+fn tenant_not_found(error: Error, tenant: &str) -> Status {
+    match error {
+        Error::NotFound => status_with_reason(
+            tonic::Code::NotFound,
+            format!("no tenant {tenant:?} in this vault"),
+            "NOT_FOUND",
+        ),
+        error => error.into(),
+    }
+}
+
+/// A new root key file the server cannot use: nothing changes.
+fn root_key_unavailable(message: String) -> Status {
+    status_with_reason(tonic::Code::InvalidArgument, message, ROOT_KEY_UNAVAILABLE)
+}
+
+/// What a DestroyKeyVersion request names, checked: the layer (KEK or DEK), the
+/// tenant (a DEK's only), and the version. A refusal comes with its reason, for
+/// the log line.
+fn destroy_target(
+    r: &pb::DestroyKeyVersionRequest,
+) -> Result<(KeyLayer, Option<&str>, u32), (Status, &'static str)> {
+    let invalid = |invalid: Invalid| {
+        let reason = invalid.reason();
+        (Status::from(Error::Invalid(invalid)), reason)
+    };
+    let layer = match KeyLayer::parse(&r.layer) {
+        Some(layer @ (KeyLayer::Kek | KeyLayer::Dek)) => layer,
+        Some(KeyLayer::Root) | None => return Err(invalid(Invalid::KeyLayer)),
+    };
+    let tenant = match layer {
+        KeyLayer::Dek => {
+            validate::tenant_id(&r.tenant_id).map_err(invalid)?;
+            Some(r.tenant_id.as_str())
+        }
+        // A KEK belongs to no tenant: naming one is a mistake worth stopping,
+        // not ignoring, when the call destroys key material.
+        _ if !r.tenant_id.is_empty() => {
+            let reason = Invalid::KeyLayer.reason();
+            let status = status_with_reason(
+                tonic::Code::InvalidArgument,
+                "a KEK belongs to no tenant: leave tenant_id empty for layer \"kek\"",
+                reason,
+            );
+            return Err((status, reason));
+        }
+        _ => None,
+    };
+    if r.version == 0 {
+        return Err(invalid(Invalid::Version));
+    }
+    Ok((layer, tenant, r.version))
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
     async fn rotate_kek(
         &self,
         req: Request<pb::RotateKekRequest>,
     ) -> Result<Response<pb::RotationJob>, Status> {
-        Err(self.refuse(&req, Rpc::RotateKek, None))
+        let caller = self.0.authorise(&req, Rpc::RotateKek, None)?;
+        let result = self.0.vault.rotate_kek().await;
+        match &result {
+            Ok(job) => {
+                tracing::info!(rpc = "RotateKek", caller = %caller.identity, tenant = "", outcome = "ok", job = %job.id, "KEK rotated")
+            }
+            Err(error) => log("RotateKek", &caller.identity, "", error.reason()),
+        }
+        Ok(Response::new(convert::rotation_job(result?)))
     }
 
     async fn rotate_tenant_key(
         &self,
         req: Request<pb::RotateTenantKeyRequest>,
     ) -> Result<Response<pb::RotationJob>, Status> {
-        Err(self.refuse(&req, Rpc::RotateTenantKey, tenant(&req.get_ref().tenant_id)))
+        let caller =
+            self.0
+                .authorise(&req, Rpc::RotateTenantKey, tenant(&req.get_ref().tenant_id))?;
+        let r = req.into_inner();
+        // The library checks the tenant id (INVALID_ID) before anything else.
+        let result = self
+            .0
+            .vault
+            .rotate_tenant_key(&r.tenant_id, r.reencrypt)
+            .await;
+        match &result {
+            Ok(job) => {
+                tracing::info!(rpc = "RotateTenantKey", caller = %caller.identity, tenant = r.tenant_id.as_str(), outcome = "ok", job = %job.id, reencrypt = r.reencrypt, "tenant key rotated")
+            }
+            Err(error) => log(
+                "RotateTenantKey",
+                &caller.identity,
+                &r.tenant_id,
+                error.reason(),
+            ),
+        }
+        match result {
+            Ok(job) => Ok(Response::new(convert::rotation_job(job))),
+            Err(error) => Err(tenant_not_found(error, &r.tenant_id)),
+        }
     }
 
     async fn rotate_root_key(
         &self,
         req: Request<pb::RotateRootKeyRequest>,
     ) -> Result<Response<pb::RotationJob>, Status> {
-        Err(self.refuse(&req, Rpc::RotateRootKey, None))
+        let caller = self.0.authorise(&req, Rpc::RotateRootKey, None)?;
+        let path = std::path::PathBuf::from(req.into_inner().new_root_key_file);
+        if path.as_os_str().is_empty() {
+            log("RotateRootKey", &caller.identity, "", ROOT_KEY_UNAVAILABLE);
+            return Err(root_key_unavailable(
+                "new_root_key_file is empty: give the path, on the server, of the new root key \
+                 file (credvault keygen --out FILE)"
+                    .into(),
+            ));
+        }
+        // The file is read by the server process: a slow disk must not hold
+        // an async worker.
+        let loaded = tokio::task::spawn_blocking(move || root::load_file(&path))
+            .await
+            .map_err(|_| Status::internal("root key task failed"))?;
+        let new_root = match loaded {
+            Ok(key) => key,
+            Err(error) => {
+                // The error names the file and the problem, never key bytes.
+                log("RotateRootKey", &caller.identity, "", ROOT_KEY_UNAVAILABLE);
+                return Err(root_key_unavailable(format!(
+                    "the new root key cannot be used, nothing was changed: {error}"
+                )));
+            }
+        };
+        let result = self.0.vault.rotate_root_key(new_root).await;
+        match &result {
+            Ok(job) => {
+                tracing::info!(rpc = "RotateRootKey", caller = %caller.identity, tenant = "", outcome = "ok", job = %job.id, root_key_version = job.target_version, "root key rotated: only the new root key opens the store from now on")
+            }
+            Err(error) => log("RotateRootKey", &caller.identity, "", error.reason()),
+        }
+        Ok(Response::new(convert::rotation_job(result?)))
     }
 
     async fn get_key_status(
@@ -63,23 +204,10 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|_| Status::internal("key status task failed"))?;
         let tenant = wanted.as_deref().unwrap_or("");
-        match &result {
-            Ok(_) => {
-                tracing::info!(rpc = "GetKeyStatus", caller = %caller.identity, tenant, outcome = "ok")
-            }
-            Err(error) => {
-                tracing::info!(rpc = "GetKeyStatus", caller = %caller.identity, tenant, outcome = error.reason())
-            }
-        }
+        log("GetKeyStatus", &caller.identity, tenant, outcome(&result));
         match result {
             Ok(status) => Ok(Response::new(convert::key_status(status))),
-            // The library's NotFound speaks of credentials; here it is the tenant.
-            Err(Error::NotFound) => Err(status_with_reason(
-                tonic::Code::NotFound,
-                format!("no tenant {tenant:?} in this vault"),
-                "NOT_FOUND",
-            )),
-            Err(error) => Err(error.into()),
+            Err(error) => Err(tenant_not_found(error, tenant)),
         }
     }
 
@@ -87,18 +215,52 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::DestroyKeyVersionRequest>,
     ) -> Result<Response<pb::DestroyKeyVersionResponse>, Status> {
-        Err(self.refuse(
-            &req,
-            Rpc::DestroyKeyVersion,
-            tenant(&req.get_ref().tenant_id),
-        ))
+        let r = req.get_ref();
+        // A KEK is vault-wide: a tenant-narrowed grant must not reach it by
+        // naming one of its tenants.
+        let scope = match KeyLayer::parse(&r.layer) {
+            Some(KeyLayer::Kek) => None,
+            _ => tenant(&r.tenant_id),
+        };
+        let caller = self.0.authorise(&req, Rpc::DestroyKeyVersion, scope)?;
+        let r = req.into_inner();
+        let (layer, tenant, version) = match destroy_target(&r) {
+            Ok(target) => target,
+            Err((status, reason)) => {
+                log("DestroyKeyVersion", &caller.identity, &r.tenant_id, reason);
+                return Err(status);
+            }
+        };
+        let result = self
+            .0
+            .vault
+            .destroy_key_version(layer, tenant, version)
+            .await;
+        match &result {
+            Ok(()) => {
+                tracing::info!(rpc = "DestroyKeyVersion", caller = %caller.identity, tenant = r.tenant_id.as_str(), outcome = "ok", layer = layer.name(), version, "key version destroyed")
+            }
+            Err(error) => {
+                tracing::info!(rpc = "DestroyKeyVersion", caller = %caller.identity, tenant = r.tenant_id.as_str(), outcome = error.reason(), layer = layer.name(), version)
+            }
+        }
+        result?;
+        Ok(Response::new(pb::DestroyKeyVersionResponse {}))
     }
 
     async fn get_rotation_job(
         &self,
         req: Request<pb::GetRotationJobRequest>,
     ) -> Result<Response<pb::RotationJob>, Status> {
-        Err(self.refuse(&req, Rpc::GetRotationJob, None))
+        let caller = self.0.authorise(&req, Rpc::GetRotationJob, None)?;
+        let id = req.into_inner().job_id;
+        let result = if id.is_empty() || id.len() > MAX_JOB_ID {
+            Err(Error::Invalid(Invalid::JobId))
+        } else {
+            self.0.vault.rotation_job(&id)
+        };
+        log("GetRotationJob", &caller.identity, "", outcome(&result));
+        Ok(Response::new(convert::rotation_job(result?)))
     }
 
     async fn query_audit(
@@ -120,5 +282,59 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::BackupRequest>,
     ) -> Result<Response<pb::BackupResponse>, Status> {
         Err(self.refuse(&req, Rpc::Backup, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
+    fn request(layer: &str, tenant: &str, version: u32) -> pb::DestroyKeyVersionRequest {
+        pb::DestroyKeyVersionRequest {
+            layer: layer.into(),
+            tenant_id: tenant.into(),
+            version,
+        }
+    }
+
+    #[test]
+    fn destroy_names_a_kek_or_a_tenants_dek_and_a_version() {
+        let ok = request("kek", "", 1);
+        assert_eq!(destroy_target(&ok).unwrap(), (KeyLayer::Kek, None, 1));
+        let ok = request("dek", "acme", 3);
+        assert_eq!(
+            destroy_target(&ok).unwrap(),
+            (KeyLayer::Dek, Some("acme"), 3)
+        );
+        let cases = [
+            (request("root", "", 1), "INVALID_LAYER"),
+            (request("KEK", "", 1), "INVALID_LAYER"),
+            (request("", "", 1), "INVALID_LAYER"),
+            (request("kek", "acme", 1), "INVALID_LAYER"),
+            (request("dek", "", 1), "INVALID_ID"),
+            (request("dek", "no spaces", 1), "INVALID_ID"),
+            (request("kek", "", 0), "INVALID_VERSION"),
+            (request("dek", "acme", 0), "INVALID_VERSION"),
+        ];
+        for (req, reason) in cases {
+            let (status, logged) = destroy_target(&req).unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{req:?}");
+            assert_eq!(logged, reason, "{req:?}");
+            let info = status.get_details_error_info().expect("error info");
+            assert_eq!(info.reason, reason, "{req:?}");
+        }
+    }
+
+    #[test]
+    fn an_unusable_root_key_file_is_invalid_argument_with_its_reason() {
+        let status = root_key_unavailable("root key file /x has mode 0644".into());
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.get_details_error_info().map(|i| i.reason),
+            Some(ROOT_KEY_UNAVAILABLE.to_owned())
+        );
+        assert!(status.message().contains("0644"));
     }
 }

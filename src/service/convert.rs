@@ -2,7 +2,7 @@
 
 use super::pb;
 use crate::error::{Error, Invalid};
-use crate::vault::{KeyStatus, Kind, Metadata, Revocation};
+use crate::vault::{JobState, KeyStatus, Kind, Metadata, Revocation, RotationJob};
 
 pub fn kind_to_pb(kind: Kind) -> pb::CredentialKind {
     match kind {
@@ -65,6 +65,9 @@ pub fn key_status(status: KeyStatus) -> pb::KeyStatus {
         created_at_ms: status.root.created_at_ms,
         encryptions: 0,
         protected_records: status.root.wrapped_keks,
+        kek_version: 0,
+        retired_at_ms: 0,
+        destroyed_at_ms: 0,
     };
     let keks = status.keks.into_iter().map(|k| pb::KeyVersionStatus {
         layer: "kek".into(),
@@ -74,6 +77,9 @@ pub fn key_status(status: KeyStatus) -> pb::KeyStatus {
         created_at_ms: k.created_at_ms,
         encryptions: k.encryptions,
         protected_records: k.wrapped_deks,
+        kek_version: 0,
+        retired_at_ms: k.retired_at_ms.unwrap_or(0),
+        destroyed_at_ms: k.destroyed_at_ms.unwrap_or(0),
     });
     let deks = status.deks.into_iter().map(|d| pb::KeyVersionStatus {
         layer: "dek".into(),
@@ -83,9 +89,32 @@ pub fn key_status(status: KeyStatus) -> pb::KeyStatus {
         created_at_ms: d.created_at_ms,
         encryptions: d.encryptions,
         protected_records: d.protected_versions,
+        kek_version: d.kek_version,
+        retired_at_ms: d.retired_at_ms.unwrap_or(0),
+        destroyed_at_ms: d.destroyed_at_ms.unwrap_or(0),
     });
     pb::KeyStatus {
         versions: std::iter::once(root).chain(keks).chain(deks).collect(),
+    }
+}
+
+/// A job as the wire shows it: names for kind and state, "" for no tenant, and
+/// 0 for "not finished".
+pub fn rotation_job(job: RotationJob) -> pb::RotationJob {
+    pb::RotationJob {
+        job_id: job.id,
+        kind: job.kind.name().into(),
+        state: job.state.name().into(),
+        done: job.done,
+        total: job.total,
+        skipped: job.skipped,
+        tenant_id: job.tenant.unwrap_or_default(),
+        target_version: job.target_version,
+        created_at_ms: job.created_at_ms,
+        finished_at_ms: match job.state {
+            JobState::Running => 0,
+            JobState::Done => job.finished_at_ms.unwrap_or(0),
+        },
     }
 }
 
@@ -93,7 +122,7 @@ pub fn key_status(status: KeyStatus) -> pb::KeyStatus {
 mod tests {
     use super::*;
     use crate::store::records::KeyState;
-    use crate::vault::{DekStatus, KekStatus, RootKeyStatus};
+    use crate::vault::{DekStatus, JobKind, KekStatus, RootKeyStatus};
 
     #[test]
     fn key_status_rows_name_layer_and_state() {
@@ -140,35 +169,79 @@ mod tests {
             .into_iter()
             .map(|r| {
                 (
-                    r.layer,
-                    r.tenant_id,
-                    r.version,
-                    r.state,
-                    r.created_at_ms,
-                    r.encryptions,
-                    r.protected_records,
+                    (r.layer, r.tenant_id, r.version, r.state),
+                    (r.created_at_ms, r.encryptions, r.protected_records),
+                    (r.kek_version, r.retired_at_ms, r.destroyed_at_ms),
                 )
             })
             .collect();
-        let row = |layer: &str, tenant: &str, v, state: &str, at, enc, prot| {
+        let row = |layer: &str, tenant: &str, v, state: &str, counts, times| {
             (
-                layer.to_owned(),
-                tenant.to_owned(),
-                v,
-                state.to_owned(),
-                at,
-                enc,
-                prot,
+                (layer.to_owned(), tenant.to_owned(), v, state.to_owned()),
+                counts,
+                times,
             )
         };
         assert_eq!(
             rows,
             [
-                row("root", "", 1, "active", 10, 0, 2),
-                row("kek", "", 1, "decrypt-only", 10, 5, 3),
-                row("kek", "", 2, "active", 20, 1, 1),
-                row("dek", "acme", 4, "destroyed", 30, 7, 0),
+                row("root", "", 1, "active", (10, 0, 2), (0, 0, 0)),
+                row("kek", "", 1, "decrypt-only", (10, 5, 3), (0, 20, 0)),
+                row("kek", "", 2, "active", (20, 1, 1), (0, 0, 0)),
+                row("dek", "acme", 4, "destroyed", (30, 7, 0), (2, 40, 50)),
             ]
         );
+    }
+
+    fn job(state: JobState, tenant: Option<&str>, finished: Option<u64>) -> RotationJob {
+        RotationJob {
+            id: "dek-acme-v3".into(),
+            kind: JobKind::TenantKey,
+            state,
+            tenant: tenant.map(str::to_owned),
+            target_version: 3,
+            done: 5,
+            total: 9,
+            skipped: 1,
+            created_at_ms: 100,
+            finished_at_ms: finished,
+        }
+    }
+
+    #[test]
+    fn a_job_shows_names_and_zero_for_what_is_not_set() {
+        let running = rotation_job(job(JobState::Running, Some("acme"), None));
+        assert_eq!(
+            running,
+            pb::RotationJob {
+                job_id: "dek-acme-v3".into(),
+                kind: "tenant-key".into(),
+                state: "running".into(),
+                done: 5,
+                total: 9,
+                skipped: 1,
+                tenant_id: "acme".into(),
+                target_version: 3,
+                created_at_ms: 100,
+                finished_at_ms: 0,
+            }
+        );
+        let done = rotation_job(job(JobState::Done, None, Some(200)));
+        assert_eq!((done.state.as_str(), done.tenant_id.as_str()), ("done", ""));
+        assert_eq!(done.finished_at_ms, 200);
+        // A running job never shows a finish time, whatever the record holds.
+        let odd = rotation_job(job(JobState::Running, None, Some(200)));
+        assert_eq!(odd.finished_at_ms, 0);
+        for (kind, name) in [
+            (JobKind::Kek, "kek"),
+            (JobKind::TenantKey, "tenant-key"),
+            (JobKind::RootKey, "root-key"),
+        ] {
+            let pb = rotation_job(RotationJob {
+                kind,
+                ..job(JobState::Done, None, Some(1))
+            });
+            assert_eq!(pb.kind, name);
+        }
     }
 }
