@@ -225,6 +225,9 @@ pub struct ServerOptions {
     pub limits: Vec<String>,
     /// A CRL (PEM) for `tls.crl`.
     pub crl_pem: Option<String>,
+    /// Lines for the config's `[rotation]` table, e.g. `batch_size = 16`
+    /// (none: the table is left out).
+    pub rotation: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -233,6 +236,7 @@ impl Default for ServerOptions {
             policy: DEV_POLICY_TOML.to_owned(),
             limits: Vec::new(),
             crl_pem: None,
+            rotation: Vec::new(),
         }
     }
 }
@@ -253,6 +257,65 @@ impl ServerOptions {
         self.crl_pem = Some(crl_pem.into());
         self
     }
+
+    /// Adds a `[rotation]` line, e.g. `rotation("batch_size = 16")`.
+    pub fn rotation(mut self, line: impl Into<String>) -> Self {
+        self.rotation.push(line.into());
+        self
+    }
+}
+
+/// Writes every file a server over `pki` needs into [`Pki::dir`]: a new root
+/// key (`root.key`), the policy, the CRL if any, and `config.toml` listening on
+/// `listen` with the store in `data/`. Returns the parsed config and the
+/// config file. [`TestServer::start_with`] uses it; tests of the binary can
+/// call it directly (and override `listen` on the command line).
+pub fn write_server_files(
+    pki: &Pki,
+    options: &ServerOptions,
+    listen: SocketAddr,
+) -> (Config, PathBuf) {
+    let dir = pki.dir().to_owned();
+    let root_key = dir.join("root.key");
+    root::generate_file(&root_key).expect("root key file");
+    let policy_file = dir.join("policy.toml");
+    std::fs::write(&policy_file, &options.policy).expect("write policy");
+    let crl = options.crl_pem.as_ref().map(|pem| {
+        let path = dir.join("crl.pem");
+        std::fs::write(&path, pem).expect("write CRL");
+        path
+    });
+
+    let q = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
+    let mut text = format!(
+        "listen = \"{listen}\"\ndata_dir = {}\nroot_key_file = {}\npolicy_file = {}\ncache_mb = 16\n\
+         [tls]\ncert = {}\nkey = {}\nclient_ca = {}\n",
+        q(&dir.join("data")),
+        q(&root_key),
+        q(&policy_file),
+        q(&pki.server_cert),
+        q(&pki.server_key),
+        q(&pki.ca_cert),
+    );
+    if let Some(crl) = &crl {
+        text.push_str(&format!("crl = {}\n", q(crl)));
+    }
+    text.push_str("[limits]\n");
+    for line in &options.limits {
+        text.push_str(line);
+        text.push('\n');
+    }
+    if !options.rotation.is_empty() {
+        text.push_str("[rotation]\n");
+        for line in &options.rotation {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    let config = Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+    let config_file = dir.join("config.toml");
+    std::fs::write(&config_file, &text).expect("write config");
+    (config, config_file)
 }
 
 /// A credvault server running in this process (`server::run` in a task) on
@@ -276,63 +339,66 @@ impl TestServer {
     /// A server over `pki` (its CA is the client CA; clients it issues can connect).
     pub async fn start_with(pki: Pki, options: ServerOptions) -> Self {
         credvault::tls::install_default_provider();
-        let dir = pki.dir().to_owned();
-        let root_key = dir.join("root.key");
-        root::generate_file(&root_key).expect("root key file");
-        let policy_file = dir.join("policy.toml");
-        std::fs::write(&policy_file, &options.policy).expect("write policy");
-        let crl = options.crl_pem.as_ref().map(|pem| {
-            let path = dir.join("crl.pem");
-            std::fs::write(&path, pem).expect("write CRL");
-            path
-        });
-
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local address");
-        let q = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
-        let mut text = format!(
-            "listen = \"{addr}\"\ndata_dir = {}\nroot_key_file = {}\npolicy_file = {}\ncache_mb = 16\n\
-             [tls]\ncert = {}\nkey = {}\nclient_ca = {}\n",
-            q(&dir.join("data")),
-            q(&root_key),
-            q(&policy_file),
-            q(&pki.server_cert),
-            q(&pki.server_key),
-            q(&pki.ca_cert),
-        );
-        if let Some(crl) = &crl {
-            text.push_str(&format!("crl = {}\n", q(crl)));
-        }
-        text.push_str("[limits]\n");
-        for line in &options.limits {
-            text.push_str(line);
-            text.push('\n');
-        }
-        let config = Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
-        let config_file = dir.join("config.toml");
-        std::fs::write(&config_file, &text).expect("write config");
-
-        let (shutdown, signal) = oneshot::channel::<()>();
-        let server_config = config.clone();
-        let task = tokio::spawn(async move {
-            credvault::server::run(&server_config, listener, async {
-                let _ = signal.await;
-            })
-            .await
-        });
-        let server = TestServer {
+        let (config, config_file) = write_server_files(&pki, &options, addr);
+        let mut server = TestServer {
             pki,
             addr,
             config,
             config_file,
-            shutdown: Some(shutdown),
-            task: Some(task),
+            shutdown: None,
+            task: None,
         };
-        let mut server = server;
+        server.launch(listener);
         server.wait_until_serving().await;
         server
+    }
+
+    /// Runs `server::run` with `self.config` on `listener` in a task.
+    fn launch(&mut self, listener: TcpListener) {
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let server_config = self.config.clone();
+        self.task = Some(tokio::spawn(async move {
+            credvault::server::run(&server_config, listener, async {
+                let _ = signal.await;
+            })
+            .await
+        }));
+        self.shutdown = Some(shutdown);
+    }
+
+    /// Stops the server (gracefully, if it is running) and starts it again on
+    /// the same data directory, PKI and config, on a new port. Clients must
+    /// connect again.
+    pub async fn restart(&mut self) {
+        self.restart_with(|_| {}).await
+    }
+
+    /// [`TestServer::restart`], after `edit` changed the config file's table,
+    /// e.g. `|c| c["rotation"]["batch_pause_ms"] = 0.into()` or another
+    /// `root_key_file`. The change stays in [`TestServer::config_file`].
+    pub async fn restart_with(&mut self, edit: impl FnOnce(&mut toml::Table)) {
+        if self.task.is_some() {
+            self.stop()
+                .await
+                .unwrap_or_else(|e| panic!("the server failed while stopping: {e:#}"));
+        }
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        self.addr = listener.local_addr().expect("local address");
+        let text = std::fs::read_to_string(&self.config_file).expect("read config");
+        let mut table: toml::Table = text.parse().expect("config file is TOML");
+        table.insert("listen".into(), self.addr.to_string().into());
+        edit(&mut table);
+        let text = toml::to_string(&table).expect("config as TOML");
+        self.config = Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+        std::fs::write(&self.config_file, &text).expect("write config");
+        self.launch(listener);
+        self.wait_until_serving().await;
     }
 
     /// `localhost:PORT`, as clients name the server (its certificate covers `localhost`).
@@ -543,4 +609,191 @@ pub fn secret_bytes(seed: u64, len: usize) -> Vec<u8> {
 /// Whether `needle` occurs in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The `credvault` binary of this build.
+pub const BIN: &str = env!("CARGO_BIN_EXE_credvault");
+
+/// How long the binary may take to serve, or to exit when it refuses to start:
+/// a hang guard, not a measurement.
+const PROCESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `credvault serve --config FILE --listen 127.0.0.1:PORT ARGS…`, with nothing
+/// from the test's own environment that it reads.
+fn serve_command(
+    config_file: &Path,
+    port: u16,
+    args: &[&std::ffi::OsStr],
+) -> std::process::Command {
+    let mut command = std::process::Command::new(BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("CREDVAULT_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .arg("serve")
+        .arg("--config")
+        .arg(config_file)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    command
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+/// The real binary serving (`credvault serve`) in a child process, on a free
+/// 127.0.0.1 port; killed and reaped on drop.
+pub struct ServerProcess {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    stderr: PathBuf,
+    _logs: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    /// Starts `credvault serve --config CONFIG_FILE ARGS…` (with `--listen` on a
+    /// free port) and waits until it answers a health check over mutual TLS
+    /// with a certificate from `pki`.
+    pub async fn start(pki: &Pki, config_file: &Path, args: &[&std::ffi::OsStr]) -> Self {
+        credvault::tls::install_default_provider();
+        let probe = pki.uri("spiffe://credvault/test/health-probe");
+        for _ in 0..5 {
+            let port = free_port();
+            let logs = tempfile::tempdir().expect("temp dir");
+            let stderr = logs.path().join("stderr");
+            let child = serve_command(config_file, port, args)
+                .stdout(std::fs::File::create(logs.path().join("stdout")).expect("stdout file"))
+                .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+                .spawn()
+                .expect("spawning credvault serve");
+            let mut server = ServerProcess {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                stderr,
+                _logs: logs,
+            };
+            let deadline = std::time::Instant::now() + PROCESS_TIMEOUT;
+            loop {
+                if let Some(status) = server.child.try_wait().expect("try_wait") {
+                    let stderr = server.stderr_text();
+                    if stderr.contains("cannot bind") {
+                        break; // the port was taken meanwhile: another one
+                    }
+                    panic!("credvault serve exited before serving: {status}\n{stderr}");
+                }
+                if server.health(pki, &probe).await {
+                    return server;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "credvault serve did not answer within {PROCESS_TIMEOUT:?}\n{}",
+                    server.stderr_text()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        panic!("no free port for credvault serve after 5 attempts");
+    }
+
+    /// Runs `credvault serve --config CONFIG_FILE ARGS…` expecting it to exit by
+    /// itself (a refused start-up); returns its exit status and stderr.
+    pub async fn run_to_exit(
+        config_file: &Path,
+        args: &[&std::ffi::OsStr],
+    ) -> (std::process::ExitStatus, String) {
+        let logs = tempfile::tempdir().expect("temp dir");
+        let stderr = logs.path().join("stderr");
+        let mut child = serve_command(config_file, free_port(), args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawning credvault serve");
+        let deadline = std::time::Instant::now() + PROCESS_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "credvault serve did not exit within {PROCESS_TIMEOUT:?}\n{}",
+                    String::from_utf8_lossy(&std::fs::read(&stderr).unwrap_or_default())
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let text = String::from_utf8_lossy(&std::fs::read(&stderr).expect("stderr")).into_owned();
+        (status, text)
+    }
+
+    async fn health(&self, pki: &Pki, probe: &ClientCert) -> bool {
+        use tonic_health::pb::health_client::HealthClient;
+        let Ok(channel) =
+            credvault::client::connect_with(&self.target(), pki.client_config(probe)).await
+        else {
+            return false;
+        };
+        HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok()
+    }
+
+    /// `localhost:PORT`, as clients name the server.
+    pub fn target(&self) -> String {
+        format!("localhost:{}", self.addr.port())
+    }
+
+    /// A connected channel presenting `client` (from `pki`).
+    pub async fn channel(&self, pki: &Pki, client: &ClientCert) -> Channel {
+        credvault::client::connect_with(&self.target(), pki.client_config(client))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e:#}", self.target()))
+    }
+
+    pub async fn vault(&self, pki: &Pki, client: &ClientCert) -> VaultClient<Channel> {
+        VaultClient::new(self.channel(pki, client).await)
+    }
+
+    pub async fn admin(&self, pki: &Pki, client: &ClientCert) -> AdminClient<Channel> {
+        AdminClient::new(self.channel(pki, client).await)
+    }
+
+    /// SIGKILLs the process (no chance to flush or clean up) and reaps it.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!(
+                "credvault serve had already exited: {status}\n{}",
+                self.stderr_text()
+            );
+        }
+        self.child.kill().expect("SIGKILL"); // Child::kill sends SIGKILL
+        self.child.wait().expect("wait")
+    }
+
+    /// What the process has written to stderr so far (its log).
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap_or_default()).into_owned()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // A no-op on a child that has already been reaped.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
