@@ -5,8 +5,9 @@
 //! in its queue, checks each batch's preconditions against the tree as the
 //! earlier batches of the group leave it (no other thread writes, so a check
 //! cannot race), applies every passing batch of the group as one atomic sled
-//! `apply_batch`, then makes it durable with one flush and replies to every
-//! writer. sled transactions are not used: under
+//! `apply_batch`, and flushes it. A second thread, the syncer, then makes the
+//! flushed groups durable (below) and replies to every writer; while it waits
+//! on the disk, the committer already applies and flushes the next group. sled transactions are not used: under
 //! concurrent writers they serialise on a global lock and ran at a fraction of
 //! this design's rate (see `docs/decisions/0001-storage-durability.md`).
 //!
@@ -20,7 +21,7 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
@@ -86,6 +87,8 @@ fn batch_bytes(batch: &Batch) -> usize {
 
 type Outcome = Result<Vec<u64>, StoreError>;
 type Reply = oneshot::Sender<Outcome>;
+/// A flushed group on its way to the syncer: each writer's reply and outcome.
+type Flushed = Vec<(Reply, Outcome)>;
 
 /// A sled store. Opened by one process at a time (sled takes a file lock).
 pub struct SledStore {
@@ -104,14 +107,24 @@ impl SledStore {
             .flush_every_ms(None)
             .open()
             .map_err(backend)?;
+        let failure = Arc::new(Mutex::new(None));
+        let (synced, to_sync) = mpsc::channel();
+        let mut syncer = Syncer {
+            files: SyncFiles::open(&options.path)?,
+            failure: failure.clone(),
+        };
+        let sync_thread = std::thread::Builder::new()
+            .name("credvault-sync".into())
+            .spawn(move || syncer.run(to_sync))
+            .map_err(backend)?;
         let mut committer = Committer {
             db: db.clone(),
-            files: SyncFiles::open(&options.path)?,
             group: match options.durability {
                 Durability::GroupCommit => MAX_GROUP,
                 Durability::PerWrite => 1,
             },
-            failure: None,
+            failure,
+            syncer: Some((synced, sync_thread)),
         };
         let (queue, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
@@ -167,12 +180,49 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 /// the whole group durable with one flush and replies.
 struct Committer {
     db: sled::Db,
-    files: SyncFiles,
     /// Most batches per flush (1 = a flush per write).
     group: usize,
-    /// Set when a flush failed: durability is then unknown, so every later
-    /// write is refused rather than acknowledged.
-    failure: Option<String>,
+    /// Set when a flush or sync failed: durability is then unknown, so every
+    /// later write is refused rather than acknowledged.
+    failure: Arc<Mutex<Option<String>>>,
+    /// Where flushed groups go to be synced and answered, and its thread.
+    syncer: Option<(mpsc::Sender<Flushed>, JoinHandle<()>)>,
+}
+
+/// The second stage: `fdatasync`s what the committer flushed, then replies.
+/// While it waits on the disk, the committer applies and flushes the next
+/// group; groups that queue up meanwhile share one sync.
+struct Syncer {
+    files: SyncFiles,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl Syncer {
+    fn run(&mut self, rx: mpsc::Receiver<Flushed>) {
+        while let Ok(first) = rx.recv() {
+            let mut outcomes = first;
+            while let Ok(more) = rx.try_recv() {
+                outcomes.extend(more);
+            }
+            let mut failure = self.failure.lock().expect("failure lock").clone();
+            if failure.is_none()
+                && outcomes.iter().any(|(_, outcome)| outcome.is_ok())
+                && let Err(error) = self.files.sync()
+            {
+                tracing::error!(%error, "store sync failed; refusing further writes");
+                *self.failure.lock().expect("failure lock") = Some(error.clone());
+                failure = Some(error);
+            }
+            if let Some(failure) = failure {
+                for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| o.is_ok()) {
+                    *outcome = Err(StoreError::Poisoned(failure.clone()));
+                }
+            }
+            for (reply, outcome) in outcomes {
+                let _ = reply.send(outcome); // the writer may have gone away
+            }
+        }
+    }
 }
 
 impl Committer {
@@ -208,6 +258,11 @@ impl Committer {
             }
             self.finish(outcomes);
         }
+        // Queue closed: let the syncer answer what it holds, then stop.
+        if let Some((queue, thread)) = self.syncer.take() {
+            drop(queue);
+            let _ = thread.join();
+        }
     }
 
     /// The value of `key` as the group has staged it so far, else as stored.
@@ -222,7 +277,7 @@ impl Committer {
     /// (no other thread writes, so a check cannot race), and stages its ops.
     /// A batch is staged entirely or not at all.
     fn stage(&self, batch: &Batch, group: &mut Group) -> Outcome {
-        if let Some(failure) = &self.failure {
+        if let Some(failure) = &*self.failure.lock().expect("failure lock") {
             return Err(StoreError::Poisoned(failure.clone()));
         }
         for (key, expected) in &batch.checks {
@@ -267,22 +322,22 @@ impl Committer {
         Ok(counters)
     }
 
-    /// One flush for every applied batch in `outcomes`, then the replies.
-    fn finish(&mut self, mut outcomes: Vec<(Reply, Outcome)>) {
-        if outcomes.iter().any(|(_, outcome)| outcome.is_ok()) && self.failure.is_none() {
-            let flushed = self.db.flush().map_err(|e| e.to_string());
-            if let Err(error) = flushed.and_then(|_| self.files.sync()) {
-                tracing::error!(%error, "store flush failed; refusing further writes");
-                self.failure = Some(error);
-            }
+    /// One flush for every applied batch in `outcomes`, then on to the syncer,
+    /// which makes it durable and replies.
+    fn finish(&mut self, outcomes: Vec<(Reply, Outcome)>) {
+        let failed = self.failure.lock().expect("failure lock").is_some();
+        if !failed
+            && outcomes.iter().any(|(_, outcome)| outcome.is_ok())
+            && let Err(error) = self.db.flush()
+        {
+            let error = error.to_string();
+            tracing::error!(%error, "store flush failed; refusing further writes");
+            *self.failure.lock().expect("failure lock") = Some(error);
         }
-        if let Some(failure) = &self.failure {
-            for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| o.is_ok()) {
-                *outcome = Err(StoreError::Poisoned(failure.clone()));
-            }
-        }
-        for (reply, outcome) in outcomes {
-            let _ = reply.send(outcome); // the writer may have gone away
+        if let Some((queue, _)) = &self.syncer {
+            // The syncer lives as long as the committer; if it died, the
+            // replies are dropped and the writers see the store as closed.
+            let _ = queue.send(outcomes);
         }
     }
 }
@@ -311,13 +366,15 @@ impl Store for SledStore {
     }
 
     fn last(&self, prefix: &[u8]) -> Result<Option<Row>, StoreError> {
-        let last = self
-            .db
-            .scan_prefix(prefix)
-            .next_back()
-            .transpose()
-            .map_err(backend)?;
-        Ok(last.map(|(k, v)| (k.to_vec(), v.to_vec())))
+        // One descent to the greatest key below the prefix's successor, rather
+        // than a reverse iterator (which costs a second descent and more).
+        let last = match prefix_successor(prefix) {
+            Some(bound) => self.db.get_lt(bound).map_err(backend)?,
+            None => self.db.last().map_err(backend)?,
+        };
+        Ok(last
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
     fn commit(&self, batch: Batch) -> CommitFuture<'_> {
@@ -332,6 +389,19 @@ impl Store for SledStore {
             }
         })
     }
+}
+
+/// The smallest key greater than every key that starts with `prefix` (`None`
+/// when there is none: the prefix is all 0xff).
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut bound = prefix.to_vec();
+    while let Some(last) = bound.pop() {
+        if last < u8::MAX {
+            bound.push(last + 1);
+            return Some(bound);
+        }
+    }
+    None
 }
 
 /// Second handles on sled's files, to fdatasync what `sync_file_range` leaves.
@@ -558,5 +628,37 @@ mod tests {
         let store = open(dir.path(), Durability::GroupCommit);
         assert_eq!(store.get(b"claims").unwrap(), Some(encode_counter(7)));
         assert_eq!(store.get(b"owner").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn last_is_the_greatest_key_under_the_prefix_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::GroupCommit);
+        let mut batch = Batch::default();
+        for key in [
+            &b"v\0t\0a\0\x00\x00\x00\x01"[..],
+            b"v\0t\0a\0\x00\x00\x01\x00",
+            b"v\0t\0ab\0\x00\x00\x00\x09",
+            b"v\0t\0b\0\x00\x00\x00\x01",
+            b"\xff\xff",
+        ] {
+            batch.put(key.to_vec(), key.to_vec());
+        }
+        store.commit(batch).await.unwrap();
+        let last = |prefix: &[u8]| store.last(prefix).unwrap().map(|(k, _)| k);
+        assert_eq!(
+            last(b"v\0t\0a\0"),
+            Some(b"v\0t\0a\0\x00\x00\x01\x00".to_vec())
+        );
+        assert_eq!(
+            last(b"v\0t\0ab\0"),
+            Some(b"v\0t\0ab\0\x00\x00\x00\x09".to_vec())
+        );
+        assert_eq!(last(b"v\0t\0c\0"), None);
+        assert_eq!(last(b"v\0t\0"), Some(b"v\0t\0b\0\x00\x00\x00\x01".to_vec()));
+        assert_eq!(last(b"\xff"), Some(b"\xff\xff".to_vec()));
+        assert_eq!(last(b"\xff\xff\xff"), None);
+        assert_eq!(prefix_successor(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_successor(b"\xff\xff"), None);
     }
 }
