@@ -45,6 +45,36 @@ pub enum Op {
     /// at 0. Reference counts go down with it; a saturation means they had
     /// drifted, and the backend logs it.
     Sub(Vec<u8>, u64),
+    /// Append to the log under the prefix: the entry goes at `prefix ‖ seq`
+    /// (u64, big-endian), `seq` one more than the last entry's (1 for the
+    /// first), its value built from `seq` and the previous entry's value.
+    /// Entries are numbered in commit order, without gaps. A log must always
+    /// keep its newest entry (pruning stops short of it), or a restart would
+    /// number from 1 again.
+    Append(Vec<u8>, Entry),
+}
+
+/// Builds a log entry's value from its sequence number and the previous
+/// entry's value (`None` for the first): an event, or an audit record chained
+/// to the one before it.
+#[derive(Clone)]
+pub struct Entry(pub std::sync::Arc<EntryFn>);
+
+/// See [`Entry`].
+pub type EntryFn = dyn Fn(u64, Option<&[u8]>) -> Vec<u8> + Send + Sync;
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Entry(..)")
+    }
+}
+
+/// The key of entry `seq` of the log under `prefix`.
+pub fn log_key(prefix: &[u8], seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + 8);
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
 }
 
 /// An atomic, conditional set of changes: either every op applies, or none.
@@ -82,6 +112,17 @@ impl Batch {
         self.ops.push(Op::Sub(key, delta));
         self
     }
+
+    /// Appends to the log under `prefix` (see [`Op::Append`]).
+    pub fn append(
+        &mut self,
+        prefix: Vec<u8>,
+        entry: impl Fn(u64, Option<&[u8]>) -> Vec<u8> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.ops
+            .push(Op::Append(prefix, Entry(std::sync::Arc::new(entry))));
+        self
+    }
 }
 
 /// A key and its value.
@@ -90,7 +131,8 @@ pub type Row = (Vec<u8>, Vec<u8>);
 pub type Rows = Vec<Row>;
 
 /// Resolves to the new values of the batch's counters ([`Op::Add`] and
-/// [`Op::Sub`]), in batch order, once the batch is applied and durable.
+/// [`Op::Sub`]) and the sequence numbers of its appends ([`Op::Append`]), in
+/// batch order, once the batch is applied and durable.
 pub type CommitFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u64>, StoreError>> + Send + 'a>>;
 
 /// The storage the vault needs, and nothing more.

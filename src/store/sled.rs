@@ -17,6 +17,7 @@
 //! flush the committer also `fdatasync`s the log file through a second handle
 //! and syncs new blob files and the blob directory.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
@@ -80,13 +81,17 @@ fn batch_bytes(batch: &Batch) -> usize {
         .iter()
         .map(|op| match op {
             Op::Put(k, v) => k.len() + v.len(),
-            Op::Delete(k) | Op::Add(k, _) | Op::Sub(k, _) => k.len() + 8,
+            Op::Delete(k) | Op::Add(k, _) | Op::Sub(k, _) | Op::Append(k, _) => k.len() + 8,
         })
         .sum()
 }
 
 type Outcome = Result<Vec<u64>, StoreError>;
 type Reply = oneshot::Sender<Outcome>;
+/// A key's value as staged (`None`: deleted).
+type Value = Option<Vec<u8>>;
+/// The last entry of a log: its sequence number (0: none) and value.
+type LogEnd = (u64, Option<Vec<u8>>);
 /// A flushed group on its way to the syncer: each writer's reply and outcome.
 type Flushed = Vec<(Reply, Outcome)>;
 
@@ -124,6 +129,7 @@ impl SledStore {
                 Durability::PerWrite => 1,
             },
             failure,
+            logs: Default::default(),
             syncer: Some((synced, sync_thread)),
         };
         let (queue, rx) = mpsc::channel();
@@ -185,6 +191,10 @@ struct Committer {
     /// Set when a flush or sync failed: durability is then unknown, so every
     /// later write is refused rather than acknowledged.
     failure: Arc<Mutex<Option<String>>>,
+    /// The last entry of each log appended to so far: its sequence number
+    /// and value (read from the tree on first use; cleared if a group fails
+    /// to apply).
+    logs: std::collections::HashMap<Vec<u8>, LogEnd>,
     /// Where flushed groups go to be synced and answered, and its thread.
     syncer: Option<(mpsc::Sender<Flushed>, JoinHandle<()>)>,
 }
@@ -255,6 +265,7 @@ impl Committer {
                 for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| o.is_ok()) {
                     *outcome = Err(StoreError::Backend(error.clone()));
                 }
+                self.logs.clear(); // what was staged is not in the tree
             }
             self.finish(outcomes);
         }
@@ -276,7 +287,7 @@ impl Committer {
     /// Checks one batch against the store as the group has staged it so far
     /// (no other thread writes, so a check cannot race), and stages its ops.
     /// A batch is staged entirely or not at all.
-    fn stage(&self, batch: &Batch, group: &mut Group) -> Outcome {
+    fn stage(&mut self, batch: &Batch, group: &mut Group) -> Outcome {
         if let Some(failure) = &*self.failure.lock().expect("failure lock") {
             return Err(StoreError::Poisoned(failure.clone()));
         }
@@ -287,13 +298,29 @@ impl Committer {
         }
         let mut counters = Vec::new();
         // Within one batch a later op sees an earlier one's value.
-        let mut changes: Vec<(&[u8], Option<Vec<u8>>)> = Vec::new();
+        let mut changes: Vec<(Cow<'_, [u8]>, Value)> = Vec::new();
+        let mut appended: Vec<(&[u8], LogEnd)> = Vec::new();
         for op in &batch.ops {
             match op {
-                Op::Put(key, value) => changes.push((key, Some(value.clone()))),
-                Op::Delete(key) => changes.push((key, None)),
+                Op::Put(key, value) => changes.push((key.into(), Some(value.clone()))),
+                Op::Delete(key) => changes.push((key.into(), None)),
+                Op::Append(prefix, entry) => {
+                    let (last, previous) = match appended.iter().rev().find(|(p, _)| p == prefix) {
+                        Some((_, last)) => last.clone(),
+                        None => self.last_entry(prefix)?,
+                    };
+                    let seq = last + 1;
+                    let value = (entry.0)(seq, previous.as_deref());
+                    changes.push((super::log_key(prefix, seq).into(), Some(value.clone())));
+                    appended.push((prefix, (seq, Some(value))));
+                    counters.push(seq);
+                }
                 Op::Add(key, delta) | Op::Sub(key, delta) => {
-                    let current = match changes.iter().rev().find(|(k, _)| k == key) {
+                    let current = match changes
+                        .iter()
+                        .rev()
+                        .find(|(k, _)| k.as_ref() == key.as_slice())
+                    {
                         Some((_, value)) => value.clone(),
                         None => self.current(group, key)?,
                     };
@@ -307,19 +334,45 @@ impl Committer {
                             current.saturating_sub(*delta)
                         }
                     };
-                    changes.push((key, Some(encode_counter(new))));
+                    changes.push((key.into(), Some(encode_counter(new))));
                     counters.push(new);
                 }
             }
         }
         for (key, value) in changes {
             match &value {
-                Some(value) => group.writes.insert(key, value.as_slice()),
-                None => group.writes.remove(key),
+                Some(value) => group.writes.insert(key.as_ref(), value.as_slice()),
+                None => group.writes.remove(key.as_ref()),
             }
-            group.overlay.insert(key.to_vec(), value);
+            group.overlay.insert(key.into_owned(), value);
+        }
+        for (prefix, last) in appended {
+            self.logs.insert(prefix.to_vec(), last);
         }
         Ok(counters)
+    }
+
+    /// The last entry of the log under `prefix`: (0, None) when it is empty.
+    fn last_entry(&mut self, prefix: &[u8]) -> Result<LogEnd, StoreError> {
+        if let Some(last) = self.logs.get(prefix) {
+            return Ok(last.clone());
+        }
+        let last = match prefix_successor(prefix) {
+            Some(bound) => self.db.get_lt(bound).map_err(backend)?,
+            None => self.db.last().map_err(backend)?,
+        };
+        let last = match last {
+            Some((key, value)) if key.starts_with(prefix) => {
+                let seq = key[prefix.len()..]
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Backend("malformed log key".into()))?;
+                (seq, Some(value.to_vec()))
+            }
+            _ => (0, None),
+        };
+        self.logs.insert(prefix.to_vec(), last.clone());
+        Ok(last)
     }
 
     /// One flush for every applied batch in `outcomes`, then on to the syncer,
@@ -660,5 +713,69 @@ mod tests {
         assert_eq!(last(b"\xff\xff\xff"), None);
         assert_eq!(prefix_successor(b"a\xff"), Some(b"b".to_vec()));
         assert_eq!(prefix_successor(b"\xff\xff"), None);
+    }
+
+    /// An entry whose value is its own sequence number followed by the
+    /// previous entry's value's first 8 bytes (a miniature chain).
+    fn chained(batch: &mut Batch) {
+        batch.append(b"e\0".to_vec(), |seq, previous| {
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(previous.map_or(&[0u8; 8][..], |p| &p[..8]));
+            value
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn appends_are_numbered_in_commit_order_without_gaps_and_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path(), Durability::GroupCommit));
+        let tasks: Vec<_> = (0..32u32)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for j in 0..10u32 {
+                        let mut batch = Batch::default();
+                        if j == 3 {
+                            // A failing batch appends nothing.
+                            batch.check(b"never".to_vec(), Some(b"x".to_vec()));
+                            chained(&mut batch);
+                            assert!(matches!(
+                                store.commit(batch).await,
+                                Err(StoreError::Conflict)
+                            ));
+                            continue;
+                        }
+                        batch.put(format!("k{i}-{j}").into_bytes(), vec![1]);
+                        chained(&mut batch);
+                        chained(&mut batch);
+                        let got = store.commit(batch).await.unwrap();
+                        assert_eq!(got[1], got[0] + 1, "two appends in one batch are adjacent");
+                        seqs.extend(got);
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all.sort_unstable();
+        assert_eq!(all, (1..=32 * 9 * 2).collect::<Vec<u64>>());
+        drop(store);
+        // After a restart the numbering continues, and every entry names its predecessor.
+        let store = open(dir.path(), Durability::GroupCommit);
+        let mut batch = Batch::default();
+        chained(&mut batch);
+        assert_eq!(store.commit(batch).await.unwrap(), [32 * 9 * 2 + 1]);
+        let rows = store.scan(b"e\0", None, usize::MAX).unwrap();
+        assert_eq!(rows.len(), 32 * 9 * 2 + 1);
+        for (n, (key, value)) in rows.iter().enumerate() {
+            let seq = n as u64 + 1;
+            assert_eq!(key, &crate::store::log_key(b"e\0", seq));
+            assert_eq!(value[..8], seq.to_be_bytes());
+            assert_eq!(value[8..], (seq - 1).to_be_bytes());
+        }
     }
 }
