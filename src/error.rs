@@ -38,6 +38,8 @@ pub enum Invalid {
     KeyLayer,
     #[error("job id is malformed")]
     JobId,
+    #[error("the grace period is at most 30 days")]
+    Grace,
 }
 
 impl Invalid {
@@ -55,6 +57,7 @@ impl Invalid {
             Invalid::PageToken => "INVALID_PAGE_TOKEN",
             Invalid::KeyLayer => "INVALID_LAYER",
             Invalid::JobId => "INVALID_ID",
+            Invalid::Grace => "INVALID_GRACE",
         }
     }
 }
@@ -88,6 +91,18 @@ pub enum Error {
         "the root key does not match this data directory (its check value does not open): start with the root key the store was created with"
     )]
     WrongRootKey,
+    /// The tenant is not deleted (so there is nothing to restore).
+    #[error("tenant is not deleted")]
+    TenantNotDeleted,
+    /// The tenant has been crypto-shredded (or its shred has begun): its keys
+    /// are destroyed, and nothing of it can be restored.
+    #[error("tenant has been shredded; its keys are destroyed")]
+    TenantShredded,
+    /// Events after this sequence number were pruned: the watcher must resync.
+    #[error(
+        "events after sequence {after} were pruned (the oldest kept is {oldest}); resync: re-read what you hold, then watch from the current sequence"
+    )]
+    EventsPruned { after: u64, oldest: u64 },
     /// The root key given at start-up is the one a root rotation retired.
     #[error(
         "this is the retired root key; the store was rotated to root key v{current}: start with the new root key"
@@ -149,6 +164,9 @@ impl Error {
             Error::DecryptionFailed => "DECRYPTION_FAILED",
             Error::WrongRootKey | Error::RetiredRootKey { .. } => "WRONG_ROOT_KEY",
             Error::KeyInUse { .. } => "KEY_IN_USE",
+            Error::TenantNotDeleted => "TENANT_NOT_DELETED",
+            Error::TenantShredded => "TENANT_SHREDDED",
+            Error::EventsPruned { .. } => "EVENTS_PRUNED",
             Error::PrimaryKey { .. } => "KEY_IS_PRIMARY",
             Error::KeyNotFound => "KEY_NOT_FOUND",
             Error::JobNotFound => "JOB_NOT_FOUND",
@@ -186,9 +204,12 @@ impl From<Error> for tonic::Status {
         let code = match &error {
             Error::Invalid(_) => Code::InvalidArgument,
             Error::NotFound | Error::KeyNotFound | Error::JobNotFound => Code::NotFound,
-            Error::KeyInUse { .. } | Error::PrimaryKey { .. } | Error::SameRootKey => {
-                Code::FailedPrecondition
-            }
+            Error::KeyInUse { .. }
+            | Error::PrimaryKey { .. }
+            | Error::SameRootKey
+            | Error::TenantNotDeleted
+            | Error::TenantShredded => Code::FailedPrecondition,
+            Error::EventsPruned { .. } => Code::OutOfRange,
             Error::Revoked
             | Error::Expired
             | Error::TenantDeleted

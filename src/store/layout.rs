@@ -17,6 +17,8 @@
 //! h\0{tenant}\0{credential}        CredentialHead
 //! v\0{tenant}\0{credential}\0{v:u32}  VersionRecord
 //! j\0{job id}                      JobRecord
+//! e\0{seq:u64}                     EventRecord (the revocation event log)
+//! x\0{tenant}                      DeletionReceipt of a shredded tenant
 //! m\0root.retired\0{v:u32}          RootCheck of root key v, retired by a root rotation
 //! ```
 
@@ -38,6 +40,14 @@ pub fn retired_root(version: u32) -> Vec<u8> {
     let mut key = retired_root_prefix();
     key.extend_from_slice(&version.to_be_bytes());
     key
+}
+
+/// The revocation event log: entries at `e\0{seq:u64}` (see `Op::Append`).
+pub const EVENTS: &[u8] = b"e\0";
+
+/// The deletion receipt of a shredded tenant.
+pub fn receipt(tenant: &str) -> Vec<u8> {
+    key(&[b"x", tenant.as_bytes()])
 }
 
 /// Prefix of every rotation job; the rest of the key is the job id.

@@ -80,11 +80,94 @@ pub struct KekRecord {
     pub destroyed_at_ms: u64,
 }
 
+/// Lifecycle state of a tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, prost::Enumeration)]
+#[repr(i32)]
+pub enum TenantState {
+    /// Seals and unseals (the default of a record written before deletion existed).
+    Active = 0,
+    /// Deleted: every Seal and Unseal fails; shredded once the grace period is
+    /// over (unless on legal hold); restorable until then.
+    Deleted = 1,
+}
+
 /// A tenant (`t\0{tenant}`).
 #[derive(Clone, PartialEq, Message)]
 pub struct TenantRecord {
     #[prost(uint64, tag = "1")]
     pub created_at_ms: u64,
+    #[prost(enumeration = "TenantState", tag = "2")]
+    pub state: i32,
+    /// When DeleteTenant was called (0: not deleted).
+    #[prost(uint64, tag = "3")]
+    pub deleted_at_ms: u64,
+    #[prost(string, tag = "4")]
+    pub deleted_by: String,
+    /// When the shred may start.
+    #[prost(uint64, tag = "5")]
+    pub shred_after_ms: u64,
+    /// While set, the shred waits.
+    #[prost(bool, tag = "6")]
+    pub legal_hold: bool,
+    #[prost(string, tag = "7")]
+    pub legal_hold_reason: String,
+    #[prost(string, tag = "8")]
+    pub legal_hold_by: String,
+    /// Shred progress: when the DEKs were destroyed (0: not yet), which
+    /// versions, and how many records have been purged so far.
+    #[prost(uint64, tag = "9")]
+    pub keys_destroyed_at_ms: u64,
+    #[prost(uint32, repeated, tag = "10")]
+    pub destroyed_dek_versions: Vec<u32>,
+    #[prost(uint64, tag = "11")]
+    pub purged_credentials: u64,
+    #[prost(uint64, tag = "12")]
+    pub purged_versions: u64,
+}
+
+/// What kind of change an event announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, prost::Enumeration)]
+#[repr(i32)]
+pub enum EventKind {
+    Unspecified = 0,
+    CredentialRevoked = 1,
+    TenantDisabled = 2,
+    TenantRestored = 3,
+    TenantShredded = 4,
+}
+
+/// One revocation event (`e\0{seq:u64}`), written in the same batch as the
+/// change it announces.
+#[derive(Clone, PartialEq, Message)]
+pub struct EventRecord {
+    #[prost(enumeration = "EventKind", tag = "1")]
+    pub kind: i32,
+    #[prost(string, tag = "2")]
+    pub tenant: String,
+    /// Empty for tenant-wide events.
+    #[prost(string, tag = "3")]
+    pub credential: String,
+    #[prost(uint64, tag = "4")]
+    pub at_ms: u64,
+}
+
+/// What remains of a shredded tenant (`x\0{tenant}`).
+#[derive(Clone, PartialEq, Message)]
+pub struct DeletionReceipt {
+    #[prost(uint64, tag = "1")]
+    pub requested_at_ms: u64,
+    #[prost(string, tag = "2")]
+    pub requested_by: String,
+    #[prost(uint64, tag = "3")]
+    pub keys_destroyed_at_ms: u64,
+    #[prost(uint64, tag = "4")]
+    pub shredded_at_ms: u64,
+    #[prost(uint32, repeated, tag = "5")]
+    pub destroyed_dek_versions: Vec<u32>,
+    #[prost(uint64, tag = "6")]
+    pub purged_credentials: u64,
+    #[prost(uint64, tag = "7")]
+    pub purged_versions: u64,
 }
 
 /// One DEK version of a tenant (`d\0{tenant}\0{v}`).

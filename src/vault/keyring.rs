@@ -16,7 +16,9 @@ use crate::clock::Clock;
 use crate::crypto::envelope::{self, Context, ROOT_CHECK_PLAINTEXT};
 use crate::crypto::keys::{Dek, KEY_LEN, Kek, RootKey, SymmetricKey};
 use crate::error::{Error, Result};
-use crate::store::records::{self, DekRecord, KekRecord, KeyState, RootCheck, TenantRecord};
+use crate::store::records::{
+    self, DekRecord, KekRecord, KeyState, RootCheck, TenantRecord, TenantState,
+};
 use crate::store::{Batch, Store, StoreError, layout};
 
 /// A key version as loaded: its record (exactly as stored) and, unless
@@ -46,6 +48,10 @@ fn primary<K>(ring: &BTreeMap<u32, Loaded<K>>) -> Option<(u32, &Loaded<K>)> {
 /// The DEK ring of one tenant.
 pub(crate) struct TenantKeys {
     pub deks: BTreeMap<u32, Loaded<Dek>>,
+    /// The tenant record exactly as stored when the ring was loaded (a write
+    /// that depends on the tenant being active checks it), and its state.
+    pub tenant_bytes: Vec<u8>,
+    pub state: TenantState,
 }
 
 impl TenantKeys {
@@ -228,11 +234,19 @@ impl KeyRing {
             if let Some(keys) = self.tenant(tenant)? {
                 return Ok(keys);
             }
+            // A shredded tenant's id stays retired (its receipt stays).
+            if self.store.get(&layout::receipt(tenant))?.is_some() {
+                return Err(Error::TenantDeleted);
+            }
             let now = self.clock.now_ms();
             let mut batch = Batch::default();
             batch.check(layout::tenant(tenant), None).put(
                 layout::tenant(tenant),
-                TenantRecord { created_at_ms: now }.encode_to_vec(),
+                TenantRecord {
+                    created_at_ms: now,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
             );
             let (kek, kek_bytes) = self.primary_kek()?;
             self.add_new_dek(&mut batch, tenant, 1, &kek, kek_bytes, now);
@@ -283,6 +297,13 @@ impl KeyRing {
     }
 
     fn load_tenant(&self, tenant: &str) -> Result<TenantKeys> {
+        // The tenant record first: a ring is never newer than the record it
+        // was loaded with (a deletion invalidates the cached ring after it commits).
+        let tenant_bytes = self
+            .store
+            .get(&layout::tenant(tenant))?
+            .ok_or(Error::NotFound)?;
+        let state = records::decode::<TenantRecord>(&tenant_bytes)?.state();
         let keks = self.keks.read().expect("kek lock");
         let mut deks = BTreeMap::new();
         for (key, bytes) in self
@@ -326,7 +347,11 @@ impl KeyRing {
                 },
             );
         }
-        Ok(TenantKeys { deks })
+        Ok(TenantKeys {
+            deks,
+            tenant_bytes,
+            state,
+        })
     }
 
     /// Forgets the cached DEK ring of `tenant` (after a conflict or rotation).

@@ -6,13 +6,17 @@
 //! [`ledger`]. A write that races another is retried against fresh state (every
 //! batch names the exact bytes it replaces).
 
+mod events;
 mod keyring;
 mod ledger;
+mod lifecycle;
 mod rotation;
 pub mod validate;
 
 pub use crate::store::records::JobKind;
+pub use events::Event;
 pub use ledger::{DekStatus, KekStatus, KeyStatus, RootKeyStatus};
+pub use lifecycle::{DeletionReceipt, TenantStatus};
 pub use rotation::{JobState, KeyLayer, RotationJob, RotationOptions};
 
 use std::collections::BTreeMap;
@@ -26,7 +30,7 @@ use crate::crypto::SymmetricKey;
 use crate::crypto::envelope::{self, Context};
 use crate::error::{Error, Invalid, Result};
 use crate::store::records::{
-    self, CredentialHead, KeyState, Tombstone, VersionRecord, VersionState,
+    self, CredentialHead, EventKind, KeyState, TenantState, Tombstone, VersionRecord, VersionState,
 };
 use crate::store::{Batch, Store, StoreError, layout};
 
@@ -194,6 +198,8 @@ pub struct Vault {
     keys: keyring::KeyRing,
     options: VaultOptions,
     jobs_started: tokio::sync::Notify,
+    /// The sequence number of the newest event (watchers wait on changes).
+    events: tokio::sync::watch::Sender<u64>,
 }
 
 impl Vault {
@@ -214,12 +220,14 @@ impl Vault {
         )
         .await?;
         ledger::ensure(&*store).await?;
+        let last_event = events::last_sequence(&*store)?;
         Ok(Self {
             store,
             clock,
             keys,
             options,
             jobs_started: tokio::sync::Notify::new(),
+            events: tokio::sync::watch::Sender::new(last_event),
         })
     }
 
@@ -258,6 +266,9 @@ impl Vault {
                 });
             }
             let keys = self.keys.tenant_or_create(tenant).await?;
+            if keys.state != TenantState::Active {
+                return Err(Error::TenantDeleted);
+            }
             let (dek, dek_bytes) = keys.primary()?;
             let version = current.checked_add(1).ok_or(Invalid::Version)?;
             let context =
@@ -286,6 +297,7 @@ impl Vault {
                 .add(layout::dek_counter(tenant, dek.version()), 1)
                 .add(layout::dek_refs(tenant, dek.version()), 1)
                 .check(layout::dek(tenant, dek.version()), Some(dek_bytes.to_vec()))
+                .check(layout::tenant(tenant), Some(keys.tenant_bytes.clone()))
                 .check(head_key.clone(), head_bytes)
                 .put(head_key.clone(), new_head.encode_to_vec())
                 .put(
@@ -350,6 +362,17 @@ impl Vault {
         credential: &str,
         version: Option<u32>,
     ) -> Result<Unsealed> {
+        validate::tenant_id(tenant)?;
+        let Some(keys) = self.keys.tenant(tenant)? else {
+            return Err(if self.store.get(&layout::receipt(tenant))?.is_some() {
+                Error::TenantDeleted
+            } else {
+                Error::NotFound
+            });
+        };
+        if keys.state != TenantState::Active {
+            return Err(Error::TenantDeleted);
+        }
         let (version, latest, mut record) = self.version_record(tenant, credential, version)?;
         if record.state() == VersionState::Revoked {
             return Err(Error::Revoked);
@@ -357,7 +380,6 @@ impl Vault {
         if record.expires_at_ms != 0 && self.clock.now_ms() >= record.expires_at_ms {
             return Err(Error::Expired);
         }
-        let keys = self.keys.tenant(tenant)?.ok_or(Error::NotFound)?;
         let dek = keys
             .get(record.dek_version)
             .ok_or(Error::DecryptionFailed)?;
@@ -539,8 +561,18 @@ impl Vault {
                     .map(Revocation::from)
                     .ok_or(Error::NotFound);
             }
+            events::append(
+                &mut batch,
+                EventKind::CredentialRevoked,
+                tenant,
+                credential,
+                tombstone.revoked_at_ms,
+            );
             match self.store.commit(batch).await {
-                Ok(_) => return Ok(tombstone.into()),
+                Ok(counters) => {
+                    self.events_committed(counters.last().copied());
+                    return Ok(tombstone.into());
+                }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
             }

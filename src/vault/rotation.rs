@@ -25,7 +25,7 @@ use crate::crypto::SymmetricKey;
 use crate::crypto::envelope::{self, Context};
 use crate::error::{Error, Invalid, Result};
 use crate::store::records::{
-    self, DekRecord, JobKind, JobRecord, KekRecord, KeyState, VersionRecord,
+    self, DekRecord, JobKind, JobRecord, KekRecord, KeyState, TenantState, VersionRecord,
 };
 use crate::store::{Batch, StoreError, layout};
 
@@ -241,6 +241,9 @@ impl Vault {
         let now = self.clock.now_ms();
         loop {
             let keys = self.keys.tenant(tenant)?.ok_or(Error::NotFound)?;
+            if keys.state != TenantState::Active {
+                return Err(Error::TenantDeleted);
+            }
             let (dek, _) = keys.primary()?;
             let from = dek.version();
             let mut total = 0;
@@ -480,7 +483,10 @@ impl Vault {
         let mut size = self.options.rotation.batch_size.max(1);
         let mut attempts = 0;
         loop {
-            let job_bytes = self.store.get(&job_key)?.ok_or(Error::JobNotFound)?;
+            // A job purged with its tenant is over.
+            let Some(job_bytes) = self.store.get(&job_key)? else {
+                return Ok(());
+            };
             let mut job: JobRecord = records::decode(&job_bytes)?;
             if job.finished_at_ms != 0 {
                 return Ok(());
@@ -666,7 +672,14 @@ impl Vault {
             return Ok((None, None));
         };
         let last = last.clone();
-        let keys = self.keys.tenant(tenant)?.ok_or(Error::NotFound)?;
+        // A tenant deleted (or shredded) since the job started: nothing more to
+        // do; its records are going away, or come back as they were.
+        let Some(keys) = self.keys.tenant(tenant)? else {
+            return Ok((None, None));
+        };
+        if keys.state != TenantState::Active {
+            return Ok((None, None));
+        }
         let (dek, dek_bytes) = keys.primary()?;
         let mut moves = Moves::default();
         let mut puts = Batch::default();
@@ -816,10 +829,15 @@ impl Vault {
                     version = primary.version,
                     "data key reached its rotation period"
                 );
-                started.push(
-                    self.rotate_tenant_key(&tenant, options.reencrypt_on_schedule)
-                        .await?,
-                );
+                match self
+                    .rotate_tenant_key(&tenant, options.reencrypt_on_schedule)
+                    .await
+                {
+                    Ok(job) => started.push(job),
+                    // Deleted tenants are not rotated: they are on their way out.
+                    Err(Error::TenantDeleted) => {}
+                    Err(e) => return Err(e),
+                }
             }
             for dek in &ring {
                 if dek.state() == KeyState::DecryptOnly
