@@ -17,6 +17,7 @@
 //! - [`error`]: errors with stable reason codes; [`clock`]: injectable time.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod authn;
 pub mod authz;
 pub mod bench;
