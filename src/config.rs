@@ -348,6 +348,8 @@ impl Config {
             max_versions: self.limits.max_versions,
             rotate_after_encryptions: self.limits.rotate_after_encryptions,
             rotation: self.rotation.options().unwrap_or_default(),
+            // A server always writes audit records.
+            audit: true,
         }
     }
 

@@ -131,6 +131,12 @@ pub enum Error {
         "the new root key is the one in use or a retired one; generate a new one (credvault keygen)"
     )]
     SameRootKey,
+    /// The audit record could not be written: the call fails closed.
+    #[error("the audit record could not be written; the call was refused")]
+    AuditUnavailable,
+    /// The audit log failed (query, verify, prune).
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The root key could not be loaded.
     #[error(transparent)]
     RootKey(#[from] RootKeyError),
@@ -167,6 +173,8 @@ impl Error {
             Error::TenantNotDeleted => "TENANT_NOT_DELETED",
             Error::TenantShredded => "TENANT_SHREDDED",
             Error::EventsPruned { .. } => "EVENTS_PRUNED",
+            Error::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            Error::Audit(e) => e.reason(),
             Error::PrimaryKey { .. } => "KEY_IS_PRIMARY",
             Error::KeyNotFound => "KEY_NOT_FOUND",
             Error::JobNotFound => "JOB_NOT_FOUND",
@@ -210,6 +218,10 @@ impl From<Error> for tonic::Status {
             | Error::TenantNotDeleted
             | Error::TenantShredded => Code::FailedPrecondition,
             Error::EventsPruned { .. } => Code::OutOfRange,
+            Error::AuditUnavailable => Code::Unavailable,
+            Error::Audit(crate::audit::AuditError::InvalidPageToken) => Code::InvalidArgument,
+            Error::Audit(crate::audit::AuditError::Store(_)) => Code::Unavailable,
+            Error::Audit(_) => Code::DataLoss,
             Error::Revoked
             | Error::Expired
             | Error::TenantDeleted
@@ -227,6 +239,11 @@ impl From<Error> for tonic::Status {
             | Error::WrongRootKey
             | Error::RetiredRootKey { .. }
             | Error::RootKey(_)
+            | Error::Audit(
+                crate::audit::AuditError::Corrupt { .. }
+                | crate::audit::AuditError::ChainBroken { .. }
+                | crate::audit::AuditError::Store(_),
+            )
             | Error::Corrupt(_) => {
                 tracing::error!(%error, "internal error");
                 "internal error; see the server log".to_string()

@@ -61,7 +61,7 @@ async fn deletion_disables_at_once_and_restore_brings_everything_back() {
     let (tv, expected) = filled(2, 5).await;
     let vault = tv.vault();
     let status = vault
-        .delete_tenant("tenant-0", None, "settings-ui")
+        .delete_tenant("tenant-0", None, "settings-ui", None)
         .await
         .unwrap();
     assert_eq!(status.state, "deleted");
@@ -90,25 +90,25 @@ async fn deletion_disables_at_once_and_restore_brings_everything_back() {
     assert_tenant_unseals(&tv, &expected, "tenant-1").await;
     // Deleting again changes nothing (not even the grace period).
     let again = vault
-        .delete_tenant("tenant-0", Some(0), "someone-else")
+        .delete_tenant("tenant-0", Some(0), "someone-else", None)
         .await
         .unwrap();
     assert_eq!(again.shred_after_ms, status.shred_after_ms);
     assert!(matches!(
         vault
-            .delete_tenant("tenant-1", Some(31 * DAY_MS), "x")
+            .delete_tenant("tenant-1", Some(31 * DAY_MS), "x", None)
             .await,
         Err(Error::Invalid(Invalid::Grace))
     ));
     assert!(matches!(
-        vault.delete_tenant("nobody", None, "x").await,
+        vault.delete_tenant("nobody", None, "x", None).await,
         Err(Error::NotFound)
     ));
 
     // Within the grace period: restore, and it is all there.
     tv.clock.advance_ms(6 * DAY_MS);
     assert!(vault.run_shredder().await.unwrap().is_empty());
-    let restored = vault.restore_tenant("tenant-0").await.unwrap();
+    let restored = vault.restore_tenant("tenant-0", None).await.unwrap();
     assert_eq!(restored.state, "active");
     assert_tenant_unseals(&tv, &expected, "tenant-0").await;
     vault
@@ -116,7 +116,7 @@ async fn deletion_disables_at_once_and_restore_brings_everything_back() {
         .await
         .unwrap();
     assert!(matches!(
-        vault.restore_tenant("tenant-0").await,
+        vault.restore_tenant("tenant-0", None).await,
         Err(Error::TenantNotDeleted)
     ));
     // Long after: nothing is shredded (the restore cancelled it).
@@ -171,7 +171,7 @@ async fn the_shred_destroys_the_keys_then_purges_and_leaves_a_receipt() {
     let kek_wraps_before = tv.vault().key_status(None).unwrap().keks[0].wrapped_deks;
 
     tv.vault()
-        .delete_tenant("tenant-0", Some(DAY_MS), "settings-ui")
+        .delete_tenant("tenant-0", Some(DAY_MS), "settings-ui", None)
         .await
         .unwrap();
     tv.clock.advance_ms(DAY_MS);
@@ -213,7 +213,7 @@ async fn the_shred_destroys_the_keys_then_purges_and_leaves_a_receipt() {
         Err(Error::TenantDeleted)
     ));
     assert!(matches!(
-        tv.vault().restore_tenant("tenant-0").await,
+        tv.vault().restore_tenant("tenant-0", None).await,
         Err(Error::TenantShredded)
     ));
 
@@ -253,11 +253,11 @@ async fn legal_hold_blocks_the_shred_until_released() {
     let (tv, expected) = filled(1, 3).await;
     let vault = tv.vault();
     vault
-        .delete_tenant("tenant-0", Some(0), "settings-ui")
+        .delete_tenant("tenant-0", Some(0), "settings-ui", None)
         .await
         .unwrap();
     let held = vault
-        .set_legal_hold("tenant-0", true, "case 42", "legal")
+        .set_legal_hold("tenant-0", true, "case 42", "legal", None)
         .await
         .unwrap();
     assert!(held.legal_hold);
@@ -273,13 +273,13 @@ async fn legal_hold_blocks_the_shred_until_released() {
     // Held data can still be restored intact.
     assert_eq!(vault.dek_states("tenant-0").unwrap()[&1], KeyState::Active);
     vault
-        .set_legal_hold("tenant-0", false, "", "legal")
+        .set_legal_hold("tenant-0", false, "", "legal", None)
         .await
         .unwrap();
     assert_eq!(vault.run_shredder().await.unwrap(), ["tenant-0"]);
     assert!(matches!(
         vault
-            .set_legal_hold("tenant-0", true, "too late", "legal")
+            .set_legal_hold("tenant-0", true, "too late", "legal", None)
             .await,
         Err(Error::TenantShredded)
     ));
@@ -290,7 +290,7 @@ async fn legal_hold_blocks_the_shred_until_released() {
 async fn an_interrupted_shred_resumes_and_counts_every_record_once() {
     let (mut tv, _) = filled(1, 60).await;
     tv.vault()
-        .delete_tenant("tenant-0", Some(0), "ops")
+        .delete_tenant("tenant-0", Some(0), "ops", None)
         .await
         .unwrap();
     // Stop part-way through the purge (batches of 8, yielding in between).

@@ -18,6 +18,9 @@
 //! v\0{tenant}\0{credential}\0{v:u32}  VersionRecord
 //! j\0{job id}                      JobRecord
 //! e\0{seq:u64}                     EventRecord (the revocation event log)
+//! a\0{seq:u64}                     audit::Record (the HMAC-chained audit log)
+//! m\0audit.anchor                  audit::Anchor (where the chain starts after pruning)
+//! m\0audit.key                     the audit HMAC key, sealed by the root key
 //! x\0{tenant}                      DeletionReceipt of a shredded tenant
 //! m\0root.retired\0{v:u32}          RootCheck of root key v, retired by a root rotation
 //! ```
@@ -41,6 +44,10 @@ pub fn retired_root(version: u32) -> Vec<u8> {
     key.extend_from_slice(&version.to_be_bytes());
     key
 }
+
+/// The audit log's HMAC key, sealed by the root key (rewrapped with the KEKs
+/// when the root key rotates).
+pub const AUDIT_KEY: &[u8] = b"m\0audit.key";
 
 /// The revocation event log: entries at `e\0{seq:u64}` (see `Op::Append`).
 pub const EVENTS: &[u8] = b"e\0";

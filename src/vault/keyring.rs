@@ -89,6 +89,8 @@ pub(crate) struct KeyRing {
     root: RwLock<Root>,
     keks: RwLock<BTreeMap<u32, Loaded<Kek>>>,
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
+    /// The audit log's HMAC key (random, sealed by the root key in the store).
+    audit_key: SymmetricKey,
     rotate_after: u64,
 }
 
@@ -118,6 +120,7 @@ impl KeyRing {
             });
         }
         let root = RootKey::new(check.root_version, root);
+        let audit_key = load_audit_key(&*store, &root, &check_bytes).await?;
         let keks = load_keks(&*store, &root, &BTreeMap::new())?;
         if primary(&keks).is_none() {
             return Err(Error::Corrupt("no active key-encryption key".into()));
@@ -131,6 +134,7 @@ impl KeyRing {
             }),
             keks: RwLock::new(keks),
             tenants: RwLock::default(),
+            audit_key,
             rotate_after: rotate_after.max(1),
         })
     }
@@ -180,6 +184,11 @@ impl KeyRing {
         store.commit(batch).await?;
         tracing::info!("initialised a new store: root check value and KEK v1 written");
         Ok(())
+    }
+
+    /// The audit log's HMAC key.
+    pub fn audit_key(&self) -> &SymmetricKey {
+        &self.audit_key
     }
 
     /// The root key's version.
@@ -544,6 +553,16 @@ impl KeyRing {
                     .put(key, record.encode_to_vec());
                 rewrapped += 1;
             }
+            if let Some(bytes) = self.store.get(layout::AUDIT_KEY)? {
+                let material =
+                    envelope::open(root.key(), &Context::audit_key(), &bytes).map_err(|_| {
+                        Error::Corrupt("the audit key does not open under the root key".into())
+                    })?;
+                batch.check(layout::AUDIT_KEY.to_vec(), Some(bytes)).put(
+                    layout::AUDIT_KEY.to_vec(),
+                    envelope::seal(&new_root, version, &Context::audit_key(), &material),
+                );
+            }
             let new_check = RootCheck {
                 root_version: version,
                 check: envelope::seal(
@@ -626,6 +645,37 @@ fn load_keks(
         );
     }
     Ok(keks)
+}
+
+/// The audit HMAC key: unsealed from the store, or made (and stored, checked
+/// against the root check value so it cannot race a root rotation) on first use.
+async fn load_audit_key(
+    store: &dyn Store,
+    root: &RootKey,
+    check_bytes: &[u8],
+) -> Result<SymmetricKey> {
+    if let Some(bytes) = store.get(layout::AUDIT_KEY)? {
+        let material = envelope::open(root.key(), &Context::audit_key(), &bytes)
+            .map_err(|_| Error::Corrupt("the audit key does not open under the root key".into()))?;
+        return to_key(&material);
+    }
+    let key = SymmetricKey::generate();
+    let mut batch = Batch::default();
+    batch
+        .check(layout::ROOT_CHECK.to_vec(), Some(check_bytes.to_vec()))
+        .check(layout::AUDIT_KEY.to_vec(), None)
+        .put(
+            layout::AUDIT_KEY.to_vec(),
+            envelope::seal(
+                root.key(),
+                root.version(),
+                &Context::audit_key(),
+                key.expose_bytes(),
+            ),
+        );
+    store.commit(batch).await?;
+    tracing::info!("made the audit log key");
+    Ok(key)
 }
 
 /// Whether `key` opens a root check value.

@@ -18,7 +18,7 @@ use crate::store::records::{
 };
 use crate::store::{Batch, StoreError, layout};
 
-use super::{MAX_ATTEMPTS, Vault, events, validate};
+use super::{Caller, MAX_ATTEMPTS, Vault, events, validate};
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// Grace period of a deletion when none is given.
@@ -117,11 +117,14 @@ impl Vault {
         bytes: Vec<u8>,
         record: &TenantRecord,
         event: Option<EventKind>,
+        caller: Option<&Caller>,
     ) -> Result<bool> {
         let mut batch = Batch::default();
         batch
             .check(layout::tenant(tenant), Some(bytes))
             .put(layout::tenant(tenant), record.encode_to_vec());
+        self.audit_into(&mut batch, caller, tenant, "", 0);
+        // The event last: its sequence is the batch's last counter.
         if let Some(kind) = event {
             events::append(&mut batch, kind, tenant, "", self.clock.now_ms());
         }
@@ -147,6 +150,7 @@ impl Vault {
         tenant: &str,
         grace_ms: Option<u64>,
         by: &str,
+        caller: Option<&Caller>,
     ) -> Result<TenantStatus> {
         let grace = grace_ms.unwrap_or(DEFAULT_GRACE_MS);
         if grace > MAX_GRACE_MS {
@@ -156,6 +160,9 @@ impl Vault {
         for _ in 0..MAX_ATTEMPTS {
             let (bytes, mut record) = self.tenant_record(tenant)?;
             if record.state() == TenantState::Deleted {
+                if let Some(caller) = caller {
+                    self.audit(caller, tenant, "", 0, "ok").await?;
+                }
                 return Ok(status(tenant, &record));
             }
             let now = self.clock.now_ms();
@@ -164,7 +171,13 @@ impl Vault {
             record.deleted_by = by.to_owned();
             record.shred_after_ms = now.saturating_add(grace);
             if self
-                .update_tenant(tenant, bytes, &record, Some(EventKind::TenantDisabled))
+                .update_tenant(
+                    tenant,
+                    bytes,
+                    &record,
+                    Some(EventKind::TenantDisabled),
+                    caller,
+                )
                 .await?
             {
                 tracing::info!(tenant, grace_ms = grace, "tenant deleted");
@@ -177,7 +190,11 @@ impl Vault {
     /// Undoes a deletion within its grace period: everything comes back as it
     /// was. Refused once the shred has begun ([`Error::TenantShredded`]) and for
     /// a tenant that is not deleted ([`Error::TenantNotDeleted`]).
-    pub async fn restore_tenant(&self, tenant: &str) -> Result<TenantStatus> {
+    pub async fn restore_tenant(
+        &self,
+        tenant: &str,
+        caller: Option<&Caller>,
+    ) -> Result<TenantStatus> {
         for _ in 0..MAX_ATTEMPTS {
             let (bytes, mut record) = self.tenant_record(tenant)?;
             if record.state() != TenantState::Deleted {
@@ -191,7 +208,13 @@ impl Vault {
             record.deleted_by = String::new();
             record.shred_after_ms = 0;
             if self
-                .update_tenant(tenant, bytes, &record, Some(EventKind::TenantRestored))
+                .update_tenant(
+                    tenant,
+                    bytes,
+                    &record,
+                    Some(EventKind::TenantRestored),
+                    caller,
+                )
                 .await?
             {
                 tracing::info!(tenant, "tenant restored");
@@ -209,6 +232,7 @@ impl Vault {
         hold: bool,
         reason: &str,
         by: &str,
+        caller: Option<&Caller>,
     ) -> Result<TenantStatus> {
         validate::text("reason", reason, validate::MAX_REASON)?;
         validate::text("legal_hold_by", by, validate::MAX_ACTOR)?;
@@ -224,7 +248,10 @@ impl Vault {
                 String::new()
             };
             record.legal_hold_by = by.to_owned();
-            if self.update_tenant(tenant, bytes, &record, None).await? {
+            if self
+                .update_tenant(tenant, bytes, &record, None, caller)
+                .await?
+            {
                 tracing::info!(tenant, hold, "legal hold changed");
                 return Ok(status(tenant, &record));
             }

@@ -6,6 +6,7 @@
 //! [`ledger`]. A write that races another is retried against fresh state (every
 //! batch names the exact bytes it replaces).
 
+mod audit;
 mod events;
 mod keyring;
 mod ledger;
@@ -14,7 +15,8 @@ mod rotation;
 pub mod validate;
 
 pub use crate::store::records::JobKind;
-pub use events::Event;
+pub use audit::Caller;
+pub use events::{Event, EventPage};
 pub use ledger::{DekStatus, KekStatus, KeyStatus, RootKeyStatus};
 pub use lifecycle::{DeletionReceipt, TenantStatus};
 pub use rotation::{JobState, KeyLayer, RotationJob, RotationOptions};
@@ -172,6 +174,9 @@ pub struct VaultOptions {
     pub rotate_after_encryptions: u64,
     /// Rotation schedules and job pacing.
     pub rotation: RotationOptions,
+    /// Whether audit records are written. Off only in benchmarks (to measure
+    /// what they cost); a server always writes them.
+    pub audit: bool,
 }
 
 impl Default for VaultOptions {
@@ -181,6 +186,7 @@ impl Default for VaultOptions {
             max_versions: 10,
             rotate_after_encryptions: 1 << 30,
             rotation: RotationOptions::default(),
+            audit: true,
         }
     }
 }
@@ -200,6 +206,7 @@ pub struct Vault {
     jobs_started: tokio::sync::Notify,
     /// The sequence number of the newest event (watchers wait on changes).
     events: tokio::sync::watch::Sender<u64>,
+    audit: Option<crate::audit::AuditLog>,
 }
 
 impl Vault {
@@ -221,6 +228,9 @@ impl Vault {
         .await?;
         ledger::ensure(&*store).await?;
         let last_event = events::last_sequence(&*store)?;
+        let audit = options
+            .audit
+            .then(|| crate::audit::AuditLog::new(store.clone(), clock.clone(), keys.audit_key()));
         Ok(Self {
             store,
             clock,
@@ -228,6 +238,7 @@ impl Vault {
             options,
             jobs_started: tokio::sync::Notify::new(),
             events: tokio::sync::watch::Sender::new(last_event),
+            audit,
         })
     }
 
@@ -237,6 +248,11 @@ impl Vault {
 
     /// Seals a new version of a credential and returns its metadata once durable.
     pub async fn seal(&self, req: SealRequest) -> Result<Metadata> {
+        self.seal_as(req, None).await
+    }
+
+    /// [`Vault::seal`], with the audit record of `caller` in the same batch.
+    pub async fn seal_as(&self, req: SealRequest, caller: Option<&Caller>) -> Result<Metadata> {
         validate::tenant_id(&req.tenant)?;
         validate::credential_id(&req.credential)?;
         validate::secret_size(req.secret.len(), self.options.max_secret_bytes)?;
@@ -305,6 +321,7 @@ impl Vault {
                     record.encode_to_vec(),
                 );
             self.prune_old_versions(&mut batch, tenant, credential, version)?;
+            self.audit_into(&mut batch, caller, tenant, credential, version);
             match self.store.commit(batch).await {
                 Ok(counters) => {
                     // The seal is durable: a failed rotation must not turn it into an
@@ -362,6 +379,55 @@ impl Vault {
         credential: &str,
         version: Option<u32>,
     ) -> Result<Unsealed> {
+        self.unseal_as(tenant, credential, version, None).await
+    }
+
+    /// [`Vault::unseal`] for `caller`: its audit record is durable before the
+    /// secret is returned, written in a batch that re-checks the tenant and the
+    /// version record as read, so an Unseal that races a Revoke or a tenant
+    /// deletion either committed before it or is retried and refused. If the
+    /// record cannot be written, the call fails ([`Error::AuditUnavailable`]).
+    pub async fn unseal_as(
+        &self,
+        tenant: &str,
+        credential: &str,
+        version: Option<u32>,
+        caller: Option<&Caller>,
+    ) -> Result<Unsealed> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (unsealed, checks) = self.open_version(tenant, credential, version)?;
+            if !self.audits(caller) {
+                return Ok(unsealed);
+            }
+            let mut batch = Batch::default();
+            batch.checks = checks;
+            self.audit_into(
+                &mut batch,
+                caller,
+                tenant,
+                credential,
+                unsealed.metadata.version,
+            );
+            match self.store.commit(batch).await {
+                Ok(_) => return Ok(unsealed),
+                Err(StoreError::Conflict) => self.keys.invalidate(tenant),
+                Err(error) => {
+                    tracing::error!(%error, tenant, "unseal refused: its audit record was not written");
+                    return Err(Error::AuditUnavailable);
+                }
+            }
+        }
+        Err(Error::Contention)
+    }
+
+    /// Reads and opens a version; returns it with the checks that hold while
+    /// nothing it depends on has changed (tenant record, version record).
+    fn open_version(
+        &self,
+        tenant: &str,
+        credential: &str,
+        version: Option<u32>,
+    ) -> Result<(Unsealed, Vec<(Vec<u8>, Option<Vec<u8>>)>)> {
         validate::tenant_id(tenant)?;
         let Some(keys) = self.keys.tenant(tenant)? else {
             return Err(if self.store.get(&layout::receipt(tenant))?.is_some() {
@@ -373,7 +439,8 @@ impl Vault {
         if keys.state != TenantState::Active {
             return Err(Error::TenantDeleted);
         }
-        let (version, latest, mut record) = self.version_record(tenant, credential, version)?;
+        let (version, latest, key, bytes) = self.version_row(tenant, credential, version)?;
+        let mut record: VersionRecord = records::decode(&bytes)?;
         if record.state() == VersionState::Revoked {
             return Err(Error::Revoked);
         }
@@ -390,10 +457,15 @@ impl Vault {
         let context = Context::payload(tenant, credential, version, kind as u8, record.dek_version);
         let secret =
             envelope::open_owned(dek.key(), &context, std::mem::take(&mut record.ciphertext))?;
-        Ok(Unsealed {
+        let unsealed = Unsealed {
             secret: secret.into(),
             metadata: metadata(tenant, credential, latest, record)?,
-        })
+        };
+        let checks = vec![
+            (layout::tenant(tenant), Some(keys.tenant_bytes.clone())),
+            (key, Some(bytes)),
+        ];
+        Ok((unsealed, checks))
     }
 
     /// Metadata of the latest version, or of `version` if given. Never the secret.
@@ -424,6 +496,18 @@ impl Vault {
         credential: &str,
         version: Option<u32>,
     ) -> Result<(u32, u32, VersionRecord)> {
+        let (version, latest, _, bytes) = self.version_row(tenant, credential, version)?;
+        Ok((version, latest, records::decode(&bytes)?))
+    }
+
+    /// The version asked for (default: the latest), the latest version, and
+    /// the key and bytes of the record stored under the first.
+    fn version_row(
+        &self,
+        tenant: &str,
+        credential: &str,
+        version: Option<u32>,
+    ) -> Result<(u32, u32, Vec<u8>, Vec<u8>)> {
         validate::tenant_id(tenant)?;
         validate::credential_id(credential)?;
         if version == Some(0) {
@@ -438,14 +522,12 @@ impl Vault {
                 .ok_or(Error::NotFound)?;
             let latest = layout::trailing_version(&key)
                 .ok_or_else(|| Error::Corrupt("malformed version key".into()))?;
-            return Ok((latest, latest, records::decode(&bytes)?));
+            return Ok((latest, latest, key, bytes));
         };
         let head = self.head(tenant, credential)?.ok_or(Error::NotFound)?;
-        let bytes = self
-            .store
-            .get(&layout::version(tenant, credential, version))?
-            .ok_or(Error::NotFound)?;
-        Ok((version, head.latest_version, records::decode(&bytes)?))
+        let key = layout::version(tenant, credential, version);
+        let bytes = self.store.get(&key)?.ok_or(Error::NotFound)?;
+        Ok((version, head.latest_version, key, bytes))
     }
 
     /// A page of a tenant's credentials (latest version metadata), in id order,
@@ -518,6 +600,19 @@ impl Vault {
         by: &str,
         reason: &str,
     ) -> Result<Revocation> {
+        self.revoke_as(tenant, credential, by, reason, None).await
+    }
+
+    /// [`Vault::revoke`], with the audit record of `caller` in the same batch
+    /// (or on its own when the credential was already revoked).
+    pub async fn revoke_as(
+        &self,
+        tenant: &str,
+        credential: &str,
+        by: &str,
+        reason: &str,
+        caller: Option<&Caller>,
+    ) -> Result<Revocation> {
         validate::tenant_id(tenant)?;
         validate::credential_id(credential)?;
         validate::text("reason", reason, validate::MAX_REASON)?;
@@ -557,10 +652,15 @@ impl Vault {
                     .put(key, record.encode_to_vec());
             }
             if batch.ops.is_empty() {
-                return latest_tombstone
+                let revocation = latest_tombstone
                     .map(Revocation::from)
-                    .ok_or(Error::NotFound);
+                    .ok_or(Error::NotFound)?;
+                if let Some(caller) = caller {
+                    self.audit(caller, tenant, credential, 0, "ok").await?;
+                }
+                return Ok(revocation);
             }
+            self.audit_into(&mut batch, caller, tenant, credential, 0);
             events::append(
                 &mut batch,
                 EventKind::CredentialRevoked,
