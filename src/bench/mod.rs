@@ -3,6 +3,7 @@
 //! one run on one machine. Timing lives here, never in tests.
 
 pub mod grpc;
+pub mod rotation;
 pub mod store;
 
 use std::path::Path;

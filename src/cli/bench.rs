@@ -10,22 +10,27 @@ pub enum Scenario {
     Store,
     /// The gRPC server over mutual TLS on 127.0.0.1: echo floor, unseal, health.
     Grpc,
+    /// Rotation jobs in-process: KEK rewrap, re-encryption, unseal while they run.
+    Rotation,
 }
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Which benchmark to run.
     scenario: Scenario,
-    /// Credentials in the warm store.
-    #[arg(long, default_value_t = 100_000)]
-    credentials: u64,
-    /// Tenants the credentials are spread over.
-    #[arg(long, default_value_t = 1_000)]
-    tenants: u64,
+    /// Credentials in the warm store (rotation: of the one tenant re-encrypted)
+    /// [default: 100,000].
+    #[arg(long)]
+    credentials: Option<u64>,
+    /// Tenants the credentials are spread over (rotation: tenants of the KEK
+    /// rewrap, one credential each) [default: 1,000; rotation: 100,000].
+    #[arg(long)]
+    tenants: Option<u64>,
     /// sled page cache of the benchmark stores, in MiB.
     #[arg(long, default_value_t = 1024)]
     cache_mb: u64,
-    /// Seconds each timed measurement runs [default: 3 for store, 5 for grpc].
+    /// Seconds each timed measurement runs [default: 3 for store, 5 for grpc;
+    /// rotation: unseal at rest before each loaded job, 3].
     #[arg(long)]
     seconds: Option<f64>,
     /// grpc: calls kept in flight.
@@ -38,6 +43,18 @@ pub struct BenchArgs {
     /// round-robin (echo, unseal, health, then the reverse, …).
     #[arg(long, default_value_t = 5)]
     rounds: u32,
+    /// rotation: threads unsealing at rest and during the jobs.
+    #[arg(long, default_value_t = 1)]
+    unseal_threads: usize,
+    /// rotation: concurrent writers filling the stores.
+    #[arg(long, default_value_t = 64)]
+    fill_writers: usize,
+    /// rotation: records per job batch [default: the vault's, 512].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// rotation: pause between job batches, ms [default: the vault's, 0].
+    #[arg(long)]
+    batch_pause_ms: Option<u64>,
     /// Where to write the JSON results (default: bench-results/SCENARIO.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -50,8 +67,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.scenario {
         Scenario::Store => {
             let params = credvault::bench::store::Params {
-                credentials: args.credentials,
-                tenants: args.tenants,
+                credentials: args.credentials.unwrap_or(100_000),
+                tenants: args.tenants.unwrap_or(1_000),
                 seconds: args.seconds.unwrap_or(3.0),
                 cache_bytes: args.cache_mb << 20,
                 out: args
@@ -63,8 +80,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         Scenario::Grpc => {
             let params = credvault::bench::grpc::Params {
-                credentials: args.credentials,
-                tenants: args.tenants,
+                credentials: args.credentials.unwrap_or(100_000),
+                tenants: args.tenants.unwrap_or(1_000),
                 seconds: args.seconds.unwrap_or(5.0),
                 warmup_seconds: 1.0,
                 rounds: args.rounds,
@@ -75,6 +92,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             };
             let report = runtime.block_on(credvault::bench::grpc::run(&params))?;
             report.finish(&params.out)?;
+        }
+        Scenario::Rotation => {
+            let defaults = credvault::vault::RotationOptions::default();
+            let params = credvault::bench::rotation::Params {
+                tenants: args.tenants.unwrap_or(100_000),
+                credentials: args.credentials.unwrap_or(100_000),
+                seconds: args.seconds.unwrap_or(3.0),
+                unseal_threads: args.unseal_threads,
+                fill_writers: args.fill_writers,
+                cache_bytes: args.cache_mb << 20,
+                rotation: credvault::vault::RotationOptions {
+                    batch_size: args.batch_size.unwrap_or(defaults.batch_size),
+                    batch_pause_ms: args.batch_pause_ms.unwrap_or(defaults.batch_pause_ms),
+                    ..defaults
+                },
+                out: args
+                    .out
+                    .unwrap_or_else(|| "bench-results/rotation.json".into()),
+            };
+            let results = runtime.block_on(credvault::bench::rotation::run(&params))?;
+            results.finish(&params.out)?;
         }
     }
     Ok(())
