@@ -191,6 +191,9 @@ impl Default for VaultOptions {
     }
 }
 
+/// Preconditions of a batch: each key must hold exactly this value (`None`: be absent).
+type Checks = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// How often an operation that keeps conflicting with concurrent writers is retried.
 const MAX_ATTEMPTS: usize = 64;
 /// Largest page of [`Vault::list`].
@@ -399,8 +402,10 @@ impl Vault {
             if !self.audits(caller) {
                 return Ok(unsealed);
             }
-            let mut batch = Batch::default();
-            batch.checks = checks;
+            let mut batch = Batch {
+                checks,
+                ..Batch::default()
+            };
             self.audit_into(
                 &mut batch,
                 caller,
@@ -427,7 +432,7 @@ impl Vault {
         tenant: &str,
         credential: &str,
         version: Option<u32>,
-    ) -> Result<(Unsealed, Vec<(Vec<u8>, Option<Vec<u8>>)>)> {
+    ) -> Result<(Unsealed, Checks)> {
         validate::tenant_id(tenant)?;
         let Some(keys) = self.keys.tenant(tenant)? else {
             return Err(if self.store.get(&layout::receipt(tenant))?.is_some() {
