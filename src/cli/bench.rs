@@ -49,10 +49,10 @@ pub struct BenchArgs {
     /// rotation: concurrent writers filling the stores.
     #[arg(long, default_value_t = 64)]
     fill_writers: usize,
-    /// rotation: records per job batch [default: the vault's, 512].
+    /// rotation: records per job batch [default: the vault's, 128].
     #[arg(long)]
     batch_size: Option<usize>,
-    /// rotation: pause between job batches, ms [default: the vault's, 0].
+    /// rotation: pause between job batches, ms [default: the vault's, 2].
     #[arg(long)]
     batch_pause_ms: Option<u64>,
     /// Where to write the JSON results (default: bench-results/SCENARIO.json).
