@@ -43,12 +43,18 @@ enum RotateCommand {
         #[command(flatten)]
         wait: Wait,
     },
-    /// Make a new primary DEK for a tenant; with --reencrypt a job re-encrypts its credentials.
+    /// Make a new primary DEK for a tenant (or every tenant, --all); with --reencrypt a job
+    /// re-encrypts its credentials.
     Tenant {
         #[command(flatten)]
         conn: Connection,
         /// The tenant id.
-        tenant: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        tenant: Option<String>,
+        /// Every tenant (as `keys status` lists them), one after the other; deleted tenants
+        /// are skipped.
+        #[arg(long)]
+        all: bool,
         /// Also re-encrypt the tenant's stored credential versions under the new DEK (so the
         /// old one stops protecting anything and can be destroyed).
         #[arg(long)]
@@ -101,6 +107,14 @@ async fn execute(command: RotateCommand) -> anyhow::Result<()> {
         | RotateCommand::Status { conn, wait, .. } => (conn, wait.wait),
     };
     let mut client = admin(conn).await?;
+    if let RotateCommand::Tenant {
+        all: true,
+        reencrypt,
+        ..
+    } = &command
+    {
+        return rotate_all_tenants(&mut client, *reencrypt, wait).await;
+    }
     let mut root_key_file = None;
     let job = match &command {
         RotateCommand::Kek { .. } => client.rotate_kek(pb::RotateKekRequest {}).await,
@@ -108,7 +122,7 @@ async fn execute(command: RotateCommand) -> anyhow::Result<()> {
             tenant, reencrypt, ..
         } => {
             let request = pb::RotateTenantKeyRequest {
-                tenant_id: tenant.clone(),
+                tenant_id: tenant.clone().unwrap_or_default(),
                 reencrypt: *reencrypt,
             };
             client.rotate_tenant_key(request).await
@@ -159,6 +173,65 @@ async fn execute(command: RotateCommand) -> anyhow::Result<()> {
 }
 
 type AdminClient = pb::admin_client::AdminClient<tonic::transport::Channel>;
+
+/// The stable reason of a failed call ("" if none).
+fn reason_of(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}
+
+/// `rotate tenant --all`: every tenant with a DEK, one after the other (each
+/// followed to the end with --wait). Deleted tenants are skipped; any other
+/// failure stops the run with a non-zero exit.
+async fn rotate_all_tenants(
+    client: &mut AdminClient,
+    reencrypt: bool,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let status = client
+        .get_key_status(pb::GetKeyStatusRequest::default())
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let tenants: std::collections::BTreeSet<String> = status
+        .versions
+        .into_iter()
+        .filter(|v| v.layer == "dek")
+        .map(|v| v.tenant_id)
+        .collect();
+    let mut out = std::io::stdout().lock();
+    let (mut rotated, mut skipped) = (0, 0);
+    for tenant in tenants {
+        let request = pb::RotateTenantKeyRequest {
+            tenant_id: tenant.clone(),
+            reencrypt,
+        };
+        let job = match client.rotate_tenant_key(request).await {
+            Ok(job) => job.into_inner(),
+            Err(status) if reason_of(&status) == "TENANT_DELETED" => {
+                writeln!(out, "tenant {tenant}: deleted, skipped")?;
+                skipped += 1;
+                continue;
+            }
+            Err(status) => return Err(status_error(status)),
+        };
+        writeln!(out, "{}", job_line(&job))?;
+        if wait {
+            let started = Instant::now();
+            let job = follow(client, job).await?;
+            writeln!(out, "{}", done_line(&job, started.elapsed()))?;
+        }
+        rotated += 1;
+    }
+    writeln!(
+        out,
+        "rotated {rotated} tenant(s), skipped {skipped} deleted"
+    )?;
+    Ok(())
+}
 
 /// Polls the job until it is done, drawing its progress on stderr.
 async fn follow(
