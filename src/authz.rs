@@ -32,6 +32,7 @@ pub enum Rpc {
     DeleteTenant,
     RestoreTenant,
     SetLegalHold,
+    GetTenantStatus,
     // service Admin
     RotateKek,
     RotateTenantKey,
@@ -46,7 +47,7 @@ pub enum Rpc {
 
 impl Rpc {
     /// Every RPC, Vault service first, in declaration order.
-    pub const ALL: [Rpc; 18] = [
+    pub const ALL: [Rpc; 19] = [
         Rpc::Seal,
         Rpc::Unseal,
         Rpc::GetMetadata,
@@ -56,6 +57,7 @@ impl Rpc {
         Rpc::DeleteTenant,
         Rpc::RestoreTenant,
         Rpc::SetLegalHold,
+        Rpc::GetTenantStatus,
         Rpc::RotateKek,
         Rpc::RotateTenantKey,
         Rpc::RotateRootKey,
@@ -79,6 +81,7 @@ impl Rpc {
             Rpc::DeleteTenant => "DeleteTenant",
             Rpc::RestoreTenant => "RestoreTenant",
             Rpc::SetLegalHold => "SetLegalHold",
+            Rpc::GetTenantStatus => "GetTenantStatus",
             Rpc::RotateKek => "RotateKek",
             Rpc::RotateTenantKey => "RotateTenantKey",
             Rpc::RotateRootKey => "RotateRootKey",
@@ -142,9 +145,22 @@ const SETTINGS: &[Rpc] = &[
     Rpc::DeleteTenant,
     Rpc::RestoreTenant,
     Rpc::SetLegalHold,
+    Rpc::GetTenantStatus,
 ];
-/// Every Admin RPC (declared last in [`Rpc`]).
-const ADMIN: &[Rpc] = Rpc::ALL.split_at(Rpc::RotateKek as usize).1;
+/// Every Admin RPC (declared last in [`Rpc`]), and a tenant's lifecycle status
+/// (operators follow deletions and shreds).
+const ADMIN: &[Rpc] = &[
+    Rpc::GetTenantStatus,
+    Rpc::RotateKek,
+    Rpc::RotateTenantKey,
+    Rpc::RotateRootKey,
+    Rpc::GetKeyStatus,
+    Rpc::DestroyKeyVersion,
+    Rpc::GetRotationJob,
+    Rpc::QueryAudit,
+    Rpc::VerifyAudit,
+    Rpc::Backup,
+];
 
 /// The RPCs of a built-in role, or `None` if `name` is not one.
 pub fn builtin_role(name: &str) -> Option<&'static [Rpc]> {
@@ -629,9 +645,9 @@ mod tests {
 
     #[test]
     fn rpc_names_round_trip() {
-        assert_eq!(Rpc::ALL.len(), 18);
+        assert_eq!(Rpc::ALL.len(), 19);
         let names: BTreeSet<_> = Rpc::ALL.iter().map(|rpc| rpc.name()).collect();
-        assert_eq!(names.len(), 18, "names are distinct");
+        assert_eq!(names.len(), 19, "names are distinct");
         for rpc in Rpc::ALL {
             assert_eq!(rpc.name().parse::<Rpc>(), Ok(rpc));
             assert_eq!(format!("{rpc:?}"), rpc.name());
@@ -645,10 +661,13 @@ mod tests {
     #[test]
     fn admin_rpcs_are_the_admin_service() {
         let admin: Vec<Rpc> = Rpc::ALL.into_iter().filter(|rpc| rpc.is_admin()).collect();
-        assert_eq!(admin, ADMIN);
         assert_eq!(admin.len(), 9);
+        // The admin role: every Admin RPC, and GetTenantStatus of the Vault service.
+        let role: Vec<Rpc> = std::iter::once(Rpc::GetTenantStatus).chain(admin).collect();
+        assert_eq!(role, ADMIN);
         assert!(!Rpc::Seal.is_admin());
         assert!(!Rpc::SetLegalHold.is_admin());
+        assert!(!Rpc::GetTenantStatus.is_admin());
         assert!(Rpc::RotateKek.is_admin());
         assert!(Rpc::Backup.is_admin());
     }
@@ -671,8 +690,9 @@ mod tests {
                     | DeleteTenant
                     | RestoreTenant
                     | SetLegalHold
+                    | GetTenantStatus
             ),
-            "admin" => rpc.is_admin(),
+            "admin" => rpc.is_admin() || rpc == GetTenantStatus,
             _ => unreachable!(),
         }
     }
@@ -695,8 +715,8 @@ mod tests {
                 }
             }
         }
-        // 4 + 1 + 7 + 9 allowed RPCs, each with and without a tenant.
-        assert_eq!(allowed, 2 * 21);
+        // 4 + 1 + 8 + 10 allowed RPCs, each with and without a tenant.
+        assert_eq!(allowed, 2 * 23);
     }
 
     #[test]
@@ -771,6 +791,9 @@ mod tests {
         assert!(policy.allows(ops, Rpc::RotateTenantKey, Some("acme")));
         assert!(policy.allows(ops, Rpc::QueryAudit, Some("acme")));
         assert!(!policy.allows(ops, Rpc::RotateTenantKey, Some("globex")));
+        assert!(policy.allows(ops, Rpc::GetTenantStatus, Some("acme")));
+        assert!(!policy.allows(ops, Rpc::GetTenantStatus, Some("globex")));
+        assert!(!policy.allows(ops, Rpc::GetTenantStatus, None));
         assert!(!policy.allows(ops, Rpc::QueryAudit, None));
         assert!(!policy.allows(ops, Rpc::RotateKek, None));
         assert!(!policy.allows(ops, Rpc::Backup, None));

@@ -37,6 +37,9 @@ pub struct Config {
     /// Rotation schedules and job pacing.
     #[serde(default)]
     pub rotation: RotationConfig,
+    /// Tenant lifecycle and the revocation event log.
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
     /// sled page cache, in MiB.
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
@@ -147,9 +150,66 @@ impl Default for RotationConfig {
     }
 }
 
+/// The `[lifecycle]` section: the revocation event log and its watchers.
+/// Durations as in `[rotation]`.
+///
+/// Shredding has no interval of its own: the background task that checks the
+/// rotation schedules (every `rotation.check_interval`) also shreds the
+/// tenants whose grace period is over and prunes the event log, and a
+/// `DeleteTenant` or legal-hold release wakes it at once, so a deletion with
+/// no grace period is shredded within moments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// How long revocation events are kept for watchers that reconnect
+    /// (`"off"`: for ever). A watcher asking for an older sequence gets
+    /// EVENTS_PRUNED and must resync.
+    pub event_retention: String,
+    /// How long a `WatchRevocations` stream may stay silent before a KEEPALIVE
+    /// is sent (at least 1s).
+    pub watch_keepalive: String,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            event_retention: "7d".into(),
+            watch_keepalive: "15s".into(),
+        }
+    }
+}
+
+/// The default of `lifecycle.watch_keepalive`.
+const DEFAULT_WATCH_KEEPALIVE: Duration = Duration::from_secs(15);
+/// The default of `lifecycle.event_retention`.
+const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+
+impl LifecycleConfig {
+    /// How long events are kept (`None`: for ever), or the field's error.
+    pub fn event_retention(&self) -> Result<Option<Duration>, ConfigError> {
+        duration_field(
+            "lifecycle.event_retention",
+            &self.event_retention,
+            true,
+            Duration::from_secs(1),
+        )
+    }
+
+    /// The keepalive interval of watch streams, or the field's error.
+    pub fn watch_keepalive(&self) -> Result<Duration, ConfigError> {
+        let keepalive = duration_field(
+            "lifecycle.watch_keepalive",
+            &self.watch_keepalive,
+            false,
+            Duration::from_secs(1),
+        )?;
+        Ok(keepalive.unwrap_or(DEFAULT_WATCH_KEEPALIVE))
+    }
+}
+
 /// Parses a duration: a whole number and a unit, `s`, `m`, `h` or `d`
-/// (`"90d"`); `"off"` is `None`.
-fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
+/// (`"90d"`); `"off"` is `None`. Also used by the command line (`--grace 7d`).
+pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
     const EXPECTED: &str =
         "expected a whole number and a unit (s, m, h or d), such as \"90d\" or \"45s\", or \"off\"";
     let text = text.trim();
@@ -337,6 +397,8 @@ impl Config {
         }
         self.rotation.options()?;
         self.rotation.check_interval()?;
+        self.lifecycle.event_retention()?;
+        self.lifecycle.watch_keepalive()?;
         Ok(())
     }
 
@@ -361,8 +423,20 @@ impl Config {
             .unwrap_or(DEFAULT_CHECK_INTERVAL)
     }
 
+    /// How long revocation events are kept (`None`: for ever; the default on a
+    /// config that did not pass [`Config::validate`]).
+    pub fn event_retention(&self) -> Option<Duration> {
+        self.lifecycle
+            .event_retention()
+            .unwrap_or(Some(DEFAULT_EVENT_RETENTION))
+    }
+
     pub fn server_limits(&self) -> Limits {
         Limits {
+            watch_keepalive: self
+                .lifecycle
+                .watch_keepalive()
+                .unwrap_or(DEFAULT_WATCH_KEEPALIVE),
             concurrency_per_connection: self.limits.concurrency_per_connection,
             request_timeout: Duration::from_millis(self.limits.request_timeout_ms),
             keepalive_interval: Duration::from_millis(self.limits.keepalive_interval_ms.max(1)),
@@ -479,6 +553,75 @@ client_ca = "certs/ca.pem"
         assert_eq!(rotation.destroy_retired_after_ms, None);
         assert_eq!((rotation.batch_size, rotation.batch_pause_ms), (7, 3));
         assert_eq!(config.check_interval(), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn lifecycle_defaults_and_values_reach_the_server() {
+        let config = Config::parse(MINIMAL).unwrap();
+        assert_eq!(
+            config.event_retention(),
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(
+            config.server_limits().watch_keepalive,
+            Duration::from_secs(15)
+        );
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[lifecycle]\nevent_retention = \"12h\"\nwatch_keepalive = \"2s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.event_retention(), Some(Duration::from_secs(43_200)));
+        assert_eq!(
+            config.server_limits().watch_keepalive,
+            Duration::from_secs(2)
+        );
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[lifecycle]\nevent_retention = \"off\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.event_retention(), None);
+    }
+
+    #[test]
+    fn bad_lifecycle_values_name_the_field() {
+        let cases = [
+            (
+                "event_retention = \"7\"",
+                "lifecycle.event_retention",
+                "no unit",
+            ),
+            (
+                "event_retention = \"0s\"",
+                "lifecycle.event_retention",
+                "too short",
+            ),
+            (
+                "watch_keepalive = \"off\"",
+                "lifecycle.watch_keepalive",
+                "off",
+            ),
+            (
+                "watch_keepalive = \"0s\"",
+                "lifecycle.watch_keepalive",
+                "too short",
+            ),
+        ];
+        for (line, field, why) in cases {
+            let err = Config::parse(&format!("{MINIMAL}\n[lifecycle]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("config field `{field}`: ")),
+                "{line}: {err}"
+            );
+            assert!(err.contains(why), "{line}: {err}");
+        }
+        let err = Config::parse(&format!(
+            "{MINIMAL}\n[lifecycle]\nshred_check_interval = \"1m\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("shred_check_interval"), "{err}");
     }
 
     #[test]

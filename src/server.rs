@@ -1,14 +1,17 @@
 //! Start-up and shutdown: from a validated [`Config`] to a serving process.
 //!
 //! Order: root key → store (recovery) → vault (root key check, KEK ring) →
-//! policy → TLS → rotation task → health SERVING → serve until the shutdown
-//! signal → stop the rotation task, health NOT_SERVING → stop accepting, finish
-//! in-flight calls → close the store (its committer flushes whatever is queued).
+//! policy → TLS → background task → health SERVING → serve until the shutdown
+//! signal → stop the background task, end the WatchRevocations streams, health
+//! NOT_SERVING → stop accepting, finish in-flight calls → close the store (its
+//! committer flushes whatever is queued).
 //!
-//! The rotation task drives rotation jobs (resuming any a previous run left
-//! unfinished) and checks the schedules. Stopping it between two awaits is
-//! safe: each job batch is one atomic write, and the next start resumes from
-//! the last one.
+//! The background task drives rotation jobs (resuming any a previous run left
+//! unfinished), checks the schedules, shreds the deleted tenants whose grace
+//! period is over (finishing any shred a previous run left unfinished) and
+//! prunes the revocation events older than `lifecycle.event_retention`.
+//! Stopping it between two awaits is safe: each job, shred and prune batch is
+//! one atomic write, and the next start resumes from the last one.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::authz::Policy;
-use crate::clock::SystemClock;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::crypto::root;
 use crate::service::{self, pb};
@@ -75,10 +78,21 @@ pub async fn run(
             .await;
     }
     let limits = config.server_limits();
-    let router = service::router(vault.clone(), Arc::new(policy), &limits, health_service)?;
+    let streams = service::StreamShutdown::new();
+    let router = service::router_with(
+        vault.clone(),
+        Arc::new(policy),
+        &limits,
+        health_service,
+        &streams,
+    )?;
     let listen = listener.local_addr()?;
     // Started once nothing can fail before the serve loop, which stops it.
-    let rotation = tokio::spawn(rotation_task(vault.clone(), config.check_interval()));
+    let rotation = tokio::spawn(background_task(
+        vault.clone(),
+        config.check_interval(),
+        config.event_retention(),
+    ));
     let stop_rotation = rotation.abort_handle();
     tracing::info!(%listen, root_key_version = vault.root_version(), "credvault serving");
 
@@ -86,6 +100,9 @@ pub async fn run(
         shutdown.await;
         tracing::info!("shutting down: draining in-flight calls");
         stop_rotation.abort();
+        // Watch streams never end by themselves: end them, or the drain would
+        // wait for their clients to leave.
+        streams.begin();
         for name in SERVICES {
             health
                 .set_service_status(name, tonic_health::ServingStatus::NotServing)
@@ -110,13 +127,19 @@ pub async fn run(
     Ok(())
 }
 
-/// The pause after a failed round of the rotation task (at most the check interval).
+/// The pause after a failed round of the background task (at most the check interval).
 const FAILURE_PAUSE: Duration = Duration::from_secs(5);
 
-/// The background rotation task: runs the jobs, then the schedules, then waits
-/// for a job to be started (by an Admin call) or for the check interval. Errors
-/// are logged and retried on the next round; it never ends by itself.
-async fn rotation_task(vault: Arc<Vault>, check_interval: Duration) {
+/// The background task: runs the rotation jobs, the schedules, the shredder
+/// and the event pruning, then waits to be woken (a rotation job started by an
+/// Admin call, a tenant deleted or released from a legal hold) or for the
+/// check interval. Errors are logged and retried on the next round; it never
+/// ends by itself.
+async fn background_task(
+    vault: Arc<Vault>,
+    check_interval: Duration,
+    event_retention: Option<Duration>,
+) {
     loop {
         // Registered before the jobs run, so that a job started while they
         // run wakes the next round instead of waiting for the interval.
@@ -139,6 +162,24 @@ async fn rotation_task(vault: Arc<Vault>, check_interval: Duration) {
             Err(error) => {
                 tracing::error!(%error, reason = error.reason(), "rotation schedules failed; retrying later");
                 failed = true;
+            }
+        }
+        // Each shred logs itself; an error leaves the rest for the next round.
+        if let Err(error) = vault.run_shredder().await {
+            tracing::error!(%error, reason = error.reason(), "tenant shredding failed; retrying later");
+            failed = true;
+        }
+        if let Some(retention) = event_retention {
+            let cutoff = SystemClock
+                .now_ms()
+                .saturating_sub(retention.as_millis() as u64);
+            match vault.prune_events(cutoff).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "old revocation events pruned"),
+                Err(error) => {
+                    tracing::error!(%error, reason = error.reason(), "pruning revocation events failed; retrying later");
+                    failed = true;
+                }
             }
         }
         if failed {

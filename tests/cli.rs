@@ -1,7 +1,9 @@
 //! The `credvault` binary end to end: `dev` on an empty directory and again on the same one,
 //! the client commands against it, `certs init`, `keygen`, `serve` refusing bad
-//! configurations, no secret in the logs at TRACE, a graceful stop on SIGTERM, and
-//! `rotate …` / `keys status|destroy` through a KEK, tenant and root key rotation.
+//! configurations, no secret in the logs at TRACE, a graceful stop on SIGTERM,
+//! `rotate …` / `keys status|destroy` through a KEK, tenant and root key rotation,
+//! `tenant delete|restore|hold|release|status`, and `watch` following revocations until the
+//! server stops.
 //!
 //! Every test runs the real binary in its own temporary directory; servers listen on a free
 //! 127.0.0.1 port and are killed by a guard even when the test fails. Readiness is a client
@@ -1207,4 +1209,340 @@ fn assert_waited_prefix(output: &Output, job: &str) {
         !contains(&output.stdout, b"\r") && !output.stderr.contains('\r'),
         "{text}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tenant lifecycle and revocation events
+
+/// `tenant WORD ID… --json` (settings dev certificate): the tenant status it printed.
+#[track_caller]
+fn tenant(server: &Server, word: &str, args: &[&str]) -> Value {
+    let output = run(
+        server.command(&["tenant", word]).args(args).arg("--json"),
+        b"",
+    );
+    output
+        .assert_success(&format!("tenant {word} {args:?}"))
+        .json()
+}
+
+#[test]
+fn tenant_delete_disables_at_once_restore_brings_it_back_and_grace_zero_shreds() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let server = Server::dev(tmp.path(), &[]);
+    for (tenant, id) in [("acme", "gmail"), ("globex", "jar"), ("globex", "key")] {
+        run(
+            server.client("seal").args(["--tenant", tenant, "--id", id]),
+            format!("secret of {tenant}/{id}").as_bytes(),
+        )
+        .assert_success("seal");
+    }
+    let unseal = || {
+        run(
+            server
+                .client("unseal")
+                .args(["--tenant", "acme", "--id", "gmail"]),
+            b"",
+        )
+    };
+    assert_eq!(
+        unseal().assert_success("unseal").stdout,
+        b"secret of acme/gmail"
+    );
+    let active = tenant(&server, "status", &["acme"]);
+    assert_eq!(active["state"], "active", "{active}");
+    assert!(active["deleted_at_ms"].is_null(), "{active}");
+
+    // Delete: refused at once, with the default grace of 7 days.
+    let deleted = tenant(&server, "delete", &["acme"]);
+    assert_eq!(deleted["state"], "deleted", "{deleted}");
+    assert_eq!(
+        deleted["deleted_by"], "spiffe://credvault/settings/dev",
+        "{deleted}"
+    );
+    let (at, shred_after) = (
+        deleted["deleted_at_ms"].as_u64().expect("deleted_at_ms"),
+        deleted["shred_after_ms"].as_u64().expect("shred_after_ms"),
+    );
+    assert_eq!(shred_after - at, 7 * 86_400_000, "{deleted}");
+    let refused = unseal();
+    assert_refused(&refused, "unseal of a deleted tenant", &["TENANT_DELETED"]);
+    assert!(refused.stdout.is_empty(), "{:?}", refused.stdout);
+    let status = tenant(&server, "status", &["acme"]);
+    assert_eq!(
+        (&status["state"], &status["shred_after_ms"]),
+        (&"deleted".into(), &shred_after.into()),
+        "{status}"
+    );
+    let shown = run(server.command(&["tenant", "status"]).arg("acme"), b"");
+    let text = shown.assert_success("tenant status (text)").stdout_text();
+    assert!(text.starts_with("tenant acme: deleted\n"), "{text}");
+    assert!(text.contains("shred after"), "{text}");
+    assert!(text.contains("spiffe://credvault/settings/dev"), "{text}");
+
+    // Legal hold on and off.
+    let held = tenant(&server, "hold", &["acme", "--reason", "case 42"]);
+    assert_eq!(
+        (&held["legal_hold"], &held["legal_hold_reason"]),
+        (&true.into(), &"case 42".into()),
+        "{held}"
+    );
+    assert_eq!(held["state"], "deleted", "{held}");
+    let status = tenant(&server, "status", &["acme"]);
+    assert_eq!(status["legal_hold"], true, "{status}");
+    let released = tenant(&server, "release", &["acme"]);
+    assert_eq!(released["legal_hold"], false, "{released}");
+    assert!(released["legal_hold_reason"].is_null(), "{released}");
+
+    // Restore: everything is back; restoring again is refused.
+    let restored = tenant(&server, "restore", &["acme"]);
+    assert_eq!(restored["state"], "active", "{restored}");
+    assert_eq!(
+        unseal().assert_success("unseal after restore").stdout,
+        b"secret of acme/gmail"
+    );
+    let again = run(server.command(&["tenant", "restore"]).arg("acme"), b"");
+    assert_refused(
+        &again,
+        "restore of an active tenant",
+        &["TENANT_NOT_DELETED"],
+    );
+
+    // Bad requests: a grace over 30 days, a tenant the vault never held.
+    let too_long = run(
+        server
+            .command(&["tenant", "delete"])
+            .args(["acme", "--grace", "31d"]),
+        b"",
+    );
+    assert_refused(&too_long, "delete --grace 31d", &["INVALID_GRACE"]);
+    assert_eq!(tenant(&server, "status", &["acme"])["state"], "active");
+    let unknown = run(server.command(&["tenant", "status"]).arg("nobody"), b"");
+    assert_refused(&unknown, "status of an unknown tenant", &["NOT_FOUND"]);
+
+    // Grace 0: the background task shreds it and keeps a receipt.
+    let deleted = tenant(&server, "delete", &["globex", "--grace", "0s"]);
+    assert_eq!(deleted["state"], "deleted", "{deleted}");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let shredded = loop {
+        let status = tenant(&server, "status", &["globex"]);
+        if status["state"] == "shredded" {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not shredded within {READY_TIMEOUT:?}: {status}"
+        );
+        thread::sleep(POLL);
+    };
+    let receipt = &shredded["receipt"];
+    assert_eq!(receipt["purged_credentials"], 2, "{shredded}");
+    assert_eq!(receipt["purged_versions"], 2, "{shredded}");
+    assert_eq!(
+        receipt["requested_by"], "spiffe://credvault/settings/dev",
+        "{shredded}"
+    );
+    assert!(
+        !receipt["destroyed_dek_versions"]
+            .as_array()
+            .expect("destroyed_dek_versions")
+            .is_empty(),
+        "{shredded}"
+    );
+    let gone = run(
+        server
+            .client("unseal")
+            .args(["--tenant", "globex", "--id", "jar"]),
+        b"",
+    );
+    gone.assert_failure("unseal of a shredded tenant");
+    let restore = run(server.command(&["tenant", "restore"]).arg("globex"), b"");
+    assert_refused(
+        &restore,
+        "restore of a shredded tenant",
+        &["TENANT_SHREDDED"],
+    );
+    // The other tenant was untouched throughout.
+    assert_eq!(
+        unseal().assert_success("acme after globex's shred").stdout,
+        b"secret of acme/gmail"
+    );
+}
+
+/// A running `credvault watch`: its stdout lines as they come, killed on drop.
+struct Watcher {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Option<thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Watcher {
+    fn start(server: &Server, args: &[&str]) -> Watcher {
+        let mut child = server
+            .client("watch")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning credvault watch");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Some(drain(child.stderr.take().expect("stderr")));
+        Watcher {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// The next line, as JSON; panics after a generous hang guard.
+    #[track_caller]
+    fn next(&mut self, what: &str) -> Value {
+        let line = self.lines.recv_timeout(READY_TIMEOUT).unwrap_or_else(|e| {
+            let _ = self.child.kill();
+            let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
+            panic!(
+                "{what}: no line from `watch` within {READY_TIMEOUT:?} ({e}); stderr: {}",
+                String::from_utf8_lossy(&stderr.unwrap_or_default())
+            )
+        });
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line}"))
+    }
+
+    /// Waits for the exit; its status and stderr.
+    fn wait(&mut self) -> (ExitStatus, String) {
+        let status = wait_for_exit(&mut self.child, EXIT_TIMEOUT)
+            .unwrap_or_else(|| panic!("`watch` did not exit within {EXIT_TIMEOUT:?}"));
+        let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
+        (
+            status,
+            String::from_utf8_lossy(&stderr.unwrap_or_default()).into_owned(),
+        )
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An event line: its sequence, kind, tenant and credential ("" for a tenant-wide event,
+/// printed as null).
+#[track_caller]
+fn assert_event(event: &Value, sequence: u64, kind: &str, tenant: &str, credential: &str) {
+    assert_eq!(
+        (
+            event["sequence"].as_u64(),
+            event["kind"].as_str(),
+            event["tenant_id"].as_str(),
+            event["credential_id"].as_str().unwrap_or_default()
+        ),
+        (Some(sequence), Some(kind), Some(tenant), credential),
+        "{event}"
+    );
+    assert!(event["at_ms"].as_u64().unwrap_or(0) > 0, "{event}");
+}
+
+#[test]
+fn watch_prints_each_revocation_as_a_json_line_and_exits_0_when_the_server_stops() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut server = Server::dev(tmp.path(), &[]);
+    for (tenant, id) in [("acme", "gmail"), ("globex", "jar"), ("acme", "old")] {
+        run(
+            server.client("seal").args(["--tenant", tenant, "--id", id]),
+            b"cookie",
+        )
+        .assert_success("seal");
+    }
+    let revoke = |tenant: &str, id: &str| {
+        run(
+            server
+                .client("revoke")
+                .args(["--tenant", tenant, "--id", id, "--reason", "test"]),
+            b"",
+        )
+        .assert_success("revoke");
+    };
+    // One event before the watchers: `--after 0` means "from now", so the position the
+    // replaying watcher resumes from must be past 0.
+    revoke("acme", "old");
+
+    // From now, with keepalives: the first line is the position it starts from, which
+    // is also how the test knows the watcher is subscribed.
+    let mut from_now = Watcher::start(&server, &["--keepalives"]);
+    let opening = from_now.next("opening keepalive");
+    assert_eq!(opening["kind"], "KEEPALIVE", "{opening}");
+    assert!(opening["tenant_id"].is_null(), "{opening}");
+    let start = opening["sequence"].as_u64().expect("sequence");
+    assert!(start >= 1, "{opening}");
+    // Only globex's events, from that same position.
+    let after = start.to_string();
+    let mut only_globex = Watcher::start(&server, &["--tenant", "globex", "--after", &after]);
+
+    revoke("acme", "gmail");
+    let event = from_now.next("acme's revocation");
+    assert_event(&event, start + 1, "CREDENTIAL_REVOKED", "acme", "gmail");
+    revoke("globex", "jar");
+    let event = from_now.next("globex's revocation");
+    assert_event(&event, start + 2, "CREDENTIAL_REVOKED", "globex", "jar");
+    let event = only_globex.next("globex's revocation, filtered");
+    assert_event(&event, start + 2, "CREDENTIAL_REVOKED", "globex", "jar");
+
+    // A watcher started later from the old position replays both, in order.
+    let mut replay = Watcher::start(&server, &["--after", &after]);
+    assert_event(
+        &replay.next("replayed first"),
+        start + 1,
+        "CREDENTIAL_REVOKED",
+        "acme",
+        "gmail",
+    );
+    assert_event(
+        &replay.next("replayed second"),
+        start + 2,
+        "CREDENTIAL_REVOKED",
+        "globex",
+        "jar",
+    );
+    // Deleting a tenant is an event too.
+    let deleted = run(server.command(&["tenant", "delete"]).arg("acme"), b"");
+    deleted.assert_success("tenant delete");
+    let event = replay.next("tenant deleted");
+    assert_event(&event, start + 3, "TENANT_DISABLED", "acme", "");
+    assert!(event["credential_id"].is_null(), "{event}");
+
+    // SIGTERM: the server ends the streams, drains and stops; every watcher exits 0.
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "{status}\n{}", server.stderr_text());
+    for (what, watcher) in [
+        ("from now", &mut from_now),
+        ("only globex", &mut only_globex),
+        ("replay", &mut replay),
+    ] {
+        let (status, stderr) = watcher.wait();
+        assert_eq!(status.code(), Some(0), "watch {what}: {status}: {stderr}");
+        assert!(
+            stderr.contains("the server ended the stream"),
+            "{what}: {stderr}"
+        );
+    }
+
+    // An error when the call starts (here a malformed tenant id) is a non-zero exit.
+    let restarted = Server::dev(tmp.path(), &[]);
+    let mut bad = Watcher::start(&restarted, &["--tenant", "not a tenant"]);
+    let (status, stderr) = bad.wait();
+    assert_eq!(status.code(), Some(1), "{status}: {stderr}");
+    assert!(stderr.contains("INVALID_ID"), "{stderr}");
 }

@@ -127,7 +127,7 @@ async fn execute(command: KeysCommand) -> anyhow::Result<()> {
 }
 
 /// A time that may be unset (0) as JSON: the number, or null.
-fn optional_ms(ms: u64) -> serde_json::Value {
+pub(super) fn optional_ms(ms: u64) -> serde_json::Value {
     if ms == 0 {
         serde_json::Value::Null
     } else {
@@ -237,7 +237,7 @@ fn table(status: &pb::KeyStatus, now_ms: u64) -> String {
 }
 
 /// An age as its two largest units: `3d 4h`, `5h 12m`, `42s`.
-fn age(ms: u64) -> String {
+pub(super) fn age(ms: u64) -> String {
     let s = ms / 1000;
     let (d, h, m) = (s / 86_400, s / 3600 % 24, s / 60 % 60);
     match (d, h, m) {
@@ -249,7 +249,7 @@ fn age(ms: u64) -> String {
 }
 
 /// Milliseconds since the epoch as `YYYY-MM-DD HH:MM` (UTC).
-fn utc(ms: u64) -> String {
+pub(super) fn utc(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).

@@ -6,6 +6,8 @@ pub mod client;
 pub mod keys;
 pub mod rotate;
 pub mod serve;
+pub mod tenant;
+pub mod watch;
 
 use std::path::PathBuf;
 
@@ -32,6 +34,11 @@ pub enum Command {
     /// Key versions: `keys status` shows states, ages, encryptions and what each still
     /// protects; `keys destroy` destroys a retired version.
     Keys(keys::KeysArgs),
+    /// A tenant's lifecycle: `delete` (disable, shred after a grace period), `restore`,
+    /// `hold`/`release` (legal hold), `status` (with the deletion receipt once shredded).
+    Tenant(tenant::TenantArgs),
+    /// Follow the revocation events (one JSON line each) until the server ends the stream.
+    Watch(watch::WatchArgs),
     /// Rotate a key layer (`kek`, `tenant ID`, `root`) or follow a rotation job (`status ID`).
     Rotate(rotate::RotateArgs),
     /// Write a new random root key (base64, mode 0600). Refuses to overwrite.
@@ -53,6 +60,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Client(command) => client::run(command),
         Command::Keys(args) => keys::run(args),
         Command::Rotate(args) => rotate::run(args),
+        Command::Tenant(args) => tenant::run(args),
+        Command::Watch(args) => watch::run(args),
         Command::Keygen { out } => {
             credvault::crypto::root::generate_file(&out)?;
             println!(

@@ -2,7 +2,11 @@
 
 use super::pb;
 use crate::error::{Error, Invalid};
-use crate::vault::{JobState, KeyStatus, Kind, Metadata, Revocation, RotationJob};
+use crate::store::records::EventKind;
+use crate::vault::{
+    DeletionReceipt, Event, JobState, KeyStatus, Kind, Metadata, Revocation, RotationJob,
+    TenantStatus,
+};
 
 pub fn kind_to_pb(kind: Kind) -> pb::CredentialKind {
     match kind {
@@ -115,6 +119,66 @@ pub fn rotation_job(job: RotationJob) -> pb::RotationJob {
             JobState::Running => 0,
             JobState::Done => job.finished_at_ms.unwrap_or(0),
         },
+    }
+}
+
+/// A deletion receipt as the wire shows it.
+pub fn deletion_receipt(r: DeletionReceipt) -> pb::DeletionReceipt {
+    pb::DeletionReceipt {
+        requested_at_ms: r.requested_at_ms,
+        requested_by: r.requested_by,
+        keys_destroyed_at_ms: r.keys_destroyed_at_ms,
+        shredded_at_ms: r.shredded_at_ms,
+        destroyed_dek_versions: r.destroyed_dek_versions,
+        purged_credentials: r.purged_credentials,
+        purged_versions: r.purged_versions,
+    }
+}
+
+/// A tenant's lifecycle state: 0 and "" for what is not set.
+pub fn tenant_status(s: TenantStatus) -> pb::TenantStatus {
+    pb::TenantStatus {
+        tenant_id: s.tenant,
+        state: s.state.into(),
+        deleted_at_ms: s.deleted_at_ms.unwrap_or(0),
+        deleted_by: s.deleted_by.unwrap_or_default(),
+        shred_after_ms: s.shred_after_ms.unwrap_or(0),
+        legal_hold: s.legal_hold,
+        legal_hold_reason: s.legal_hold_reason.unwrap_or_default(),
+        receipt: s.receipt.map(deletion_receipt),
+    }
+}
+
+fn event_kind(kind: EventKind) -> pb::revocation_event::Kind {
+    use pb::revocation_event::Kind as K;
+    match kind {
+        EventKind::Unspecified => K::Unspecified,
+        EventKind::CredentialRevoked => K::CredentialRevoked,
+        EventKind::TenantDisabled => K::TenantDisabled,
+        EventKind::TenantRestored => K::TenantRestored,
+        EventKind::TenantShredded => K::TenantShredded,
+    }
+}
+
+/// A revocation event; "" for the credential of a tenant-wide event.
+pub fn event(e: Event) -> pb::RevocationEvent {
+    pb::RevocationEvent {
+        sequence: e.sequence,
+        tenant_id: e.tenant,
+        credential_id: e.credential.unwrap_or_default(),
+        kind: event_kind(e.kind) as i32,
+        at_ms: e.at_ms,
+    }
+}
+
+/// A KEEPALIVE: the stream's position `sequence`, sent at `at_ms`.
+pub fn keepalive(sequence: u64, at_ms: u64) -> pb::RevocationEvent {
+    pb::RevocationEvent {
+        sequence,
+        tenant_id: String::new(),
+        credential_id: String::new(),
+        kind: pb::revocation_event::Kind::Keepalive as i32,
+        at_ms,
     }
 }
 
@@ -243,5 +307,154 @@ mod tests {
             });
             assert_eq!(pb.kind, name);
         }
+    }
+
+    fn receipt() -> DeletionReceipt {
+        DeletionReceipt {
+            requested_at_ms: 100,
+            requested_by: "spiffe://credvault/settings/ui".into(),
+            keys_destroyed_at_ms: 200,
+            shredded_at_ms: 300,
+            destroyed_dek_versions: vec![1, 2],
+            purged_credentials: 4,
+            purged_versions: 9,
+        }
+    }
+
+    #[test]
+    fn an_active_tenant_shows_zero_and_empty_for_what_is_not_set() {
+        let active = tenant_status(TenantStatus {
+            tenant: "acme".into(),
+            state: "active",
+            deleted_at_ms: None,
+            deleted_by: None,
+            shred_after_ms: None,
+            legal_hold: false,
+            legal_hold_reason: None,
+            receipt: None,
+        });
+        assert_eq!(
+            active,
+            pb::TenantStatus {
+                tenant_id: "acme".into(),
+                state: "active".into(),
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_deleted_held_tenant_shows_every_field() {
+        let deleted = tenant_status(TenantStatus {
+            tenant: "acme".into(),
+            state: "deleted",
+            deleted_at_ms: Some(100),
+            deleted_by: Some("spiffe://credvault/settings/ui".into()),
+            shred_after_ms: Some(700),
+            legal_hold: true,
+            legal_hold_reason: Some("case 42".into()),
+            receipt: None,
+        });
+        assert_eq!(
+            deleted,
+            pb::TenantStatus {
+                tenant_id: "acme".into(),
+                state: "deleted".into(),
+                deleted_at_ms: 100,
+                deleted_by: "spiffe://credvault/settings/ui".into(),
+                shred_after_ms: 700,
+                legal_hold: true,
+                legal_hold_reason: "case 42".into(),
+                receipt: None,
+            }
+        );
+    }
+
+    #[test]
+    fn a_shredded_tenant_carries_its_receipt() {
+        let shredded = tenant_status(TenantStatus {
+            tenant: "acme".into(),
+            state: "shredded",
+            deleted_at_ms: Some(100),
+            deleted_by: Some("spiffe://credvault/settings/ui".into()),
+            shred_after_ms: None,
+            legal_hold: false,
+            legal_hold_reason: None,
+            receipt: Some(receipt()),
+        });
+        assert_eq!(shredded.state, "shredded");
+        assert_eq!(shredded.shred_after_ms, 0);
+        assert_eq!(
+            shredded.receipt,
+            Some(pb::DeletionReceipt {
+                requested_at_ms: 100,
+                requested_by: "spiffe://credvault/settings/ui".into(),
+                keys_destroyed_at_ms: 200,
+                shredded_at_ms: 300,
+                destroyed_dek_versions: vec![1, 2],
+                purged_credentials: 4,
+                purged_versions: 9,
+            })
+        );
+    }
+
+    #[test]
+    fn events_keep_their_kind_and_tenant_wide_ones_name_no_credential() {
+        use pb::revocation_event::Kind as K;
+        let revoked = event(Event {
+            sequence: 7,
+            kind: EventKind::CredentialRevoked,
+            tenant: "acme".into(),
+            credential: Some("gmail/alice".into()),
+            at_ms: 1234,
+        });
+        assert_eq!(
+            revoked,
+            pb::RevocationEvent {
+                sequence: 7,
+                tenant_id: "acme".into(),
+                credential_id: "gmail/alice".into(),
+                kind: K::CredentialRevoked as i32,
+                at_ms: 1234,
+            }
+        );
+        for (kind, wire) in [
+            (EventKind::Unspecified, K::Unspecified),
+            (EventKind::TenantDisabled, K::TenantDisabled),
+            (EventKind::TenantRestored, K::TenantRestored),
+            (EventKind::TenantShredded, K::TenantShredded),
+        ] {
+            let e = event(Event {
+                sequence: 8,
+                kind,
+                tenant: "acme".into(),
+                credential: None,
+                at_ms: 1,
+            });
+            assert_eq!((e.kind, e.credential_id.as_str()), (wire as i32, ""));
+        }
+        // The wire numbers are the stored ones (both are part of a contract).
+        for kind in [
+            EventKind::CredentialRevoked,
+            EventKind::TenantDisabled,
+            EventKind::TenantRestored,
+            EventKind::TenantShredded,
+        ] {
+            assert_eq!(event_kind(kind) as i32, kind as i32);
+        }
+    }
+
+    #[test]
+    fn a_keepalive_carries_only_the_position_and_time() {
+        assert_eq!(
+            keepalive(41, 99),
+            pb::RevocationEvent {
+                sequence: 41,
+                tenant_id: String::new(),
+                credential_id: String::new(),
+                kind: pb::revocation_event::Kind::Keepalive as i32,
+                at_ms: 99,
+            }
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -85,6 +85,8 @@ pub struct Limits {
     pub keepalive_timeout: Duration,
     /// A TLS handshake that takes longer is dropped.
     pub handshake_timeout: Duration,
+    /// A WatchRevocations stream that sent nothing for this long gets a KEEPALIVE.
+    pub watch_keepalive: Duration,
 }
 
 impl Limits {
@@ -98,6 +100,7 @@ impl Limits {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            watch_keepalive: Duration::from_secs(15),
         }
     }
 }
@@ -108,6 +111,47 @@ pub(crate) struct Shared {
     pub vault: Arc<Vault>,
     pub policy: Arc<Policy>,
     callers: Arc<CallerCache>,
+    /// Ends the long-lived streams when the server begins shutting down.
+    pub streams: StreamShutdown,
+    /// See [`Limits::watch_keepalive`].
+    pub watch_keepalive: Duration,
+}
+
+/// Tells the server's long-lived streams (`WatchRevocations`) that it is
+/// shutting down, so that they end and the graceful drain, which waits for
+/// every in-flight call, can finish. Clones share the signal.
+#[derive(Debug, Clone)]
+pub struct StreamShutdown(Arc<watch::Sender<bool>>);
+
+impl Default for StreamShutdown {
+    fn default() -> Self {
+        Self(Arc::new(watch::Sender::new(false)))
+    }
+}
+
+impl StreamShutdown {
+    /// A signal not yet given.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ends every stream (now and any started later). Idempotent.
+    pub fn begin(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once [`StreamShutdown::begin`] has been called.
+    pub(crate) fn begun(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut signal = self.0.subscribe();
+        async move {
+            // The sender lives in `self` and every clone: it cannot be dropped
+            // while a stream that could wait on it is alive, but if it were,
+            // nothing could ever begin the shutdown.
+            if signal.wait_for(|begun| *begun).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 /// Most identities [`CallerCache`] keeps; past that it starts afresh.
@@ -176,6 +220,9 @@ impl Shared {
 
 /// The router with the Vault and Admin services, health and reflection. Extra
 /// services (the benchmark's echo) can be added before [`serve`].
+///
+/// Its `WatchRevocations` streams end only when their clients leave: a server
+/// that has watchers and shuts down gracefully should use [`router_with`].
 pub fn router(
     vault: Arc<Vault>,
     policy: Arc<Policy>,
@@ -184,10 +231,32 @@ pub fn router(
         impl tonic_health::pb::health_server::Health,
     >,
 ) -> anyhow::Result<Router> {
+    router_with(
+        vault,
+        policy,
+        limits,
+        health_service,
+        &StreamShutdown::new(),
+    )
+}
+
+/// [`router`] whose long-lived streams end when `streams` is told the server
+/// is shutting down (call [`StreamShutdown::begin`] as the drain starts).
+pub fn router_with(
+    vault: Arc<Vault>,
+    policy: Arc<Policy>,
+    limits: &Limits,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    streams: &StreamShutdown,
+) -> anyhow::Result<Router> {
     let shared = Shared {
         vault,
         policy,
         callers: Arc::default(),
+        streams: streams.clone(),
+        watch_keepalive: limits.watch_keepalive,
     };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
