@@ -228,6 +228,9 @@ pub struct ServerOptions {
     /// Lines for the config's `[rotation]` table, e.g. `batch_size = 16`
     /// (none: the table is left out).
     pub rotation: Vec<String>,
+    /// Lines for the config's `[lifecycle]` table, e.g. `watch_keepalive = "1s"`
+    /// (none: the table is left out).
+    pub lifecycle: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -237,6 +240,7 @@ impl Default for ServerOptions {
             limits: Vec::new(),
             crl_pem: None,
             rotation: Vec::new(),
+            lifecycle: Vec::new(),
         }
     }
 }
@@ -261,6 +265,12 @@ impl ServerOptions {
     /// Adds a `[rotation]` line, e.g. `rotation("batch_size = 16")`.
     pub fn rotation(mut self, line: impl Into<String>) -> Self {
         self.rotation.push(line.into());
+        self
+    }
+
+    /// Adds a `[lifecycle]` line, e.g. `lifecycle("event_retention = \"1s\"")`.
+    pub fn lifecycle(mut self, line: impl Into<String>) -> Self {
+        self.lifecycle.push(line.into());
         self
     }
 }
@@ -308,6 +318,13 @@ pub fn write_server_files(
     if !options.rotation.is_empty() {
         text.push_str("[rotation]\n");
         for line in &options.rotation {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    if !options.lifecycle.is_empty() {
+        text.push_str("[lifecycle]\n");
+        for line in &options.lifecycle {
             text.push_str(line);
             text.push('\n');
         }
