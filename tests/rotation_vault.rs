@@ -345,7 +345,8 @@ async fn an_interrupted_job_resumes_from_its_last_batch_without_double_counting(
     let mut tv = TestVault::new(VaultOptions {
         rotation: RotationOptions {
             batch_size: 4,
-            batch_pause_ms: 20,
+            // After its first batch the job pauses far longer than the test waits.
+            batch_pause_ms: 600_000,
             ..RotationOptions::default()
         },
         ..VaultOptions::default()
@@ -353,19 +354,17 @@ async fn an_interrupted_job_resumes_from_its_last_batch_without_double_counting(
     .await;
     let expected = fill(tv.vault(), 40, 1).await;
     let job = tv.vault().rotate_kek().await.unwrap();
-    // Stop the job part-way, as a restart would (each batch is atomic).
-    let _ = tokio::time::timeout(Duration::from_millis(90), tv.vault().run_jobs()).await;
+    // Stop the job after one batch, as a restart would (each batch is atomic).
+    let stopped = tokio::time::timeout(Duration::from_secs(5), tv.vault().run_jobs()).await;
+    assert!(stopped.is_err(), "the job must still be pausing");
     let partial = tv.vault().rotation_job(&job.id).unwrap();
     assert_eq!(partial.state, JobState::Running);
-    assert!(
-        partial.done > 0 && partial.done < 40,
-        "done {}",
-        partial.done
-    );
+    assert_eq!(partial.done, 4);
     assert_eq!(
         kek(tv.vault(), 1).wrapped_deks + kek(tv.vault(), 2).wrapped_deks,
         40
     );
+    tv.options.rotation.batch_pause_ms = 0;
     tv.reopen().await;
     assert_eq!(tv.vault().run_jobs().await.unwrap(), 1);
     let job = tv.vault().rotation_job(&job.id).unwrap();

@@ -7,6 +7,7 @@
 //! retried against fresh state instead of silently overwriting.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use prost::Message;
@@ -52,6 +53,8 @@ pub(crate) struct TenantKeys {
     /// that depends on the tenant being active checks it), and its state.
     pub tenant_bytes: Vec<u8>,
     pub state: TenantState,
+    /// The cache generation when the ring was read (see [`KeyRing::invalidate`]).
+    generation: u64,
 }
 
 impl TenantKeys {
@@ -89,6 +92,8 @@ pub(crate) struct KeyRing {
     root: RwLock<Root>,
     keks: RwLock<BTreeMap<u32, Loaded<Kek>>>,
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
+    /// Moves on every invalidation; a ring read before a move is not cached.
+    generation: AtomicU64,
     /// The audit log's HMAC key (random, sealed by the root key in the store).
     audit_key: SymmetricKey,
     rotate_after: u64,
@@ -134,6 +139,7 @@ impl KeyRing {
             }),
             keks: RwLock::new(keks),
             tenants: RwLock::default(),
+            generation: AtomicU64::new(0),
             audit_key,
             rotate_after: rotate_after.max(1),
         })
@@ -230,11 +236,19 @@ impl KeyRing {
             return Ok(None);
         }
         let keys = Arc::new(self.load_tenant(tenant)?);
-        self.tenants
-            .write()
-            .expect("tenant lock")
-            .insert(tenant.to_owned(), keys.clone());
+        self.cache(tenant, keys.clone());
         Ok(Some(keys))
+    }
+
+    /// Caches a ring read at cache generation `keys.generation`, unless
+    /// a change invalidated some ring since: the ring may predate that change
+    /// (a rotation committed between our read and now), so it is used for this
+    /// call only and the next one reads the store again.
+    fn cache(&self, tenant: &str, keys: Arc<TenantKeys>) {
+        let mut tenants = self.tenants.write().expect("tenant lock");
+        if keys.generation == self.generation.load(Ordering::SeqCst) {
+            tenants.insert(tenant.to_owned(), keys);
+        }
     }
 
     /// The tenant's DEK ring, creating the tenant and its first DEK if needed.
@@ -306,6 +320,7 @@ impl KeyRing {
     }
 
     fn load_tenant(&self, tenant: &str) -> Result<TenantKeys> {
+        let generation = self.generation.load(Ordering::SeqCst);
         // The tenant record first: a ring is never newer than the record it
         // was loaded with (a deletion invalidates the cached ring after it commits).
         let tenant_bytes = self
@@ -360,12 +375,15 @@ impl KeyRing {
             deks,
             tenant_bytes,
             state,
+            generation,
         })
     }
 
     /// Forgets the cached DEK ring of `tenant` (after a conflict or rotation).
     pub fn invalidate(&self, tenant: &str) {
-        self.tenants.write().expect("tenant lock").remove(tenant);
+        let mut tenants = self.tenants.write().expect("tenant lock");
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        tenants.remove(tenant);
     }
 
     /// The unwrapped KEK of `version`, unless it is missing or destroyed.
@@ -381,10 +399,7 @@ impl KeyRing {
     /// The tenant's DEK ring, read from the store (not the cache).
     pub fn tenant_fresh(&self, tenant: &str) -> Result<Arc<TenantKeys>> {
         let keys = Arc::new(self.load_tenant(tenant)?);
-        self.tenants
-            .write()
-            .expect("tenant lock")
-            .insert(tenant.to_owned(), keys.clone());
+        self.cache(tenant, keys.clone());
         Ok(keys)
     }
 
