@@ -146,6 +146,9 @@ const SETTINGS: &[Rpc] = &[
     Rpc::RestoreTenant,
     Rpc::SetLegalHold,
     Rpc::GetTenantStatus,
+    // Customers see who used their credentials: a grant narrowed to a
+    // customer's tenants lets its settings UI query those tenants' records only.
+    Rpc::QueryAudit,
 ];
 /// Every Admin RPC (declared last in [`Rpc`]), and a tenant's lifecycle status
 /// (operators follow deletions and shreds).
@@ -691,6 +694,7 @@ mod tests {
                     | RestoreTenant
                     | SetLegalHold
                     | GetTenantStatus
+                    | QueryAudit
             ),
             "admin" => rpc.is_admin() || rpc == GetTenantStatus,
             _ => unreachable!(),
@@ -715,8 +719,8 @@ mod tests {
                 }
             }
         }
-        // 4 + 1 + 8 + 10 allowed RPCs, each with and without a tenant.
-        assert_eq!(allowed, 2 * 23);
+        // 4 + 1 + 9 + 10 allowed RPCs, each with and without a tenant.
+        assert_eq!(allowed, 2 * 24);
     }
 
     #[test]

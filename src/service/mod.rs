@@ -6,6 +6,7 @@
 //! place (`error::status`).
 
 mod admin;
+mod audit;
 mod convert;
 mod vault;
 
@@ -183,17 +184,27 @@ impl CallerCache {
 
 impl Shared {
     /// The caller, authorised for `rpc` on `tenant`; else the status to return.
-    pub fn authorise<T>(
+    /// A denial is recorded in the audit log before it is returned.
+    pub(crate) async fn authorise<T: audit::AuditTarget>(
         &self,
         req: &Request<T>,
         rpc: Rpc,
         tenant: Option<&str>,
     ) -> Result<Caller, Status> {
-        let caller = self.caller(req)?;
+        let caller = match self.caller(req) {
+            Ok(caller) => caller,
+            Err(status) => {
+                self.audit_denial(req, "", rpc, tenant, "UNAUTHENTICATED")
+                    .await;
+                return Err(status);
+            }
+        };
         if self.policy.allows(&caller.identity, rpc, tenant) {
             Ok(caller)
         } else {
             tracing::warn!(caller = %caller.identity, rpc = rpc.name(), tenant, outcome = "denied", "permission denied");
+            self.audit_denial(req, &caller.identity, rpc, tenant, "PERMISSION_DENIED")
+                .await;
             Err(status_with_reason(
                 tonic::Code::PermissionDenied,
                 format!("the caller is not allowed to call {}", rpc.name()),

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::audit::who;
 use super::convert::{self, kind_filter, kind_from_pb};
 use super::{Shared, pb};
 use crate::authz::Rpc;
@@ -28,7 +29,9 @@ impl pb::vault_server::Vault for VaultService {
     ) -> Result<Response<pb::SealResponse>, Status> {
         let caller = self
             .0
-            .authorise(&req, Rpc::Seal, Some(&req.get_ref().tenant_id))?;
+            .authorise(&req, Rpc::Seal, Some(&req.get_ref().tenant_id))
+            .await?;
+        let who = who(&caller.identity, Rpc::Seal, &req);
         let r = req.into_inner();
         let request = SealRequest {
             kind: kind_from_pb(r.kind)?,
@@ -40,7 +43,11 @@ impl pb::vault_server::Vault for VaultService {
             credential: r.credential_id,
         };
         let (tenant, credential) = (request.tenant.clone(), request.credential.clone());
-        let result = self.0.vault.seal(request).await;
+        let result = self.0.vault.seal_as(request, Some(&who)).await;
+        let result = self
+            .0
+            .audited_failure(&who, &tenant, &credential, 0, result)
+            .await;
         log("Seal", &caller.identity, &tenant, &credential, &result);
         Ok(Response::new(pb::SealResponse {
             metadata: Some(convert::metadata(result?)),
@@ -53,13 +60,28 @@ impl pb::vault_server::Vault for VaultService {
     ) -> Result<Response<pb::UnsealResponse>, Status> {
         let caller = self
             .0
-            .authorise(&req, Rpc::Unseal, Some(&req.get_ref().tenant_id))?;
+            .authorise(&req, Rpc::Unseal, Some(&req.get_ref().tenant_id))
+            .await?;
+        let who = who(&caller.identity, Rpc::Unseal, &req);
         let r = req.into_inner();
-        validate::text("purpose", &r.purpose, MAX_PURPOSE).map_err(Error::from)?;
+        let result = match validate::text("purpose", &r.purpose, MAX_PURPOSE) {
+            Err(invalid) => Err(invalid.into()),
+            Ok(()) => {
+                self.0
+                    .vault
+                    .unseal_as(&r.tenant_id, &r.credential_id, r.version, Some(&who))
+                    .await
+            }
+        };
         let result = self
             .0
-            .vault
-            .unseal(&r.tenant_id, &r.credential_id, r.version)
+            .audited_failure(
+                &who,
+                &r.tenant_id,
+                &r.credential_id,
+                r.version.unwrap_or(0),
+                result,
+            )
             .await;
         log(
             "Unseal",
@@ -81,12 +103,21 @@ impl pb::vault_server::Vault for VaultService {
     ) -> Result<Response<pb::GetMetadataResponse>, Status> {
         let caller = self
             .0
-            .authorise(&req, Rpc::GetMetadata, Some(&req.get_ref().tenant_id))?;
+            .authorise(&req, Rpc::GetMetadata, Some(&req.get_ref().tenant_id))
+            .await?;
+        let who = who(&caller.identity, Rpc::GetMetadata, &req);
         let r = req.into_inner();
         let result = self
             .0
             .vault
             .metadata(&r.tenant_id, &r.credential_id, r.version);
+        let version = result
+            .as_ref()
+            .map_or(r.version.unwrap_or(0), |m| m.version);
+        let result = self
+            .0
+            .audited(&who, &r.tenant_id, &r.credential_id, version, result)
+            .await;
         log(
             "GetMetadata",
             &caller.identity,
@@ -103,9 +134,11 @@ impl pb::vault_server::Vault for VaultService {
         &self,
         req: Request<pb::ListCredentialsRequest>,
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
-        let caller =
-            self.0
-                .authorise(&req, Rpc::ListCredentials, Some(&req.get_ref().tenant_id))?;
+        let caller = self
+            .0
+            .authorise(&req, Rpc::ListCredentials, Some(&req.get_ref().tenant_id))
+            .await?;
+        let who = who(&caller.identity, Rpc::ListCredentials, &req);
         let r = req.into_inner();
         let token = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
         let result = kind_filter(r.kind).and_then(|kind| {
@@ -113,6 +146,7 @@ impl pb::vault_server::Vault for VaultService {
                 .vault
                 .list(&r.tenant_id, kind, r.page_size as usize, token)
         });
+        let result = self.0.audited(&who, &r.tenant_id, "", 0, result).await;
         log(
             "ListCredentials",
             &caller.identity,
@@ -137,12 +171,24 @@ impl pb::vault_server::Vault for VaultService {
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let caller = self
             .0
-            .authorise(&req, Rpc::Revoke, Some(&req.get_ref().tenant_id))?;
+            .authorise(&req, Rpc::Revoke, Some(&req.get_ref().tenant_id))
+            .await?;
+        let who = who(&caller.identity, Rpc::Revoke, &req);
         let r = req.into_inner();
         let result = self
             .0
             .vault
-            .revoke(&r.tenant_id, &r.credential_id, &caller.identity, &r.reason)
+            .revoke_as(
+                &r.tenant_id,
+                &r.credential_id,
+                &caller.identity,
+                &r.reason,
+                Some(&who),
+            )
+            .await;
+        let result = self
+            .0
+            .audited_failure(&who, &r.tenant_id, &r.credential_id, 0, result)
             .await;
         log(
             "Revoke",
@@ -172,10 +218,13 @@ impl pb::vault_server::Vault for VaultService {
         // list allow it, so a tenant-narrowed caller must name its tenant.
         let caller = self
             .0
-            .authorise(&req, Rpc::WatchRevocations, tenant.as_deref())?;
+            .authorise(&req, Rpc::WatchRevocations, tenant.as_deref())
+            .await?;
         let after = r.after_sequence;
         let logged = tenant.clone().unwrap_or_default();
+        let who = who(&caller.identity, Rpc::WatchRevocations, &req);
         let result = open_watch(&self.0, after, tenant);
+        let result = self.0.audited(&who, &logged, "", 0, result).await;
         log("WatchRevocations", &caller.identity, &logged, "", &result);
         Ok(Response::new(result?))
     }
@@ -186,14 +235,20 @@ impl pb::vault_server::Vault for VaultService {
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
         let caller = self
             .0
-            .authorise(&req, Rpc::DeleteTenant, Some(&req.get_ref().tenant_id))?;
+            .authorise(&req, Rpc::DeleteTenant, Some(&req.get_ref().tenant_id))
+            .await?;
+        let who = who(&caller.identity, Rpc::DeleteTenant, &req);
         let r = req.into_inner();
         // Saturating: an absurd grace period is INVALID_GRACE, not a wrap.
         let grace_ms = r.grace_seconds.map(|s| s.saturating_mul(1000));
         let result = self
             .0
             .vault
-            .delete_tenant(&r.tenant_id, grace_ms, &caller.identity, None)
+            .delete_tenant(&r.tenant_id, grace_ms, &caller.identity, Some(&who))
+            .await;
+        let result = self
+            .0
+            .audited_failure(&who, &r.tenant_id, "", 0, result)
             .await;
         log("DeleteTenant", &caller.identity, &r.tenant_id, "", &result);
         let status = result.map_err(|e| tenant_error(e, &r.tenant_id))?;
@@ -212,9 +267,15 @@ impl pb::vault_server::Vault for VaultService {
     ) -> Result<Response<pb::RestoreTenantResponse>, Status> {
         let caller = self
             .0
-            .authorise(&req, Rpc::RestoreTenant, Some(&req.get_ref().tenant_id))?;
+            .authorise(&req, Rpc::RestoreTenant, Some(&req.get_ref().tenant_id))
+            .await?;
+        let who = who(&caller.identity, Rpc::RestoreTenant, &req);
         let r = req.into_inner();
-        let result = self.0.vault.restore_tenant(&r.tenant_id, None).await;
+        let result = self.0.vault.restore_tenant(&r.tenant_id, Some(&who)).await;
+        let result = self
+            .0
+            .audited_failure(&who, &r.tenant_id, "", 0, result)
+            .await;
         log("RestoreTenant", &caller.identity, &r.tenant_id, "", &result);
         let status = result.map_err(|e| tenant_error(e, &r.tenant_id))?;
         Ok(Response::new(pb::RestoreTenantResponse {
@@ -228,12 +289,24 @@ impl pb::vault_server::Vault for VaultService {
     ) -> Result<Response<pb::SetLegalHoldResponse>, Status> {
         let caller = self
             .0
-            .authorise(&req, Rpc::SetLegalHold, Some(&req.get_ref().tenant_id))?;
+            .authorise(&req, Rpc::SetLegalHold, Some(&req.get_ref().tenant_id))
+            .await?;
+        let who = who(&caller.identity, Rpc::SetLegalHold, &req);
         let r = req.into_inner();
         let result = self
             .0
             .vault
-            .set_legal_hold(&r.tenant_id, r.hold, &r.reason, &caller.identity, None)
+            .set_legal_hold(
+                &r.tenant_id,
+                r.hold,
+                &r.reason,
+                &caller.identity,
+                Some(&who),
+            )
+            .await;
+        let result = self
+            .0
+            .audited_failure(&who, &r.tenant_id, "", 0, result)
             .await;
         log("SetLegalHold", &caller.identity, &r.tenant_id, "", &result);
         let status = result.map_err(|e| tenant_error(e, &r.tenant_id))?;
@@ -250,11 +323,14 @@ impl pb::vault_server::Vault for VaultService {
         &self,
         req: Request<pb::GetTenantStatusRequest>,
     ) -> Result<Response<pb::TenantStatus>, Status> {
-        let caller =
-            self.0
-                .authorise(&req, Rpc::GetTenantStatus, Some(&req.get_ref().tenant_id))?;
+        let caller = self
+            .0
+            .authorise(&req, Rpc::GetTenantStatus, Some(&req.get_ref().tenant_id))
+            .await?;
+        let who = who(&caller.identity, Rpc::GetTenantStatus, &req);
         let r = req.into_inner();
         let result = self.0.vault.tenant_status(&r.tenant_id);
+        let result = self.0.audited(&who, &r.tenant_id, "", 0, result).await;
         log(
             "GetTenantStatus",
             &caller.identity,

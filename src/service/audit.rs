@@ -1,0 +1,190 @@
+//! Every RPC decision in the audit log: denials (recorded by
+//! [`Shared::authorise`] itself), failures, and successes. Seal, Unseal,
+//! Revoke and the tenant lifecycle calls record their success in the same
+//! batch as their change (the vault's `*_as` methods); every other call
+//! records its outcome here. A read whose record cannot be written fails
+//! (fail closed); a change that already happened is returned as it is, with
+//! the failure logged.
+
+use tonic::{Request, Status};
+
+use super::{Shared, pb};
+use crate::authz::Rpc;
+use crate::error::Error;
+use crate::vault;
+
+/// What a request names, for its audit record (a denial's too).
+pub(crate) trait AuditTarget {
+    fn credential(&self) -> &str {
+        ""
+    }
+    fn version(&self) -> u32 {
+        0
+    }
+    fn purpose(&self) -> &str {
+        ""
+    }
+}
+
+macro_rules! no_credential {
+    ($($t:ty),* $(,)?) => { $(impl AuditTarget for $t {})* };
+}
+
+no_credential!(
+    pb::ListCredentialsRequest,
+    pb::WatchRevocationsRequest,
+    pb::DeleteTenantRequest,
+    pb::RestoreTenantRequest,
+    pb::SetLegalHoldRequest,
+    pb::GetTenantStatusRequest,
+    pb::RotateKekRequest,
+    pb::RotateTenantKeyRequest,
+    pb::RotateRootKeyRequest,
+    pb::GetKeyStatusRequest,
+    pb::DestroyKeyVersionRequest,
+    pb::GetRotationJobRequest,
+    pb::QueryAuditRequest,
+    pb::VerifyAuditRequest,
+    pb::BackupRequest,
+);
+
+impl AuditTarget for pb::SealRequest {
+    fn credential(&self) -> &str {
+        &self.credential_id
+    }
+}
+
+impl AuditTarget for pb::UnsealRequest {
+    fn credential(&self) -> &str {
+        &self.credential_id
+    }
+    fn version(&self) -> u32 {
+        self.version.unwrap_or(0)
+    }
+    fn purpose(&self) -> &str {
+        &self.purpose
+    }
+}
+
+impl AuditTarget for pb::GetMetadataRequest {
+    fn credential(&self) -> &str {
+        &self.credential_id
+    }
+    fn version(&self) -> u32 {
+        self.version.unwrap_or(0)
+    }
+}
+
+impl AuditTarget for pb::RevokeRequest {
+    fn credential(&self) -> &str {
+        &self.credential_id
+    }
+}
+
+/// The audit identity of a caller for one RPC, with the request's purpose.
+pub(crate) fn who<T: AuditTarget>(identity: &str, rpc: Rpc, req: &Request<T>) -> vault::Caller {
+    vault::Caller::new(identity, rpc.name()).with_purpose(req.get_ref().purpose())
+}
+
+impl Shared {
+    /// Records a denial (`identity` is "" when no certificate identity could be read).
+    pub(crate) async fn audit_denial<T: AuditTarget>(
+        &self,
+        req: &Request<T>,
+        identity: &str,
+        rpc: Rpc,
+        tenant: Option<&str>,
+        reason: &str,
+    ) {
+        let who = who(identity, rpc, req);
+        let r = req.get_ref();
+        if let Err(error) = self
+            .vault
+            .audit(
+                &who,
+                tenant.unwrap_or(""),
+                r.credential(),
+                r.version(),
+                reason,
+            )
+            .await
+        {
+            tracing::error!(%error, rpc = rpc.name(), "the denial's audit record was not written");
+        }
+    }
+
+    /// Records the outcome of a read. A success whose record cannot be written
+    /// becomes [`Error::AuditUnavailable`]: nothing is returned unaudited.
+    pub(crate) async fn audited<T>(
+        &self,
+        who: &vault::Caller,
+        tenant: &str,
+        credential: &str,
+        version: u32,
+        result: Result<T, Error>,
+    ) -> Result<T, Error> {
+        let outcome = result.as_ref().map_or_else(Error::reason, |_| "ok");
+        let recorded = self
+            .vault
+            .audit(who, tenant, credential, version, outcome)
+            .await;
+        match (recorded, result) {
+            (Err(error), Ok(_)) => Err(error),
+            (_, result) => result,
+        }
+    }
+
+    /// Records the failure of a call whose success goes in its own batch.
+    pub(crate) async fn audited_failure<T>(
+        &self,
+        who: &vault::Caller,
+        tenant: &str,
+        credential: &str,
+        version: u32,
+        result: Result<T, Error>,
+    ) -> Result<T, Error> {
+        if let Err(error) = &result
+            && !matches!(error, Error::AuditUnavailable)
+            && let Err(audit) = self
+                .vault
+                .audit(who, tenant, credential, version, error.reason())
+                .await
+        {
+            tracing::error!(error = %audit, rpc = %who.rpc, "a failure's audit record was not written");
+        }
+        result
+    }
+
+    /// Records the outcome of a call that ends in a gRPC result: its reason
+    /// when it failed. A read (`change` false) whose success cannot be recorded
+    /// fails with AUDIT_UNAVAILABLE; a change is returned as it is.
+    pub(crate) async fn audit_status<T>(
+        &self,
+        who: &vault::Caller,
+        tenant: &str,
+        result: Result<T, Status>,
+        change: bool,
+    ) -> Result<T, Status> {
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(status) => reason_of(status),
+        };
+        match self.vault.audit(who, tenant, "", 0, &outcome).await {
+            Err(error) if result.is_ok() && !change => Err(error.into()),
+            Err(error) => {
+                tracing::error!(%error, rpc = %who.rpc, "audit record not written");
+                result
+            }
+            Ok(()) => result,
+        }
+    }
+}
+
+/// A status's stable reason (its ErrorInfo), else its code's name.
+fn reason_of(status: &Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_else(|| format!("{:?}", status.code()).to_uppercase())
+}
