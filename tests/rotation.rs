@@ -1126,3 +1126,84 @@ async fn root_rotation_refuses_bad_key_files_and_afterwards_only_the_new_key_ope
         .await;
     assert_all_unseal(&executor, &acked).await;
 }
+
+// ---------------------------------------------------------------------------
+// The rotation command over every tenant
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_tenant_all_rotates_every_live_tenant_and_skips_deleted_ones() {
+    credvault::tls::install_default_provider();
+    let server = TestServer::start().await;
+    let settings = server.vault(&server.pki.role("settings")).await;
+    let items: Vec<_> = ["all-a", "all-b", "all-c"]
+        .iter()
+        .flat_map(|t| {
+            (0..3).map(move |c| (t.to_string(), format!("cred/{c}"), secret_bytes(c, 64)))
+        })
+        .collect();
+    let acked = seal_all(&settings, items, 4).await;
+    settings
+        .clone()
+        .delete_tenant(pb::DeleteTenantRequest {
+            tenant_id: "all-c".into(),
+            grace_seconds: Some(3600),
+        })
+        .await
+        .unwrap();
+
+    let admin_cert = server.pki.role("admin");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+        .args([
+            "rotate",
+            "tenant",
+            "--all",
+            "--reencrypt",
+            "--wait",
+            "--server",
+        ])
+        .arg(server.target())
+        .arg("--ca")
+        .arg(&server.pki.ca_cert)
+        .arg("--cert")
+        .arg(&admin_cert.cert)
+        .arg("--key")
+        .arg(&admin_cert.key)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("job dek-all-a-v2 done: 3/3"), "{stdout}");
+    assert!(stdout.contains("job dek-all-b-v2 done: 3/3"), "{stdout}");
+    assert!(
+        stdout.contains("tenant all-c: deleted, skipped"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("rotated 2 tenant(s), skipped 1 deleted"),
+        "{stdout}"
+    );
+
+    let mut admin = server.admin(&admin_cert).await;
+    for tenant in ["all-a", "all-b"] {
+        let rows = key_status(&mut admin, tenant).await;
+        let v1 = row(&rows, "dek", tenant, 1);
+        let v2 = row(&rows, "dek", tenant, 2);
+        assert_eq!(
+            (v1.protected_records, v2.protected_records),
+            (0, 3),
+            "{tenant}"
+        );
+    }
+    let rows = key_status(&mut admin, "all-c").await;
+    assert_eq!(
+        rows_of(&rows, "dek").count(),
+        1,
+        "the deleted tenant kept its one DEK"
+    );
+    let live: Vec<_> = acked.into_iter().filter(|a| a.tenant != "all-c").collect();
+    assert_all_unseal(&server.vault(&server.pki.role("executor")).await, &live).await;
+}
