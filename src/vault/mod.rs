@@ -398,8 +398,9 @@ impl Vault {
         caller: Option<&Caller>,
     ) -> Result<Unsealed> {
         for _ in 0..MAX_ATTEMPTS {
-            let (unsealed, checks) = self.open_version(tenant, credential, version)?;
-            if !self.audits(caller) {
+            let audits = self.audits(caller);
+            let (unsealed, checks) = self.open_version(tenant, credential, version, audits)?;
+            if !audits {
                 return Ok(unsealed);
             }
             let mut batch = Batch {
@@ -425,13 +426,15 @@ impl Vault {
         Err(Error::Contention)
     }
 
-    /// Reads and opens a version; returns it with the checks that hold while
-    /// nothing it depends on has changed (tenant record, version record).
+    /// Reads and opens a version; returns it with (if `with_checks`) the checks
+    /// that hold while nothing it depends on has changed (tenant record,
+    /// version record).
     fn open_version(
         &self,
         tenant: &str,
         credential: &str,
         version: Option<u32>,
+        with_checks: bool,
     ) -> Result<(Unsealed, Checks)> {
         validate::tenant_id(tenant)?;
         let Some(keys) = self.keys.tenant(tenant)? else {
@@ -466,10 +469,14 @@ impl Vault {
             secret: secret.into(),
             metadata: metadata(tenant, credential, latest, record)?,
         };
-        let checks = vec![
-            (layout::tenant(tenant), Some(keys.tenant_bytes.clone())),
-            (key, Some(bytes)),
-        ];
+        let checks = if with_checks {
+            vec![
+                (layout::tenant(tenant), Some(keys.tenant_bytes.clone())),
+                (key, Some(bytes)),
+            ]
+        } else {
+            Vec::new()
+        };
         Ok((unsealed, checks))
     }
 
