@@ -293,14 +293,21 @@ impl Vault {
                 );
             }
         }
-        for tenant in &due {
-            self.shred(tenant).await?;
+        let mut shredded = Vec::new();
+        for tenant in due {
+            if self.shred(&tenant).await? {
+                shredded.push(tenant);
+            }
         }
-        Ok(due)
+        Ok(shredded)
     }
 
-    async fn shred(&self, tenant: &str) -> Result<()> {
-        self.destroy_tenant_keys(tenant).await?;
+    /// Shreds one tenant; false if it was restored or put on hold since it
+    /// was found due.
+    async fn shred(&self, tenant: &str) -> Result<bool> {
+        if !self.destroy_tenant_keys(tenant).await? {
+            return Ok(false);
+        }
         self.purge_tenant(tenant).await?;
         // Last: the tenant record gives way to the receipt, with the event.
         for _ in 0..MAX_ATTEMPTS {
@@ -331,7 +338,7 @@ impl Vault {
                         versions = receipt.purged_versions,
                         "tenant shredded"
                     );
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
@@ -341,14 +348,22 @@ impl Vault {
     }
 
     /// Step 1 of a shred: every DEK of the tenant destroyed, in one batch with
-    /// the tenant record's progress mark. A no-op once done.
-    async fn destroy_tenant_keys(&self, tenant: &str) -> Result<()> {
+    /// the tenant record's progress mark (a no-op once done). The batch checks
+    /// the tenant record it decided on, so a restore or a legal hold committed
+    /// meanwhile wins: then nothing is destroyed and this returns false.
+    async fn destroy_tenant_keys(&self, tenant: &str) -> Result<bool> {
         for _ in 0..MAX_ATTEMPTS {
             let (bytes, mut record) = self.tenant_record(tenant)?;
             if record.keys_destroyed_at_ms != 0 {
-                return Ok(());
+                return Ok(true);
             }
             let now = self.clock.now_ms();
+            if record.state() != TenantState::Deleted
+                || record.legal_hold
+                || record.shred_after_ms > now
+            {
+                return Ok(false);
+            }
             let mut batch = Batch::default();
             batch.check(layout::tenant(tenant), Some(bytes));
             record.destroyed_dek_versions.clear();
@@ -375,7 +390,7 @@ impl Vault {
                 Ok(_) => {
                     self.keys.invalidate(tenant);
                     tracing::info!(tenant, versions = ?record.destroyed_dek_versions, "tenant data keys destroyed");
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
