@@ -1,7 +1,8 @@
-//! The `Admin` service: key status, rotation (issue 4) and key destruction;
-//! the audit RPCs (issue 5) and Backup answer UNIMPLEMENTED until built. Every
-//! call is authorised first, so the policy matrix holds for all of them:
-//! non-admins get PERMISSION_DENIED whatever the request holds.
+//! The `Admin` service: key status, rotation and key destruction, audit query
+//! and verification; Backup answers UNIMPLEMENTED until built. Every call is
+//! authorised first (a denial is audited there), then its outcome goes to the
+//! audit log (`audit_status`): a read whose record cannot be written fails, a
+//! change that happened is returned with the failure logged.
 //!
 //! Each call logs one line (rpc, caller, tenant, outcome); never key bytes.
 
@@ -435,6 +436,7 @@ fn audit_record(entry: AuditEntry) -> pb::AuditRecord {
         version: r.version,
         purpose: r.purpose,
         outcome: r.outcome,
+        mac: r.mac,
     }
 }
 
