@@ -40,6 +40,9 @@ pub struct Config {
     /// Tenant lifecycle and the revocation event log.
     #[serde(default)]
     pub lifecycle: LifecycleConfig,
+    /// The audit log's retention.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// sled page cache, in MiB.
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
@@ -204,6 +207,42 @@ impl LifecycleConfig {
             Duration::from_secs(1),
         )?;
         Ok(keepalive.unwrap_or(DEFAULT_WATCH_KEEPALIVE))
+    }
+}
+
+/// The `[audit]` section. Durations as in `[rotation]`.
+///
+/// Pruning has no interval of its own: the background task that checks the
+/// rotation schedules (every `rotation.check_interval`) also deletes the audit
+/// records older than `retention`, keeping the chain verifiable from its
+/// anchor (and never the newest record).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How long audit records are kept (`"off"`: for ever; otherwise at least 1s).
+    pub retention: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention: "90d".into(),
+        }
+    }
+}
+
+/// The default of `audit.retention`.
+const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(90 * 86_400);
+
+impl AuditConfig {
+    /// How long audit records are kept (`None`: for ever), or the field's error.
+    pub fn retention(&self) -> Result<Option<Duration>, ConfigError> {
+        duration_field(
+            "audit.retention",
+            &self.retention,
+            true,
+            Duration::from_secs(1),
+        )
     }
 }
 
@@ -399,6 +438,7 @@ impl Config {
         self.rotation.check_interval()?;
         self.lifecycle.event_retention()?;
         self.lifecycle.watch_keepalive()?;
+        self.audit.retention()?;
         Ok(())
     }
 
@@ -429,6 +469,14 @@ impl Config {
         self.lifecycle
             .event_retention()
             .unwrap_or(Some(DEFAULT_EVENT_RETENTION))
+    }
+
+    /// How long audit records are kept (`None`: for ever; the default on a
+    /// config that did not pass [`Config::validate`]).
+    pub fn audit_retention(&self) -> Option<Duration> {
+        self.audit
+            .retention()
+            .unwrap_or(Some(DEFAULT_AUDIT_RETENTION))
     }
 
     pub fn server_limits(&self) -> Limits {
@@ -622,6 +670,49 @@ client_ca = "certs/ca.pem"
         .unwrap_err()
         .to_string();
         assert!(err.contains("shred_check_interval"), "{err}");
+    }
+
+    #[test]
+    fn audit_retention_defaults_to_90_days_and_may_be_off() {
+        let config = Config::parse(MINIMAL).unwrap();
+        assert_eq!(
+            config.audit_retention(),
+            Some(Duration::from_secs(90 * 86_400))
+        );
+        let config = Config::parse(&format!("{MINIMAL}\n[audit]\nretention = \"12h\"\n")).unwrap();
+        assert_eq!(config.audit_retention(), Some(Duration::from_secs(43_200)));
+        let config = Config::parse(&format!("{MINIMAL}\n[audit]\nretention = \"off\"\n")).unwrap();
+        assert_eq!(config.audit_retention(), None);
+        let config = Config::parse(include_str!("../examples/credvault.toml")).unwrap();
+        assert_eq!(
+            config.audit_retention(),
+            Some(Duration::from_secs(90 * 86_400))
+        );
+    }
+
+    #[test]
+    fn bad_audit_values_name_the_field() {
+        let cases = [
+            ("retention = \"nonsense\"", "no unit"),
+            ("retention = \"90\"", "no unit"),
+            ("retention = \"1.5d\"", "not a duration"),
+            ("retention = \"0s\"", "too short"),
+            ("retention = \"\"", "empty"),
+        ];
+        for (line, why) in cases {
+            let err = Config::parse(&format!("{MINIMAL}\n[audit]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("config field `audit.retention`: "),
+                "{line}: {err}"
+            );
+            assert!(err.contains(why), "{line}: {err}");
+        }
+        let err = Config::parse(&format!("{MINIMAL}\n[audit]\nretain = \"9d\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retain"), "{err}");
     }
 
     #[test]

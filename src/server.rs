@@ -9,7 +9,9 @@
 //! The background task drives rotation jobs (resuming any a previous run left
 //! unfinished), checks the schedules, shreds the deleted tenants whose grace
 //! period is over (finishing any shred a previous run left unfinished) and
-//! prunes the revocation events older than `lifecycle.event_retention`.
+//! prunes the revocation events older than `lifecycle.event_retention` and the
+//! audit records older than `audit.retention` (a broken audit chain stops that
+//! pruning and is logged at error level every round: it means tampering).
 //! Stopping it between two awaits is safe: each job, shred and prune batch is
 //! one atomic write, and the next start resumes from the last one.
 
@@ -20,6 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::audit::AuditError;
 use crate::authz::Policy;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -91,7 +94,10 @@ pub async fn run(
     let rotation = tokio::spawn(background_task(
         vault.clone(),
         config.check_interval(),
-        config.event_retention(),
+        Retention {
+            events: config.event_retention(),
+            audit: config.audit_retention(),
+        },
     ));
     let stop_rotation = rotation.abort_handle();
     tracing::info!(%listen, root_key_version = vault.root_version(), "credvault serving");
@@ -130,16 +136,20 @@ pub async fn run(
 /// The pause after a failed round of the background task (at most the check interval).
 const FAILURE_PAUSE: Duration = Duration::from_secs(5);
 
-/// The background task: runs the rotation jobs, the schedules, the shredder
-/// and the event pruning, then waits to be woken (a rotation job started by an
+/// How long the background task keeps revocation events and audit records
+/// (`None`: for ever).
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    events: Option<Duration>,
+    audit: Option<Duration>,
+}
+
+/// The background task: runs the rotation jobs, the schedules, the shredder,
+/// the event pruning and the audit pruning, then waits to be woken (a rotation job started by an
 /// Admin call, a tenant deleted or released from a legal hold) or for the
 /// check interval. Errors are logged and retried on the next round; it never
 /// ends by itself.
-async fn background_task(
-    vault: Arc<Vault>,
-    check_interval: Duration,
-    event_retention: Option<Duration>,
-) {
+async fn background_task(vault: Arc<Vault>, check_interval: Duration, retention: Retention) {
     loop {
         // Registered before the jobs run, so that a job started while they
         // run wakes the next round instead of waiting for the interval.
@@ -169,7 +179,7 @@ async fn background_task(
             tracing::error!(%error, reason = error.reason(), "tenant shredding failed; retrying later");
             failed = true;
         }
-        if let Some(retention) = event_retention {
+        if let Some(retention) = retention.events {
             let cutoff = SystemClock
                 .now_ms()
                 .saturating_sub(retention.as_millis() as u64);
@@ -178,6 +188,31 @@ async fn background_task(
                 Ok(pruned) => tracing::info!(pruned, "old revocation events pruned"),
                 Err(error) => {
                     tracing::error!(%error, reason = error.reason(), "pruning revocation events failed; retrying later");
+                    failed = true;
+                }
+            }
+        }
+        if let (Some(retention), Some(log)) = (retention.audit, vault.audit_log()) {
+            let cutoff = SystemClock
+                .now_ms()
+                .saturating_sub(retention.as_millis() as u64);
+            match log.prune(cutoff).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "old audit records pruned"),
+                Err(AuditError::ChainBroken { sequence, reason }) => {
+                    // Logged every round until someone looks: the store was
+                    // written by something that does not hold the audit key.
+                    tracing::error!(
+                        first_bad_sequence = sequence,
+                        %reason,
+                        "AUDIT CHAIN BROKEN: the stored audit log was tampered with (or corrupted); \
+                         audit pruning is stopped so that the evidence is kept; \
+                         run `credvault audit verify` and investigate"
+                    );
+                    failed = true;
+                }
+                Err(error) => {
+                    tracing::error!(%error, reason = error.reason(), "pruning audit records failed; retrying later");
                     failed = true;
                 }
             }

@@ -2,8 +2,9 @@
 //! the client commands against it, `certs init`, `keygen`, `serve` refusing bad
 //! configurations, no secret in the logs at TRACE, a graceful stop on SIGTERM,
 //! `rotate …` / `keys status|destroy` through a KEK, tenant and root key rotation,
-//! `tenant delete|restore|hold|release|status`, and `watch` following revocations until the
-//! server stops.
+//! `tenant delete|restore|hold|release|status`, `watch` following revocations until the
+//! server stops, and `audit query|tail|export|verify` (online, and offline on a stopped
+//! server's store after one record was edited) with `[audit] retention` pruning.
 //!
 //! Every test runs the real binary in its own temporary directory; servers listen on a free
 //! 127.0.0.1 port and are killed by a guard even when the test fails. Readiness is a client
@@ -1545,4 +1546,509 @@ fn watch_prints_each_revocation_as_a_json_line_and_exits_0_when_the_server_stops
     let (status, stderr) = bad.wait();
     assert_eq!(status.code(), Some(1), "{status}: {stderr}");
     assert!(stderr.contains("INVALID_ID"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit
+
+/// `credvault audit WORD ARGS… --server … --dir …`.
+fn audit(server: &Server, word: &str, args: &[&str]) -> Output {
+    run(server.command(&["audit", word]).args(args), b"")
+}
+
+/// Each stdout line as JSON.
+#[track_caller]
+fn json_lines(output: &Output) -> Vec<Value> {
+    output
+        .stdout_text()
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
+        })
+        .collect()
+}
+
+/// A record's rpc, caller, outcome, purpose, credential and version.
+fn record_fields(record: &Value) -> (&str, &str, &str, &str, &str, u64) {
+    (
+        record["rpc"].as_str().unwrap_or("?"),
+        record["caller"].as_str().unwrap_or("?"),
+        record["outcome"].as_str().unwrap_or("?"),
+        record["purpose"].as_str().unwrap_or("?"),
+        record["credential_id"].as_str().unwrap_or("?"),
+        record["version"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
+fn sequences(records: &[Value]) -> Vec<u64> {
+    records
+        .iter()
+        .map(|r| r["sequence"].as_u64().expect("sequence"))
+        .collect()
+}
+
+/// `credvault audit verify --data-dir STORE --root-key-file KEY` on a `dev` directory.
+fn verify_offline(dir: &Path) -> Output {
+    run(
+        credvault()
+            .args(["audit", "verify", "--data-dir"])
+            .arg(dir.join("data/store"))
+            .arg("--root-key-file")
+            .arg(dir.join("data/root.key")),
+        b"",
+    )
+}
+
+/// The count in `audit chain ok: N records`.
+#[track_caller]
+fn verified_count(output: &Output) -> u64 {
+    let text = output.stdout_text();
+    text.trim()
+        .strip_prefix("audit chain ok: ")
+        .and_then(|rest| rest.strip_suffix(" records"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not `audit chain ok: N records`: {text:?}"))
+}
+
+/// A running `credvault audit tail --follow`: its stdout lines as they come, killed on drop.
+struct Follower {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Option<thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Follower {
+    fn start(server: &Server, args: &[&str]) -> Follower {
+        let mut child = server
+            .command(&["audit", "tail"])
+            .arg("--follow")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning credvault audit tail --follow");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Some(drain(child.stderr.take().expect("stderr")));
+        Follower {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// The next line, as JSON; panics after a generous hang guard.
+    #[track_caller]
+    fn next(&mut self, what: &str) -> Value {
+        let line = self.lines.recv_timeout(READY_TIMEOUT).unwrap_or_else(|e| {
+            let _ = self.child.kill();
+            let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
+            panic!(
+                "{what}: no line from `audit tail --follow` within {READY_TIMEOUT:?} ({e}); \
+                 stderr: {}",
+                String::from_utf8_lossy(&stderr.unwrap_or_default())
+            )
+        });
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line}"))
+    }
+
+    /// Sends SIGTERM; the exit status, stderr and any lines not yet read.
+    fn terminate(&mut self) -> (ExitStatus, String, Vec<String>) {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill -TERM {}: {sent}", self.child.id());
+        let status = wait_for_exit(&mut self.child, EXIT_TIMEOUT).unwrap_or_else(|| {
+            panic!("`audit tail --follow` did not exit within {EXIT_TIMEOUT:?} of SIGTERM")
+        });
+        let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
+        // The reader thread ends with the pipe: everything printed is in the channel.
+        let rest = self.lines.iter().collect();
+        (
+            status,
+            String::from_utf8_lossy(&stderr.unwrap_or_default()).into_owned(),
+            rest,
+        )
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Edits the stored audit record `sequence` of a stopped server's store through the library:
+/// `from` becomes `to` inside its bytes (one byte flipped), committed like any write.
+fn tamper_with_audit_record(store_dir: &Path, sequence: u64, from: &[u8], to: &[u8]) {
+    use credvault::store::{Batch, SledStore, Store, StoreOptions};
+    let store = SledStore::open(&StoreOptions::new(store_dir)).expect("opening the stopped store");
+    let rows = store
+        .scan(credvault::audit::PREFIX, None, usize::MAX)
+        .expect("scanning the audit records");
+    let key = credvault::store::log_key(credvault::audit::PREFIX, sequence);
+    let (key, mut value) = rows
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .unwrap_or_else(|| panic!("no audit record {sequence} in the store"));
+    let at = value
+        .windows(from.len())
+        .position(|w| w == from)
+        .unwrap_or_else(|| panic!("record {sequence} does not hold {from:?}"));
+    value[at..at + to.len()].copy_from_slice(to);
+    let mut batch = Batch::default();
+    batch.put(key, value);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(store.commit(batch))
+        .expect("committing the edit");
+}
+
+#[test]
+fn audit_query_tail_export_and_verify_online_and_offline_detect_an_edited_record() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut server = Server::dev(tmp.path(), &[]);
+    let certs = tmp.path().join("certs");
+
+    // Three decisions about acme's credential: a seal, an unseal with a purpose, and a Seal
+    // by an executor certificate, which the policy denies.
+    run(
+        server
+            .client("seal")
+            .args(["--tenant", "acme", "--id", "gmail/alice"]),
+        b"SID=abc",
+    )
+    .assert_success("seal");
+    let unsealed = run(
+        server.client("unseal").args([
+            "--tenant",
+            "acme",
+            "--id",
+            "gmail/alice",
+            "--purpose",
+            "task-42",
+        ]),
+        b"",
+    );
+    assert_eq!(unsealed.assert_success("unseal").stdout, b"SID=abc");
+    let denied = run(
+        server
+            .client("seal")
+            .args(["--tenant", "acme", "--id", "gmail/alice"])
+            .arg("--cert")
+            .arg(certs.join("executor.pem"))
+            .arg("--key")
+            .arg(certs.join("executor.key")),
+        b"forged",
+    );
+    denied.assert_failure("seal with the executor certificate");
+    assert!(
+        denied.stderr.contains("PERMISSION_DENIED"),
+        "{}",
+        denied.stderr
+    );
+
+    // `query --tenant`: exactly those three, in order, never the secret.
+    let queried = audit(&server, "query", &["--tenant", "acme"]);
+    let records = json_lines(queried.assert_success("audit query --tenant acme"));
+    assert!(
+        !contains(&queried.stdout, b"SID=abc"),
+        "a secret in the audit log"
+    );
+    assert!(
+        !contains(&queried.stdout, b"forged"),
+        "a secret in the audit log"
+    );
+    let fields: Vec<_> = records.iter().map(record_fields).collect();
+    assert_eq!(
+        fields,
+        [
+            (
+                "Seal",
+                "spiffe://credvault/ingest/dev",
+                "ok",
+                "",
+                "gmail/alice",
+                1
+            ),
+            (
+                "Unseal",
+                "spiffe://credvault/executor/dev",
+                "ok",
+                "task-42",
+                "gmail/alice",
+                1
+            ),
+            (
+                "Seal",
+                "spiffe://credvault/executor/dev",
+                "PERMISSION_DENIED",
+                "",
+                "gmail/alice",
+                0
+            ),
+        ],
+        "{records:?}"
+    );
+    for record in &records {
+        assert_eq!(record["tenant_id"], "acme", "{record}");
+        assert_eq!(record["mac"].as_str().map(str::len), Some(64), "{record}");
+        assert!(record["at_ms"].as_u64().unwrap_or(0) > 0, "{record}");
+    }
+    let seqs = sequences(&records);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let unseal_seq = seqs[1];
+    let unseal_at = records[1]["at_ms"].as_u64().expect("at_ms");
+
+    // The other filters; --from and --to take milliseconds or RFC 3339.
+    let only = |args: &[&str]| {
+        let output = audit(&server, "query", args);
+        sequences(&json_lines(output.assert_success("audit query")))
+    };
+    assert_eq!(
+        only(&["--tenant", "acme", "--outcome", "PERMISSION_DENIED"]),
+        [seqs[2]]
+    );
+    assert_eq!(
+        only(&[
+            "--caller",
+            "spiffe://credvault/executor/dev",
+            "--tenant",
+            "acme"
+        ]),
+        [seqs[1], seqs[2]]
+    );
+    assert_eq!(
+        only(&["--credential", "gmail/alice", "--outcome", "ok"]),
+        [seqs[0], seqs[1]]
+    );
+    assert_eq!(
+        only(&[
+            "--credential",
+            "gmail/alice",
+            "--from",
+            &unseal_at.to_string(),
+            "--to",
+            &(unseal_at + 1).to_string()
+        ]),
+        [unseal_seq]
+    );
+    assert_eq!(
+        only(&["--tenant", "acme", "--to", "2000-01-01T00:00:00Z"]),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        only(&["--credential", "gmail/alice", "--limit", "1"]),
+        [seqs[0]]
+    );
+    let bad_time = audit(&server, "query", &["--from", "yesterday"]);
+    assert_eq!(bad_time.status.code(), Some(2), "{}", bad_time.stderr); // a usage error
+    assert!(bad_time.stderr.contains("RFC 3339"), "{}", bad_time.stderr);
+    // An executor may not read the audit log: the server's refusal is an error line.
+    let refused = run(
+        server
+            .command(&["audit", "query"])
+            .arg("--cert")
+            .arg(certs.join("executor.pem"))
+            .arg("--key")
+            .arg(certs.join("executor.key")),
+        b"",
+    );
+    refused.assert_failure("audit query by an executor");
+    assert!(
+        refused
+            .stderr
+            .contains("PermissionDenied PERMISSION_DENIED"),
+        "{}",
+        refused.stderr
+    );
+
+    // `export`: every record, from 1, without gaps; `--after` starts later.
+    let exported = json_lines(audit(&server, "export", &[]).assert_success("audit export"));
+    let exported_seqs = sequences(&exported);
+    let count = exported.len() as u64;
+    assert_eq!(exported_seqs, (1..=count).collect::<Vec<_>>());
+    assert!(exported.contains(&records[1]), "{exported:?}");
+    let after = json_lines(
+        audit(&server, "export", &["--after", &unseal_seq.to_string()])
+            .assert_success("audit export --after"),
+    );
+    assert_eq!(sequences(&after)[0], unseal_seq + 1);
+
+    // `verify` online: the export's own QueryAudit is one more record.
+    let verified = audit(&server, "verify", &[]);
+    verified.assert_success("audit verify");
+    assert_eq!(verified_count(&verified), count + 2); // + export, + export --after
+
+    // `tail -n 2`: the two newest, the VerifyAudit last; not tail's own probing calls.
+    let tailed = json_lines(audit(&server, "tail", &["-n", "2"]).assert_success("audit tail"));
+    let newest = count + 3;
+    assert_eq!(sequences(&tailed), [newest - 1, newest], "{tailed:?}");
+    assert_eq!(tailed[1]["rpc"], "VerifyAudit", "{tailed:?}");
+    assert_eq!(tailed[0]["rpc"], "QueryAudit", "{tailed:?}");
+    let all = json_lines(audit(&server, "export", &[]).assert_success("audit export"));
+    assert_eq!(&all[(newest - 2) as usize..newest as usize], &tailed[..]);
+
+    // `tail --follow`: the newest record, then each new one as it comes, and never its own
+    // polls; SIGTERM ends it with status 0.
+    let mut follower = Follower::start(&server, &["-n", "1"]);
+    let first = follower.next("the newest record");
+    let start = first["sequence"].as_u64().expect("sequence");
+    run(
+        server.client("unseal").args([
+            "--tenant",
+            "acme",
+            "--id",
+            "gmail/alice",
+            "--purpose",
+            "followed",
+        ]),
+        b"",
+    )
+    .assert_success("unseal while following");
+    let followed = follower.next("the followed unseal");
+    assert_eq!(
+        record_fields(&followed),
+        (
+            "Unseal",
+            "spiffe://credvault/executor/dev",
+            "ok",
+            "followed",
+            "gmail/alice",
+            1
+        )
+    );
+    assert!(followed["sequence"].as_u64().unwrap_or(0) > start);
+    // A few polls with nothing new: nothing printed.
+    thread::sleep(Duration::from_millis(1500));
+    let (status, stderr, rest) = follower.terminate();
+    assert_eq!(status.code(), Some(0), "{status}: {stderr}");
+    assert!(
+        rest.is_empty(),
+        "tail --follow printed its own polls: {rest:?}"
+    );
+
+    // Offline while the server runs: refused, saying why.
+    let locked = verify_offline(tmp.path());
+    locked.assert_failure("offline verify of a running server's store");
+    assert!(
+        locked.stderr.contains("is the server still running"),
+        "{}",
+        locked.stderr
+    );
+
+    // Stopped and untampered: offline verify passes and counts what online verify saw.
+    assert_eq!(
+        server.terminate().code(),
+        Some(0),
+        "{}",
+        server.stderr_text()
+    );
+    let clean = verify_offline(tmp.path());
+    clean.assert_success("offline verify of an untampered store");
+    assert!(
+        verified_count(&clean) > count + 2,
+        "{}",
+        clean.stdout_text()
+    );
+
+    // One byte of the unseal's record flipped: the purpose now reads task-43.
+    tamper_with_audit_record(
+        &tmp.path().join("data/store"),
+        unseal_seq,
+        b"task-42",
+        b"task-43",
+    );
+    let broken = verify_offline(tmp.path());
+    assert_eq!(broken.status.code(), Some(2), "{}", broken.stderr);
+    let text = broken.stdout_text();
+    assert!(
+        text.contains(&format!("audit chain BROKEN at sequence {unseal_seq}\n")),
+        "{text}"
+    );
+    assert!(text.contains("reason: "), "{text}");
+
+    // The server restarted on the edited store says the same online.
+    let server = Server::dev(tmp.path(), &[]);
+    let broken = audit(&server, "verify", &[]);
+    assert_eq!(broken.status.code(), Some(2), "{}", broken.stderr);
+    assert!(
+        broken
+            .stdout_text()
+            .contains(&format!("audit chain BROKEN at sequence {unseal_seq}\n")),
+        "{}",
+        broken.stdout_text()
+    );
+}
+
+#[test]
+fn audit_retention_is_validated_and_prunes_old_records_keeping_the_chain_verifiable() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let good = serve_setup(tmp.path());
+
+    let bad = tmp.path().join("bad.toml");
+    fs::write(&bad, format!("{good}\n[audit]\nretention = \"nonsense\"\n")).unwrap();
+    let refused = run(credvault().arg("serve").arg("--config").arg(&bad), b"");
+    refused.assert_failure("serve with audit.retention = nonsense");
+    assert!(
+        refused.stderr.contains("config field `audit.retention`"),
+        "{}",
+        refused.stderr
+    );
+    assert!(refused.stderr.contains("nonsense"), "{}", refused.stderr);
+
+    // A one-second retention, checked every second: old records go, the chain still verifies.
+    let config = tmp.path().join("credvault.toml");
+    fs::write(
+        &config,
+        format!("{good}\n[rotation]\ncheck_interval = \"1s\"\n\n[audit]\nretention = \"1s\"\n"),
+    )
+    .unwrap();
+    let server = Server::start(tmp.path(), |port| {
+        let mut command = credvault();
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}")]);
+        command
+    });
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let oldest = loop {
+        let exported = json_lines(audit(&server, "export", &[]).assert_success("audit export"));
+        let oldest = exported[0]["sequence"].as_u64().expect("sequence");
+        if oldest > 1 {
+            break oldest;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit record pruned within {READY_TIMEOUT:?}\n{}",
+            server.stderr_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(oldest > 1);
+    let verified = audit(&server, "verify", &[]);
+    verified.assert_success("audit verify after pruning");
+    assert!(verified.stdout_text().starts_with("audit chain ok: "));
+    assert!(
+        strip_ansi(&server.stderr_text()).contains("old audit records pruned"),
+        "{}",
+        server.stderr_text()
+    );
 }

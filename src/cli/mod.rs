@@ -1,5 +1,6 @@
 //! The `credvault` command line: clap definitions and the subcommands.
 
+pub mod audit;
 pub mod bench;
 pub mod certs;
 pub mod client;
@@ -39,6 +40,9 @@ pub enum Command {
     Tenant(tenant::TenantArgs),
     /// Follow the revocation events (one JSON line each) until the server ends the stream.
     Watch(watch::WatchArgs),
+    /// The audit log: `query`, `tail`, `export` (JSON lines) and `verify` (exit 2 when the
+    /// chain is broken; `--data-dir` verifies a stopped server's store offline).
+    Audit(audit::AuditArgs),
     /// Rotate a key layer (`kek`, `tenant ID`, `root`) or follow a rotation job (`status ID`).
     Rotate(rotate::RotateArgs),
     /// Write a new random root key (base64, mode 0600). Refuses to overwrite.
@@ -62,6 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rotate(args) => rotate::run(args),
         Command::Tenant(args) => tenant::run(args),
         Command::Watch(args) => watch::run(args),
+        Command::Audit(args) => audit::run(args),
         Command::Keygen { out } => {
             credvault::crypto::root::generate_file(&out)?;
             println!(
