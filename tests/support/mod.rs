@@ -231,6 +231,9 @@ pub struct ServerOptions {
     /// Lines for the config's `[lifecycle]` table, e.g. `watch_keepalive = "1s"`
     /// (none: the table is left out).
     pub lifecycle: Vec<String>,
+    /// Lines for the config's `[audit]` table, e.g. `retention = "1s"`
+    /// (none: the table is left out).
+    pub audit: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -241,6 +244,7 @@ impl Default for ServerOptions {
             crl_pem: None,
             rotation: Vec::new(),
             lifecycle: Vec::new(),
+            audit: Vec::new(),
         }
     }
 }
@@ -271,6 +275,12 @@ impl ServerOptions {
     /// Adds a `[lifecycle]` line, e.g. `lifecycle("event_retention = \"1s\"")`.
     pub fn lifecycle(mut self, line: impl Into<String>) -> Self {
         self.lifecycle.push(line.into());
+        self
+    }
+
+    /// Adds an `[audit]` line, e.g. `audit("retention = \"1s\"")`.
+    pub fn audit(mut self, line: impl Into<String>) -> Self {
+        self.audit.push(line.into());
         self
     }
 }
@@ -325,6 +335,13 @@ pub fn write_server_files(
     if !options.lifecycle.is_empty() {
         text.push_str("[lifecycle]\n");
         for line in &options.lifecycle {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    if !options.audit.is_empty() {
+        text.push_str("[audit]\n");
+        for line in &options.audit {
             text.push_str(line);
             text.push('\n');
         }
