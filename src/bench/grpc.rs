@@ -25,7 +25,8 @@
 //! Bars: Unseal throughput ≥ 0.80 × Echo throughput; Unseal p99 ≤ 1.5 × Echo
 //! p99, reported as the ratio echo p99 / unseal p99 ≥ 1 / 1.5.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
+use tonic::transport::server::Router;
 use tonic::{Request, Response, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -44,7 +46,7 @@ use super::{Bar, Report, Row};
 use crate::authz::Policy;
 use crate::clock::SystemClock;
 use crate::crypto::SymmetricKey;
-use crate::pki::{self, DevRole};
+use crate::pki::{self, DevPkiPaths, DevRole};
 use crate::service::{self, Limits, pb as vault_pb};
 use crate::store::{SledStore, StoreOptions};
 use crate::tls::{self, ServerTlsFiles};
@@ -135,7 +137,7 @@ pub fn echo_server(limits: &Limits) -> pb::echo_server::EchoServer<EchoService> 
 
 /// What one measurement calls.
 #[derive(Debug, Clone, Copy)]
-enum Call {
+pub(super) enum Call {
     Echo,
     Unseal,
     Health,
@@ -171,28 +173,10 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
 
     // Certificates, TLS, store, vault.
     let dir = tempfile::tempdir()?;
-    let certs = pki::ensure_dev_pki(&dir.path().join("certs"))?;
-    let tls = tls::server_config(&ServerTlsFiles {
-        cert: &certs.server_cert(),
-        key: &certs.server_key(),
-        client_ca: &certs.ca_cert(),
-        crl: None,
-    })?;
+    let (certs, tls) = dev_tls(dir.path())?;
     let options = VaultOptions::default();
     let limits = Limits::for_secret_limit(options.max_secret_bytes);
-    let store = SledStore::open(&StoreOptions {
-        cache_capacity: params.cache_bytes,
-        ..StoreOptions::new(dir.path().join("data"))
-    })?;
-    let vault = Arc::new(
-        Vault::open(
-            Arc::new(store),
-            SymmetricKey::generate(),
-            Arc::new(SystemClock),
-            options,
-        )
-        .await?,
-    );
+    let vault = open_vault(&dir.path().join("data"), params.cache_bytes, options).await?;
 
     // Warm store, filled in-process before serving.
     eprintln!(
@@ -212,12 +196,7 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
     ));
 
     // The product's router and server, plus the bench-only Echo.
-    let (health, health_service) = tonic_health::server::health_reporter();
-    for name in ["", vault_pb::vault_server::SERVICE_NAME] {
-        health
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
+    let health_service = serving_health().await;
     let router = service::router(
         vault.clone(),
         Arc::new(Policy::dev_default()),
@@ -225,29 +204,16 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
         health_service,
     )?
     .add_service(echo_server(&limits));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(service::serve(
-        router,
-        listener,
-        tls,
-        limits.handshake_timeout,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let server = Server::start(router, tls, &limits).await?;
 
     // Client connections, as the executor.
-    let (cert, key) = certs.client(DevRole::Executor);
-    let mut channels = Vec::with_capacity(params.connections);
-    for _ in 0..params.connections {
-        channels.push(
-            crate::client::connect(&address.to_string(), &certs.ca_cert(), &cert, &key)
-                .await
-                .context("connecting to the benchmark server")?,
-        );
-    }
+    let channels = connect(
+        &certs,
+        DevRole::Executor,
+        server.address,
+        params.connections,
+    )
+    .await?;
 
     let measured = async {
         let calls = [
@@ -275,12 +241,11 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
             for k in order {
                 let (call, name) = calls[k];
                 eprintln!("round {}/{}: {name}…", round + 1, params.rounds);
-                let (ops, elapsed, latencies) =
-                    load(call, &channels, params, warmup, slice).await?;
+                let slice_result = load(call, &channels, params, warmup, slice).await?;
                 let total = &mut totals[k];
-                total.0 += ops;
-                total.1 += elapsed;
-                total.2.extend(latencies);
+                total.0 += slice_result.ops;
+                total.1 += slice_result.elapsed;
+                total.2.extend(slice_result.latencies);
             }
         }
         for ((_, name), (ops, elapsed, mut latencies)) in calls.into_iter().zip(totals) {
@@ -293,11 +258,10 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
     .await;
 
     drop(channels);
-    let _ = stop.send(());
-    let served = server.await;
+    let served = server.stop().await;
     drop(vault); // closes the store before the temporary directory goes
     measured?;
-    served??;
+    served?;
 
     let echo = report.row(ECHO_ROW).cloned();
     let unseal = report.row(UNSEAL_ROW).cloned();
@@ -318,16 +282,28 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// What one [`load`] measured.
+pub(super) struct Measured {
+    /// Calls completed in the timed window.
+    pub ops: u64,
+    /// The timed window's length.
+    pub elapsed: Duration,
+    /// Their latencies, send to reply.
+    pub latencies: Vec<Duration>,
+    /// Every call that succeeded, warm-up and overrun included.
+    pub succeeded: u64,
+}
+
 /// Keeps `params.in_flight` calls of `call` in flight over `channels` for
 /// `warmup_seconds` and then `seconds`; returns the calls completed in the timed
 /// window, its length, and their latencies. Any failed call fails the run.
-async fn load(
+pub(super) async fn load(
     call: Call,
     channels: &[Channel],
     params: &Params,
     warmup_seconds: f64,
     seconds: f64,
-) -> anyhow::Result<(u64, Duration, Vec<Duration>)> {
+) -> anyhow::Result<Measured> {
     let begin = Instant::now() + Duration::from_secs_f64(warmup_seconds);
     let end = begin + Duration::from_secs_f64(seconds);
     // An Echo request as large as a typical Unseal request.
@@ -347,6 +323,7 @@ async fn load(
                 let mut health = HealthClient::new(channel);
                 let mut rng = SmallRng::seed_from_u64(task as u64);
                 let mut latencies = Vec::with_capacity(1 << 14);
+                let mut succeeded = 0u64;
                 loop {
                     let started = Instant::now();
                     if started >= end {
@@ -372,19 +349,28 @@ async fn load(
                         }
                     }
                     let done = Instant::now();
+                    succeeded += 1;
                     if done >= begin && done < end {
                         latencies.push(done - started);
                     }
                 }
-                anyhow::Ok(latencies)
+                anyhow::Ok((latencies, succeeded))
             })
         })
         .collect();
     let mut latencies = Vec::new();
+    let mut succeeded = 0;
     for task in tasks {
-        latencies.extend(task.await??);
+        let (task_latencies, task_succeeded) = task.await??;
+        latencies.extend(task_latencies);
+        succeeded += task_succeeded;
     }
-    Ok((latencies.len() as u64, end - begin, latencies))
+    Ok(Measured {
+        ops: latencies.len() as u64,
+        elapsed: end - begin,
+        latencies,
+        succeeded,
+    })
 }
 
 fn unseal_request(i: u64, tenants: u64) -> vault_pb::UnsealRequest {
@@ -396,8 +382,113 @@ fn unseal_request(i: u64, tenants: u64) -> vault_pb::UnsealRequest {
     }
 }
 
+/// The dev PKI generated under `dir` (in `certs/`) and the product's server
+/// TLS config for it (TLS 1.3, client certificate required).
+pub(super) fn dev_tls(dir: &Path) -> anyhow::Result<(DevPkiPaths, Arc<rustls::ServerConfig>)> {
+    let certs = pki::ensure_dev_pki(&dir.join("certs"))?;
+    let tls = tls::server_config(&ServerTlsFiles {
+        cert: &certs.server_cert(),
+        key: &certs.server_key(),
+        client_ca: &certs.ca_cert(),
+        crl: None,
+    })?;
+    Ok((certs, tls))
+}
+
+/// A vault over a new sled store at `path` (`cache_bytes` of page cache,
+/// the default group commit) under a random root key.
+pub(super) async fn open_vault(
+    path: &Path,
+    cache_bytes: u64,
+    options: VaultOptions,
+) -> anyhow::Result<Arc<Vault>> {
+    let store = SledStore::open(&StoreOptions {
+        cache_capacity: cache_bytes,
+        ..StoreOptions::new(path)
+    })?;
+    Ok(Arc::new(
+        Vault::open(
+            Arc::new(store),
+            SymmetricKey::generate(),
+            Arc::new(SystemClock),
+            options,
+        )
+        .await?,
+    ))
+}
+
+/// A health service that reports SERVING for the server and the Vault service.
+pub(super) async fn serving_health()
+-> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in ["", vault_pb::vault_server::SERVICE_NAME] {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    health_service
+}
+
+/// A router served by [`service::serve`] on a free port of 127.0.0.1.
+pub(super) struct Server {
+    pub address: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    pub(super) async fn start(
+        router: Router,
+        tls: Arc<rustls::ServerConfig>,
+        limits: &Limits,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(service::serve(
+            router,
+            listener,
+            tls,
+            limits.handshake_timeout,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Self {
+            address,
+            stop,
+            task,
+        })
+    }
+
+    /// Shuts down gracefully (in-flight calls finish) and returns how serving ended.
+    pub(super) async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
+}
+
+/// `n` client connections to `address` with the dev certificate of `role`.
+pub(super) async fn connect(
+    certs: &DevPkiPaths,
+    role: DevRole,
+    address: SocketAddr,
+    n: usize,
+) -> anyhow::Result<Vec<Channel>> {
+    let (cert, key) = certs.client(role);
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n {
+        channels.push(
+            crate::client::connect(&address.to_string(), &certs.ca_cert(), &cert, &key)
+                .await
+                .context("connecting to the benchmark server")?,
+        );
+    }
+    Ok(channels)
+}
+
 /// "N cores, CPU model" (the model from /proc/cpuinfo, when there is one).
-fn machine() -> String {
+pub(super) fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -2,6 +2,7 @@
 //! runs bounded, prints a table and writes JSON. Bars are ratios measured in
 //! one run on one machine. Timing lives here, never in tests.
 
+pub mod audit;
 pub mod grpc;
 pub mod rotation;
 pub mod store;

@@ -12,6 +12,9 @@ pub enum Scenario {
     Grpc,
     /// Rotation jobs in-process: KEK rewrap, re-encryption, unseal while they run.
     Rotation,
+    /// Audit log and revocation watch over mutual TLS on 127.0.0.1: unseal with
+    /// audit records on / off, revoke → watcher latency.
+    Audit,
 }
 
 #[derive(Debug, Args)]
@@ -29,18 +32,19 @@ pub struct BenchArgs {
     /// sled page cache of the benchmark stores, in MiB.
     #[arg(long, default_value_t = 1024)]
     cache_mb: u64,
-    /// Seconds each timed measurement runs [default: 3 for store, 5 for grpc;
+    /// Seconds each timed measurement runs [default: 3 for store, 5 for grpc
+    /// and audit;
     /// rotation: unseal at rest before each loaded job, 3].
     #[arg(long)]
     seconds: Option<f64>,
-    /// grpc: calls kept in flight.
+    /// grpc, audit: calls kept in flight.
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
-    /// grpc: client connections the calls in flight are spread over.
+    /// grpc, audit: client connections the calls in flight are spread over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// grpc: each measurement's seconds are split into this many slices, run
-    /// round-robin (echo, unseal, health, then the reverse, …).
+    /// grpc, audit: each measurement's seconds are split into this many
+    /// slices, run round-robin (echo, unseal, health, then the reverse, …).
     #[arg(long, default_value_t = 5)]
     rounds: u32,
     /// rotation: threads unsealing at rest and during the jobs.
@@ -55,6 +59,15 @@ pub struct BenchArgs {
     /// rotation: pause between job batches, ms [default: the vault's, 2].
     #[arg(long)]
     batch_pause_ms: Option<u64>,
+    /// audit: WatchRevocations streams open while credentials are revoked.
+    #[arg(long, default_value_t = 100)]
+    watchers: usize,
+    /// audit: client connections the watchers are spread over.
+    #[arg(long, default_value_t = 4)]
+    watch_connections: usize,
+    /// audit: credentials revoked, one at a time.
+    #[arg(long, default_value_t = 200)]
+    revocations: usize,
     /// Where to write the JSON results (default: bench-results/SCENARIO.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -112,6 +125,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     .unwrap_or_else(|| "bench-results/rotation.json".into()),
             };
             let results = runtime.block_on(credvault::bench::rotation::run(&params))?;
+            results.finish(&params.out)?;
+        }
+        Scenario::Audit => {
+            let params = credvault::bench::audit::Params {
+                credentials: args.credentials.unwrap_or(100_000),
+                tenants: args.tenants.unwrap_or(1_000),
+                seconds: args.seconds.unwrap_or(5.0),
+                warmup_seconds: 1.0,
+                rounds: args.rounds,
+                in_flight: args.in_flight,
+                connections: args.connections,
+                watchers: args.watchers,
+                watch_connections: args.watch_connections,
+                revocations: args.revocations,
+                cache_bytes: args.cache_mb << 20,
+                out: args
+                    .out
+                    .unwrap_or_else(|| "bench-results/audit.json".into()),
+            };
+            let results = runtime.block_on(credvault::bench::audit::run(&params))?;
             results.finish(&params.out)?;
         }
     }
