@@ -91,6 +91,31 @@ pub enum TenantState {
     Deleted = 1,
 }
 
+/// What KEK and DEK records share: a state, and wrapped key bytes that
+/// destruction removes.
+pub trait WrappedKey: Message + Default {
+    fn key_state(&self) -> KeyState;
+    /// Marks the version destroyed at `now_ms`: its wrapped key bytes are gone.
+    fn destroy(&mut self, now_ms: u64);
+}
+
+macro_rules! wrapped_key {
+    ($($record:ty),*) => {$(
+        impl WrappedKey for $record {
+            fn key_state(&self) -> KeyState {
+                self.state()
+            }
+            fn destroy(&mut self, now_ms: u64) {
+                self.state = KeyState::Destroyed as i32;
+                self.wrapped = Vec::new();
+                self.destroyed_at_ms = now_ms;
+            }
+        }
+    )*};
+}
+
+wrapped_key!(KekRecord, DekRecord);
+
 /// A tenant (`t\0{tenant}`).
 #[derive(Clone, PartialEq, Message)]
 pub struct TenantRecord {

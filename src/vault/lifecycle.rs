@@ -14,7 +14,7 @@ use prost::Message;
 use crate::error::{Error, Invalid, Result};
 use crate::store::records::{
     self, DekRecord, DeletionReceipt as ReceiptRecord, EventKind, JobRecord, KeyState,
-    TenantRecord, TenantState,
+    TenantRecord, TenantState, WrappedKey,
 };
 use crate::store::{Batch, StoreError, layout};
 
@@ -377,9 +377,7 @@ impl Vault {
                     continue;
                 }
                 batch.sub(layout::kek_refs(dek.kek_version), 1);
-                dek.state = KeyState::Destroyed as i32;
-                dek.wrapped = Vec::new();
-                dek.destroyed_at_ms = now;
+                dek.destroy(now);
                 batch
                     .check(key.clone(), Some(dek_bytes))
                     .put(key, dek.encode_to_vec());

@@ -26,10 +26,23 @@ use crate::crypto::envelope::{self, Context};
 use crate::error::{Error, Invalid, Result};
 use crate::store::records::{
     self, DekRecord, JobKind, JobRecord, KekRecord, KeyState, TenantState, VersionRecord,
+    WrappedKey,
 };
 use crate::store::{Batch, StoreError, layout};
 
 use super::{Kind, Vault, ledger, validate};
+
+/// A key version to destroy: its record, its reference count, and how a
+/// refusal names what still depends on it.
+struct Retire {
+    layer: &'static str,
+    version: u32,
+    key: Vec<u8>,
+    refs: Vec<u8>,
+    /// What it protects, singular and plural.
+    protects: (&'static str, &'static str),
+    hint: &'static str,
+}
 
 /// Longest job id accepted by [`Vault::rotation_job`].
 const MAX_JOB_ID: usize = 128;
@@ -323,106 +336,89 @@ impl Vault {
     }
 
     async fn destroy_kek(&self, version: u32) -> Result<()> {
-        let key = layout::kek(version);
-        for _ in 0..MAX_BATCH_ATTEMPTS {
-            let bytes = self.store.get(&key)?.ok_or(Error::KeyNotFound)?;
-            let mut record: KekRecord = records::decode(&bytes)?;
-            match record.state() {
-                KeyState::Destroyed => return Ok(()),
-                KeyState::Active => {
-                    return Err(Error::PrimaryKey {
-                        layer: "KEK",
-                        version,
-                    });
-                }
-                _ => {}
-            }
-            let refs_key = layout::kek_refs(version);
-            let refs_bytes = self.store.get(&refs_key)?;
-            let refs = refs_bytes
-                .as_deref()
-                .and_then(layout::decode_counter)
-                .unwrap_or(0);
-            if refs > 0 {
-                return Err(Error::KeyInUse {
-                    layer: "KEK",
-                    version,
-                    count: refs,
-                    what: if refs == 1 { "data key" } else { "data keys" },
-                    hint: "rewrap them first: rotate the KEK and wait for its job (credvault rotate kek --wait)",
-                });
-            }
-            record.state = KeyState::Destroyed as i32;
-            record.wrapped = Vec::new();
-            record.destroyed_at_ms = self.clock.now_ms();
-            let mut batch = Batch::default();
-            batch
-                .check(key.clone(), Some(bytes))
-                .check(refs_key, refs_bytes)
-                .put(key.clone(), record.encode_to_vec());
-            match self.store.commit(batch).await {
-                Ok(_) => {
-                    self.keys.reload_keks()?;
-                    tracing::info!(version, "destroyed key-encryption key");
-                    return Ok(());
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
-            }
+        let target = Retire {
+            layer: "KEK",
+            version,
+            key: layout::kek(version),
+            refs: layout::kek_refs(version),
+            protects: ("data key", "data keys"),
+            hint: "rewrap them first: rotate the KEK and wait for its job (credvault rotate kek --wait)",
+        };
+        if self.destroy::<KekRecord>(target, |_, _| {}).await? {
+            self.keys.reload_keks()?;
+            tracing::info!(version, "destroyed key-encryption key");
         }
-        Err(Error::Contention)
+        Ok(())
     }
 
     async fn destroy_dek(&self, tenant: &str, version: u32) -> Result<()> {
-        let key = layout::dek(tenant, version);
+        let target = Retire {
+            layer: "DEK",
+            version,
+            key: layout::dek(tenant, version),
+            refs: layout::dek_refs(tenant, version),
+            protects: ("credential version", "credential versions"),
+            hint: "re-encrypt them first (credvault rotate tenant ID --reencrypt --wait)",
+        };
+        // A destroyed DEK is no longer one its KEK wraps.
+        let release = |dek: &DekRecord, batch: &mut Batch| {
+            batch.sub(layout::kek_refs(dek.kek_version), 1);
+        };
+        if self.destroy(target, release).await? {
+            self.keys.invalidate(tenant);
+            tracing::info!(tenant, version, "destroyed data key");
+        }
+        Ok(())
+    }
+
+    /// Destroys one key version if it is retired and the ledger says nothing
+    /// depends on it, in a batch that checks both (with `along`'s changes).
+    /// Returns whether it destroyed it (false: it already was).
+    async fn destroy<R: WrappedKey>(
+        &self,
+        target: Retire,
+        along: impl Fn(&R, &mut Batch),
+    ) -> Result<bool> {
         for _ in 0..MAX_BATCH_ATTEMPTS {
-            let bytes = self.store.get(&key)?.ok_or(Error::KeyNotFound)?;
-            let mut record: DekRecord = records::decode(&bytes)?;
-            match record.state() {
-                KeyState::Destroyed => return Ok(()),
+            let bytes = self.store.get(&target.key)?.ok_or(Error::KeyNotFound)?;
+            let mut record: R = records::decode(&bytes)?;
+            match record.key_state() {
+                KeyState::Destroyed => return Ok(false),
                 KeyState::Active => {
                     return Err(Error::PrimaryKey {
-                        layer: "DEK",
-                        version,
+                        layer: target.layer,
+                        version: target.version,
                     });
                 }
                 _ => {}
             }
-            let refs_key = layout::dek_refs(tenant, version);
-            let refs_bytes = self.store.get(&refs_key)?;
+            let refs_bytes = self.store.get(&target.refs)?;
             let refs = refs_bytes
                 .as_deref()
                 .and_then(layout::decode_counter)
                 .unwrap_or(0);
             if refs > 0 {
                 return Err(Error::KeyInUse {
-                    layer: "DEK",
-                    version,
+                    layer: target.layer,
+                    version: target.version,
                     count: refs,
                     what: if refs == 1 {
-                        "credential version"
+                        target.protects.0
                     } else {
-                        "credential versions"
+                        target.protects.1
                     },
-                    hint: "re-encrypt them first (credvault rotate tenant ID --reencrypt --wait)",
+                    hint: target.hint,
                 });
             }
-            let kek_version = record.kek_version;
-            record.state = KeyState::Destroyed as i32;
-            record.wrapped = Vec::new();
-            record.destroyed_at_ms = self.clock.now_ms();
+            record.destroy(self.clock.now_ms());
             let mut batch = Batch::default();
             batch
-                .check(key.clone(), Some(bytes))
-                .check(refs_key, refs_bytes)
-                .put(key.clone(), record.encode_to_vec())
-                .sub(layout::kek_refs(kek_version), 1);
+                .check(target.key.clone(), Some(bytes))
+                .check(target.refs.clone(), refs_bytes)
+                .put(target.key.clone(), record.encode_to_vec());
+            along(&record, &mut batch);
             match self.store.commit(batch).await {
-                Ok(_) => {
-                    self.keys.invalidate(tenant);
-                    tracing::info!(tenant, version, "destroyed data key");
-                    return Ok(());
-                }
+                Ok(_) => return Ok(true),
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
             }
