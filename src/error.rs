@@ -204,6 +204,12 @@ pub fn status_with_reason(
     )
 }
 
+/// The stable reason of a status (its `google.rpc.ErrorInfo`), if it has one.
+pub fn reason_of(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    status.get_details_error_info().map(|info| info.reason)
+}
+
 /// The one mapping from library errors to gRPC statuses. Messages never carry
 /// secrets; internal details are logged, not returned.
 impl From<Error> for tonic::Status {

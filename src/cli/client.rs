@@ -308,11 +308,7 @@ async fn execute(command: ClientCommand) -> anyhow::Result<()> {
 
 /// A failed call as an error line: the status code, its reason and message.
 pub fn status(status: tonic::Status) -> anyhow::Error {
-    use tonic_types::StatusExt;
-    let reason = status
-        .get_details_error_info()
-        .map(|info| info.reason)
-        .unwrap_or_default();
+    let reason = credvault::error::reason_of(&status).unwrap_or_default();
     anyhow::anyhow!("{:?} {}: {}", status.code(), reason, status.message())
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use credvault::error::reason_of;
 use credvault::service::pb;
 
 use super::client::{Connection, status as status_error};
@@ -174,15 +175,6 @@ async fn execute(command: RotateCommand) -> anyhow::Result<()> {
 
 type AdminClient = pb::admin_client::AdminClient<tonic::transport::Channel>;
 
-/// The stable reason of a failed call ("" if none).
-fn reason_of(status: &tonic::Status) -> String {
-    use tonic_types::StatusExt;
-    status
-        .get_details_error_info()
-        .map(|info| info.reason)
-        .unwrap_or_default()
-}
-
 /// `rotate tenant --all`: every tenant with a DEK, one after the other (each
 /// followed to the end with --wait). Deleted tenants are skipped; any other
 /// failure stops the run with a non-zero exit.
@@ -211,7 +203,7 @@ async fn rotate_all_tenants(
         };
         let job = match client.rotate_tenant_key(request).await {
             Ok(job) => job.into_inner(),
-            Err(status) if reason_of(&status) == "TENANT_DELETED" => {
+            Err(status) if reason_of(&status).as_deref() == Some("TENANT_DELETED") => {
                 writeln!(out, "tenant {tenant}: deleted, skipped")?;
                 skipped += 1;
                 continue;

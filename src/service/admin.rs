@@ -9,7 +9,7 @@
 use tonic::{Request, Response, Status};
 
 use super::audit::{AuditTarget, who};
-use super::{Shared, convert, pb};
+use super::{Shared, convert, pb, tenant_error};
 use crate::audit::{AuditEntry, AuditFilter};
 use crate::authz::Rpc;
 use crate::crypto::root;
@@ -69,17 +69,6 @@ fn outcome<T>(result: &Result<T, Error>) -> &'static str {
 }
 
 /// The library's NotFound speaks of credentials; for these calls it is the tenant.
-fn tenant_not_found(error: Error, tenant: &str) -> Status {
-    match error {
-        Error::NotFound => status_with_reason(
-            tonic::Code::NotFound,
-            format!("no tenant {tenant:?} in this vault"),
-            "NOT_FOUND",
-        ),
-        error => error.into(),
-    }
-}
-
 /// A new root key file the server cannot use: nothing changes.
 fn root_key_unavailable(message: String) -> Status {
     status_with_reason(tonic::Code::InvalidArgument, message, ROOT_KEY_UNAVAILABLE)
@@ -177,7 +166,7 @@ impl pb::admin_server::Admin for AdminService {
             }
             match result {
                 Ok(job) => Ok(Response::new(convert::rotation_job(job))),
-                Err(error) => Err(tenant_not_found(error, &r.tenant_id)),
+                Err(error) => Err(tenant_error(error, &r.tenant_id)),
             }
         }
         .await;
@@ -252,7 +241,7 @@ impl pb::admin_server::Admin for AdminService {
             log("GetKeyStatus", &caller.identity, tenant, outcome(&result));
             match result {
                 Ok(status) => Ok(Response::new(convert::key_status(status))),
-                Err(error) => Err(tenant_not_found(error, tenant)),
+                Err(error) => Err(tenant_error(error, tenant)),
             }
         }
         .await;

@@ -10,7 +10,7 @@ use tonic::{Request, Status};
 
 use super::{Shared, pb};
 use crate::authz::Rpc;
-use crate::error::Error;
+use crate::error::{Error, reason_of};
 use crate::vault;
 
 /// What a request names, for its audit record (a denial's too).
@@ -81,6 +81,15 @@ impl AuditTarget for pb::RevokeRequest {
     }
 }
 
+/// Where a successful call's audit record goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Success {
+    /// Already written, in the batch of the change (Seal, Unseal, Revoke, lifecycle).
+    InItsBatch,
+    /// To be written after the call (reads).
+    ToRecord,
+}
+
 /// The audit identity of a caller for one RPC, with the request's purpose.
 pub(crate) fn who<T: AuditTarget>(identity: &str, rpc: Rpc, req: &Request<T>) -> vault::Caller {
     vault::Caller::new(identity, rpc.name()).with_purpose(req.get_ref().purpose())
@@ -113,8 +122,10 @@ impl Shared {
         }
     }
 
-    /// Records the outcome of a read. A success whose record cannot be written
-    /// becomes [`Error::AuditUnavailable`]: nothing is returned unaudited.
+    /// Records a call's outcome, unless it succeeded and its success was
+    /// already recorded in the batch of its change. A success whose record
+    /// cannot be written here becomes [`Error::AuditUnavailable`]: nothing is
+    /// returned unaudited; a failure is returned as it is, the lost record logged.
     pub(crate) async fn audited<T>(
         &self,
         who: &vault::Caller,
@@ -122,37 +133,28 @@ impl Shared {
         credential: &str,
         version: u32,
         result: Result<T, Error>,
+        success: Success,
     ) -> Result<T, Error> {
-        let outcome = result.as_ref().map_or_else(Error::reason, |_| "ok");
-        let recorded = self
-            .vault
-            .audit(who, tenant, credential, version, outcome)
-            .await;
-        match (recorded, result) {
+        let outcome = match &result {
+            Ok(_) if success == Success::InItsBatch => return result,
+            // Its record could not be written: neither can this one.
+            Err(Error::AuditUnavailable) => return result,
+            Ok(_) => "ok",
+            Err(error) => error.reason(),
+        };
+        match (
+            self.vault
+                .audit(who, tenant, credential, version, outcome)
+                .await,
+            result,
+        ) {
             (Err(error), Ok(_)) => Err(error),
-            (_, result) => result,
+            (Err(audit), result) => {
+                tracing::error!(error = %audit, rpc = %who.rpc, "a failure's audit record was not written");
+                result
+            }
+            (Ok(()), result) => result,
         }
-    }
-
-    /// Records the failure of a call whose success goes in its own batch.
-    pub(crate) async fn audited_failure<T>(
-        &self,
-        who: &vault::Caller,
-        tenant: &str,
-        credential: &str,
-        version: u32,
-        result: Result<T, Error>,
-    ) -> Result<T, Error> {
-        if let Err(error) = &result
-            && !matches!(error, Error::AuditUnavailable)
-            && let Err(audit) = self
-                .vault
-                .audit(who, tenant, credential, version, error.reason())
-                .await
-        {
-            tracing::error!(error = %audit, rpc = %who.rpc, "a failure's audit record was not written");
-        }
-        result
     }
 
     /// Records the outcome of a call that ends in a gRPC result: its reason
@@ -167,7 +169,9 @@ impl Shared {
     ) -> Result<T, Status> {
         let outcome = match &result {
             Ok(_) => "ok".to_owned(),
-            Err(status) => reason_of(status),
+            Err(status) => {
+                reason_of(status).unwrap_or_else(|| format!("{:?}", status.code()).to_uppercase())
+            }
         };
         match self.vault.audit(who, tenant, "", 0, &outcome).await {
             Err(error) if result.is_ok() && !change => Err(error.into()),
@@ -178,13 +182,4 @@ impl Shared {
             Ok(()) => result,
         }
     }
-}
-
-/// A status's stable reason (its ErrorInfo), else its code's name.
-fn reason_of(status: &Status) -> String {
-    use tonic_types::StatusExt;
-    status
-        .get_details_error_info()
-        .map(|info| info.reason)
-        .unwrap_or_else(|| format!("{:?}", status.code()).to_uppercase())
 }

@@ -423,6 +423,19 @@ fn log_handshake_failure(peer: SocketAddr, error: &std::io::Error) {
     tracing::info!(%peer, %error, "TLS handshake refused");
 }
 
+/// The library's NotFound speaks of credentials; for the lifecycle calls it is
+/// the tenant (lifecycle and key calls name one).
+fn tenant_error(error: crate::error::Error, tenant: &str) -> Status {
+    match error {
+        crate::error::Error::NotFound => status_with_reason(
+            tonic::Code::NotFound,
+            format!("no tenant {tenant:?} in this vault"),
+            "NOT_FOUND",
+        ),
+        error => error.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

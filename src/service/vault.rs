@@ -8,12 +8,12 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::audit::who;
+use super::audit::{Success, who};
 use super::convert::{self, kind_filter, kind_from_pb};
-use super::{Shared, pb};
+use super::{Shared, pb, tenant_error};
 use crate::authz::Rpc;
 use crate::clock::{Clock, SystemClock};
-use crate::error::{Error, status_with_reason};
+use crate::error::Error;
 use crate::vault::{EventPage, SealRequest, Secret, validate};
 
 /// Most characters of an Unseal's stated purpose.
@@ -46,7 +46,7 @@ impl pb::vault_server::Vault for VaultService {
         let result = self.0.vault.seal_as(request, Some(&who)).await;
         let result = self
             .0
-            .audited_failure(&who, &tenant, &credential, 0, result)
+            .audited(&who, &tenant, &credential, 0, result, Success::InItsBatch)
             .await;
         log("Seal", &caller.identity, &tenant, &credential, &result);
         Ok(Response::new(pb::SealResponse {
@@ -75,12 +75,13 @@ impl pb::vault_server::Vault for VaultService {
         };
         let result = self
             .0
-            .audited_failure(
+            .audited(
                 &who,
                 &r.tenant_id,
                 &r.credential_id,
                 r.version.unwrap_or(0),
                 result,
+                Success::InItsBatch,
             )
             .await;
         log(
@@ -116,7 +117,14 @@ impl pb::vault_server::Vault for VaultService {
             .map_or(r.version.unwrap_or(0), |m| m.version);
         let result = self
             .0
-            .audited(&who, &r.tenant_id, &r.credential_id, version, result)
+            .audited(
+                &who,
+                &r.tenant_id,
+                &r.credential_id,
+                version,
+                result,
+                Success::ToRecord,
+            )
             .await;
         log(
             "GetMetadata",
@@ -146,7 +154,10 @@ impl pb::vault_server::Vault for VaultService {
                 .vault
                 .list(&r.tenant_id, kind, r.page_size as usize, token)
         });
-        let result = self.0.audited(&who, &r.tenant_id, "", 0, result).await;
+        let result = self
+            .0
+            .audited(&who, &r.tenant_id, "", 0, result, Success::ToRecord)
+            .await;
         log(
             "ListCredentials",
             &caller.identity,
@@ -188,7 +199,14 @@ impl pb::vault_server::Vault for VaultService {
             .await;
         let result = self
             .0
-            .audited_failure(&who, &r.tenant_id, &r.credential_id, 0, result)
+            .audited(
+                &who,
+                &r.tenant_id,
+                &r.credential_id,
+                0,
+                result,
+                Success::InItsBatch,
+            )
             .await;
         log(
             "Revoke",
@@ -224,7 +242,10 @@ impl pb::vault_server::Vault for VaultService {
         let logged = tenant.clone().unwrap_or_default();
         let who = who(&caller.identity, Rpc::WatchRevocations, &req);
         let result = open_watch(&self.0, after, tenant);
-        let result = self.0.audited(&who, &logged, "", 0, result).await;
+        let result = self
+            .0
+            .audited(&who, &logged, "", 0, result, Success::ToRecord)
+            .await;
         log("WatchRevocations", &caller.identity, &logged, "", &result);
         Ok(Response::new(result?))
     }
@@ -248,7 +269,7 @@ impl pb::vault_server::Vault for VaultService {
             .await;
         let result = self
             .0
-            .audited_failure(&who, &r.tenant_id, "", 0, result)
+            .audited(&who, &r.tenant_id, "", 0, result, Success::InItsBatch)
             .await;
         log("DeleteTenant", &caller.identity, &r.tenant_id, "", &result);
         let status = result.map_err(|e| tenant_error(e, &r.tenant_id))?;
@@ -274,7 +295,7 @@ impl pb::vault_server::Vault for VaultService {
         let result = self.0.vault.restore_tenant(&r.tenant_id, Some(&who)).await;
         let result = self
             .0
-            .audited_failure(&who, &r.tenant_id, "", 0, result)
+            .audited(&who, &r.tenant_id, "", 0, result, Success::InItsBatch)
             .await;
         log("RestoreTenant", &caller.identity, &r.tenant_id, "", &result);
         let status = result.map_err(|e| tenant_error(e, &r.tenant_id))?;
@@ -306,7 +327,7 @@ impl pb::vault_server::Vault for VaultService {
             .await;
         let result = self
             .0
-            .audited_failure(&who, &r.tenant_id, "", 0, result)
+            .audited(&who, &r.tenant_id, "", 0, result, Success::InItsBatch)
             .await;
         log("SetLegalHold", &caller.identity, &r.tenant_id, "", &result);
         let status = result.map_err(|e| tenant_error(e, &r.tenant_id))?;
@@ -330,7 +351,10 @@ impl pb::vault_server::Vault for VaultService {
         let who = who(&caller.identity, Rpc::GetTenantStatus, &req);
         let r = req.into_inner();
         let result = self.0.vault.tenant_status(&r.tenant_id);
-        let result = self.0.audited(&who, &r.tenant_id, "", 0, result).await;
+        let result = self
+            .0
+            .audited(&who, &r.tenant_id, "", 0, result, Success::ToRecord)
+            .await;
         log(
             "GetTenantStatus",
             &caller.identity,
@@ -519,19 +543,6 @@ impl Watch {
 
 fn keepalive(sequence: u64) -> pb::RevocationEvent {
     convert::keepalive(sequence, SystemClock.now_ms())
-}
-
-/// The library's NotFound speaks of credentials; for the lifecycle calls it is
-/// the tenant.
-fn tenant_error(error: Error, tenant: &str) -> Status {
-    match error {
-        Error::NotFound => status_with_reason(
-            tonic::Code::NotFound,
-            format!("no tenant {tenant:?} in this vault"),
-            "NOT_FOUND",
-        ),
-        error => error.into(),
-    }
 }
 
 /// One log line per call: who, what, which credential, and the outcome (the
