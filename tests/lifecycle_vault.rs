@@ -289,20 +289,28 @@ async fn legal_hold_blocks_the_shred_until_released() {
 #[tokio::test]
 async fn an_interrupted_shred_resumes_and_counts_every_record_once() {
     let (mut tv, _) = filled(1, 60).await;
+    // Purge batches of 8, and after the first one a pause far longer than the test waits.
+    tv.options.rotation.batch_pause_ms = 600_000;
+    tv.reopen().await;
     tv.vault()
         .delete_tenant("tenant-0", Some(0), "ops", None)
         .await
         .unwrap();
-    // Stop part-way through the purge (batches of 8, yielding in between).
-    let interrupted =
-        tokio::time::timeout(Duration::from_millis(5), tv.vault().run_shredder()).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(5), tv.vault().run_shredder()).await;
+    assert!(stopped.is_err(), "the shred must still be pausing");
+    // Stopped as a crash would: keys destroyed, one purge batch done, the rest left.
+    tv.options.rotation.batch_pause_ms = 0;
     tv.reopen().await;
     let mid = tv.vault().tenant_status("tenant-0").unwrap();
-    if interrupted.is_err() {
-        assert_ne!(mid.state, "active");
-    }
-    // Keys destroyed first: whatever is left cannot be opened any more.
-    tv.vault().run_shredder().await.unwrap();
+    assert_eq!(mid.state, "shredding");
+    assert_eq!(
+        tv.store()
+            .scan(&layout::head_prefix("tenant-0"), None, usize::MAX)
+            .unwrap()
+            .len(),
+        52
+    );
+    assert_eq!(tv.vault().run_shredder().await.unwrap(), ["tenant-0"]);
     let receipt = tv
         .vault()
         .tenant_status("tenant-0")

@@ -397,8 +397,9 @@ impl Vault {
         Err(Error::Contention)
     }
 
-    /// Step 2 of a shred: the tenant's records deleted in bounded batches, each
-    /// with the tenant record's running counts.
+    /// Step 2 of a shred: the tenant's records deleted in bounded batches
+    /// (`rotation.batch_size`, paced by `rotation.batch_pause_ms`), each with the
+    /// tenant record's running counts.
     async fn purge_tenant(&self, tenant: &str) -> Result<()> {
         let size = self.options.rotation.batch_size.max(1);
         let prefixes = [
@@ -429,7 +430,9 @@ impl Vault {
                     .check(layout::tenant(tenant), Some(bytes))
                     .put(layout::tenant(tenant), record.encode_to_vec());
                 match self.store.commit(batch).await {
-                    Ok(_) => tokio::task::yield_now().await,
+                    // Paced like rotation jobs, so that a large tenant's purge
+                    // leaves the store to the other tenants' calls.
+                    Ok(_) => self.pause_between_batches().await,
                     Err(StoreError::Conflict) if attempts < MAX_ATTEMPTS => attempts += 1,
                     Err(StoreError::Conflict) => return Err(Error::Contention),
                     Err(e) => return Err(e.into()),

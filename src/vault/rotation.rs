@@ -533,12 +533,7 @@ impl Vault {
                         // The batch's first counter is the new key's use count.
                         self.after_job_batch(&job, counters[0]).await?;
                     }
-                    let pause = self.options.rotation.batch_pause_ms;
-                    if pause > 0 {
-                        tokio::time::sleep(Duration::from_millis(pause)).await;
-                    } else {
-                        tokio::task::yield_now().await;
-                    }
+                    self.pause_between_batches().await;
                 }
                 Err(StoreError::Conflict) => {
                     // A seal, revoke or rotation changed a record of this batch:
@@ -555,6 +550,14 @@ impl Vault {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// The pause between two background batches (jobs, shred purges).
+    pub(crate) async fn pause_between_batches(&self) {
+        match self.options.rotation.batch_pause_ms {
+            0 => tokio::task::yield_now().await,
+            pause => tokio::time::sleep(Duration::from_millis(pause)).await,
         }
     }
 
