@@ -179,10 +179,7 @@ async fn background_task(vault: Arc<Vault>, check_interval: Duration, retention:
             tracing::error!(%error, reason = error.reason(), "tenant shredding failed; retrying later");
             failed = true;
         }
-        if let Some(retention) = retention.events {
-            let cutoff = SystemClock
-                .now_ms()
-                .saturating_sub(retention.as_millis() as u64);
+        if let Some(cutoff) = cutoff(retention.events) {
             match vault.prune_events(cutoff).await {
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(pruned, "old revocation events pruned"),
@@ -192,10 +189,7 @@ async fn background_task(vault: Arc<Vault>, check_interval: Duration, retention:
                 }
             }
         }
-        if let (Some(retention), Some(log)) = (retention.audit, vault.audit_log()) {
-            let cutoff = SystemClock
-                .now_ms()
-                .saturating_sub(retention.as_millis() as u64);
+        if let (Some(cutoff), Some(log)) = (cutoff(retention.audit), vault.audit_log()) {
             match log.prune(cutoff).await {
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(pruned, "old audit records pruned"),
@@ -227,4 +221,9 @@ async fn background_task(vault: Arc<Vault>, check_interval: Duration, retention:
             () = tokio::time::sleep(check_interval) => {}
         }
     }
+}
+
+/// The time before which records kept for `retention` may go (None: kept for ever).
+fn cutoff(retention: Option<Duration>) -> Option<u64> {
+    retention.map(|r| SystemClock.now_ms().saturating_sub(r.as_millis() as u64))
 }

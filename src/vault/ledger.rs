@@ -240,7 +240,8 @@ fn nonzero(ms: u64) -> Option<u64> {
     (ms != 0).then_some(ms)
 }
 
-fn counter(store: &dyn Store, key: &[u8]) -> Result<u64> {
+/// A counter's value (absent or malformed: 0).
+pub(crate) fn counter(store: &dyn Store, key: &[u8]) -> Result<u64> {
     Ok(store
         .get(key)?
         .and_then(|b| layout::decode_counter(&b))

@@ -508,6 +508,7 @@ impl Vault {
         credential: &str,
         version: Option<u32>,
     ) -> Result<(u32, u32, VersionRecord)> {
+        validate::tenant_id(tenant)?;
         let (version, latest, _, bytes) = self.version_row(tenant, credential, version)?;
         Ok((version, latest, records::decode(&bytes)?))
     }
@@ -520,7 +521,7 @@ impl Vault {
         credential: &str,
         version: Option<u32>,
     ) -> Result<(u32, u32, Vec<u8>, Vec<u8>)> {
-        validate::tenant_id(tenant)?;
+        // The tenant id is the caller's to validate (it reads the tenant first).
         validate::credential_id(credential)?;
         if version == Some(0) {
             return Err(Invalid::Version.into());
@@ -724,11 +725,7 @@ impl Vault {
     }
 
     fn counter(&self, key: &[u8]) -> Result<u64> {
-        Ok(self
-            .store
-            .get(key)?
-            .and_then(|b| layout::decode_counter(&b))
-            .unwrap_or(0))
+        ledger::counter(&*self.store, key)
     }
 }
 
