@@ -33,8 +33,9 @@ use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 use support::{
-    Pki, ServerOptions, ServerProcess, TestServer, expect_status, reason, role_identity,
-    seal_request, secret_bytes, unseal_request, write_server_files,
+    Acked, Pki, ServerOptions, ServerProcess, TestServer, assert_all_unseal, expect_status, reason,
+    role_identity, seal_all, seal_request, secret_bytes, unseal_request, unseal_version,
+    write_server_files,
 };
 
 type Client = VaultClient<Channel>;
@@ -49,64 +50,6 @@ const CHECK_INTERVAL_MS: u64 = 1000;
 // ---------------------------------------------------------------------------
 // Helpers
 
-/// What an acknowledged Seal promised: this version unseals to these bytes.
-#[derive(Debug, Clone)]
-struct Acked {
-    tenant: String,
-    credential: String,
-    version: u32,
-    secret: Vec<u8>,
-}
-
-/// Seals `(tenant, credential, secret)` items from `concurrency` tasks;
-/// panics on any failure. Returns what was acknowledged.
-async fn seal_all(
-    client: &Client,
-    items: Vec<(String, String, Vec<u8>)>,
-    concurrency: usize,
-) -> Vec<Acked> {
-    let items = Arc::new(items);
-    let next = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (mut client, items, next) = (client.clone(), items.clone(), next.clone());
-            tokio::spawn(async move {
-                let mut acked = Vec::new();
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some((tenant, credential, secret)) = items.get(n) else {
-                        return acked;
-                    };
-                    let meta = client
-                        .seal(seal_request(
-                            tenant,
-                            credential,
-                            CredentialKind::CookieJar,
-                            secret,
-                        ))
-                        .await
-                        .unwrap_or_else(|s| panic!("seed Seal {tenant}/{credential}: {s:?}"))
-                        .into_inner()
-                        .metadata
-                        .expect("metadata");
-                    acked.push(Acked {
-                        tenant: tenant.clone(),
-                        credential: credential.clone(),
-                        version: meta.version,
-                        secret: secret.clone(),
-                    });
-                }
-            })
-        })
-        .collect();
-    let mut acked = Vec::new();
-    for task in tasks {
-        acked.extend(task.await.expect("seal task"));
-    }
-    assert_eq!(acked.len(), items.len());
-    acked
-}
-
 /// `count` credentials `cred/NNN` of `tenant`, with bytes of their own.
 fn items(tenant: &str, count: usize, seed: u64) -> Vec<(String, String, Vec<u8>)> {
     (0..count)
@@ -118,49 +61,6 @@ fn items(tenant: &str, count: usize, seed: u64) -> Vec<(String, String, Vec<u8>)
             )
         })
         .collect()
-}
-
-fn unseal_version(tenant: &str, credential: &str, version: u32) -> pb::UnsealRequest {
-    pb::UnsealRequest {
-        version: Some(version),
-        ..unseal_request(tenant, credential)
-    }
-}
-
-/// Every acknowledged secret unseals, by version, to its exact bytes.
-#[track_caller]
-fn assert_all_unseal<'a>(
-    client: &'a Client,
-    acked: &'a [Acked],
-) -> impl std::future::Future<Output = ()> + 'a {
-    let caller = std::panic::Location::caller();
-    async move {
-        let mut client = client.clone();
-        for a in acked {
-            let response = client
-                .unseal(unseal_version(&a.tenant, &a.credential, a.version))
-                .await
-                .unwrap_or_else(|s| {
-                    panic!(
-                        "{caller}: Unseal {}/{} v{}: {s:?}",
-                        a.tenant, a.credential, a.version
-                    )
-                })
-                .into_inner();
-            assert!(
-                response.secret == a.secret,
-                "{caller}: Unseal {}/{} v{}: wrong bytes",
-                a.tenant,
-                a.credential,
-                a.version
-            );
-            assert_eq!(
-                response.metadata.map(|m| m.version),
-                Some(a.version),
-                "{caller}"
-            );
-        }
-    }
 }
 
 /// Unseal and Seal of a deleted tenant fail with TENANT_DELETED, for an
@@ -532,12 +432,14 @@ async fn once_revoke_returns_no_unseal_succeeds_and_a_watcher_receives_the_event
         &settings,
         vec![(TENANT.into(), "gmail/bob".into(), secret_bytes(43, 99))],
         1,
+        |_| CredentialKind::CookieJar,
     )
     .await;
     let target = seal_all(
         &settings,
         vec![(TENANT.into(), TARGET.into(), secret.clone())],
         1,
+        |_| CredentialKind::CookieJar,
     )
     .await;
 
@@ -700,7 +602,7 @@ async fn a_watcher_reconnecting_from_its_last_sequence_misses_nothing_and_sees_n
     seed.extend(items("b", 8, 200));
     seed.extend(items("c", 2, 300));
     seed.extend(items("d", 2, 400));
-    seal_all(&settings, seed, 8).await;
+    seal_all(&settings, seed, 8, |_| CredentialKind::CookieJar).await;
 
     let executor = pki.role("executor");
     // Each watcher on its own connection, all opened before the first event.
@@ -832,7 +734,7 @@ async fn keepalives_carry_the_position_and_a_pruned_sequence_says_resync() {
     let mut settings = server.vault(&pki.role("settings")).await;
     let mut seed = items("a", 4, 100);
     seed.extend(items("b", 2, 200));
-    seal_all(&settings, seed, 4).await;
+    seal_all(&settings, seed, 4, |_| CredentialKind::CookieJar).await;
     let mut executor = server.vault(&pki.role("executor")).await;
 
     // A watcher of tenant b while only a's credentials are revoked: it gets
@@ -959,12 +861,18 @@ async fn deleting_a_tenant_denies_at_once_restore_brings_it_back_and_grace_zero_
     let pki = &server.pki;
     let mut settings = server.vault(&pki.role("settings")).await;
     let mut executor = server.vault(&pki.role("executor")).await;
-    let mut doomed = seal_all(&settings, items(DOOMED, 6, 1000), 4).await;
+    let mut doomed = seal_all(&settings, items(DOOMED, 6, 1000), 4, |_| {
+        CredentialKind::CookieJar
+    })
+    .await;
     // Second versions of two credentials.
     let mut again = items(DOOMED, 2, 2000);
     again.iter_mut().for_each(|i| i.2.push(0xff));
-    doomed.extend(seal_all(&settings, again, 2).await);
-    let bystander = seal_all(&settings, items(BYSTANDER, 4, 3000), 4).await;
+    doomed.extend(seal_all(&settings, again, 2, |_| CredentialKind::CookieJar).await);
+    let bystander = seal_all(&settings, items(BYSTANDER, 4, 3000), 4, |_| {
+        CredentialKind::CookieJar
+    })
+    .await;
     let mut watcher_client = server.vault(&pki.role("executor")).await;
     let mut events = Watch::open(&mut watcher_client, 0, "").await;
 
@@ -1045,6 +953,7 @@ async fn deleting_a_tenant_denies_at_once_restore_brings_it_back_and_grace_zero_
             &settings,
             vec![(BYSTANDER.into(), "while/deleted".into(), b"b".to_vec())],
             1,
+            |_| CredentialKind::CookieJar,
         )
         .await,
     );
@@ -1066,6 +975,7 @@ async fn deleting_a_tenant_denies_at_once_restore_brings_it_back_and_grace_zero_
             &settings,
             vec![(DOOMED.into(), "after/restore".into(), b"new".to_vec())],
             1,
+            |_| CredentialKind::CookieJar,
         )
         .await,
     );
@@ -1177,7 +1087,13 @@ async fn a_legal_hold_set_before_or_after_deletion_blocks_the_shred_until_releas
     let mut executor = server.vault(&pki.role("executor")).await;
     let mut sealed: BTreeMap<&str, Vec<Acked>> = BTreeMap::new();
     for (n, tenant) in [BEFORE, AFTER, CONTROL, BYSTANDER].into_iter().enumerate() {
-        let acked = seal_all(&settings, items(tenant, 3 + n, 10_000 * n as u64), 4).await;
+        let acked = seal_all(
+            &settings,
+            items(tenant, 3 + n, 10_000 * n as u64),
+            4,
+            |_| CredentialKind::CookieJar,
+        )
+        .await;
         sealed.insert(tenant, acked);
     }
 
@@ -1292,11 +1208,17 @@ async fn a_shred_killed_with_sigkill_completes_after_restart_and_counts_every_re
     let (_, config_file) = write_server_files(&pki, &options, "127.0.0.1:0".parse().unwrap());
     let mut process = ServerProcess::start(&pki, &config_file, &[]).await;
     let mut settings = process.vault(&pki, &pki.role("settings")).await;
-    let mut big = seal_all(&settings, items(TENANT, CREDENTIALS, 1), 16).await;
+    let mut big = seal_all(&settings, items(TENANT, CREDENTIALS, 1), 16, |_| {
+        CredentialKind::CookieJar
+    })
+    .await;
     let mut second = items(TENANT, TWICE, 50_000);
     second.iter_mut().for_each(|i| i.2.push(2));
-    big.extend(seal_all(&settings, second, 16).await);
-    let bystander = seal_all(&settings, items(BYSTANDER, 20, 90_000), 8).await;
+    big.extend(seal_all(&settings, second, 16, |_| CredentialKind::CookieJar).await);
+    let bystander = seal_all(&settings, items(BYSTANDER, 20, 90_000), 8, |_| {
+        CredentialKind::CookieJar
+    })
+    .await;
     assert_eq!(big.len(), CREDENTIALS + TWICE);
 
     delete(&mut settings, TENANT, Some(0)).await;
@@ -1397,6 +1319,7 @@ async fn a_shred_killed_with_sigkill_completes_after_restart_and_counts_every_re
             &settings,
             vec![(BYSTANDER.into(), "after/restart".into(), b"x".to_vec())],
             1,
+            |_| CredentialKind::CookieJar,
         )
         .await,
     );

@@ -30,8 +30,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use support::{
-    Pki, ServerOptions, ServerProcess, TestServer, expect_status, seal_request, secret_bytes,
-    unseal_request, write_server_files,
+    Acked, Pki, ServerOptions, ServerProcess, TestServer, assert_all_unseal, check_unseal,
+    expect_status, seal_all, seal_request, secret_bytes, write_server_files,
 };
 
 type Admin = AdminClient<Channel>;
@@ -52,129 +52,8 @@ const POLL: Duration = Duration::from_millis(5);
 // ---------------------------------------------------------------------------
 // Helpers
 
-/// What an acknowledged Seal promised: this version unseals to these bytes.
-#[derive(Debug, Clone)]
-struct Acked {
-    tenant: String,
-    credential: String,
-    version: u32,
-    secret: Vec<u8>,
-}
-
 fn kind_of(n: usize) -> CredentialKind {
     KINDS[n % KINDS.len()]
-}
-
-/// Seals `(tenant, credential, secret)` items from `concurrency` tasks;
-/// panics on any failure. Returns what was acknowledged.
-async fn seal_all(
-    client: &Client,
-    items: Vec<(String, String, Vec<u8>)>,
-    concurrency: usize,
-) -> Vec<Acked> {
-    let items = Arc::new(items);
-    let next = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (mut client, items, next) = (client.clone(), items.clone(), next.clone());
-            tokio::spawn(async move {
-                let mut acked = Vec::new();
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some((tenant, credential, secret)) = items.get(n) else {
-                        return acked;
-                    };
-                    let meta = client
-                        .seal(seal_request(tenant, credential, kind_of(n), secret))
-                        .await
-                        .unwrap_or_else(|s| panic!("seed Seal {tenant}/{credential}: {s:?}"))
-                        .into_inner()
-                        .metadata
-                        .expect("metadata");
-                    acked.push(Acked {
-                        tenant: tenant.clone(),
-                        credential: credential.clone(),
-                        version: meta.version,
-                        secret: secret.clone(),
-                    });
-                }
-            })
-        })
-        .collect();
-    let mut acked = Vec::new();
-    for task in tasks {
-        acked.extend(task.await.expect("seal task"));
-    }
-    assert_eq!(acked.len(), items.len());
-    acked
-}
-
-/// An Unseal request for one version.
-fn unseal_version(tenant: &str, credential: &str, version: u32) -> pb::UnsealRequest {
-    pb::UnsealRequest {
-        version: Some(version),
-        ..unseal_request(tenant, credential)
-    }
-}
-
-/// Checks one acknowledged secret; `Err` says what went wrong.
-async fn check_unseal(client: &mut Client, acked: &Acked) -> Result<(), String> {
-    let Acked {
-        tenant,
-        credential,
-        version,
-        secret,
-    } = acked;
-    match client
-        .unseal(unseal_version(tenant, credential, *version))
-        .await
-    {
-        Ok(response) => {
-            let response = response.into_inner();
-            let got = response.metadata.as_ref().map(|m| m.version);
-            if response.secret != *secret || got != Some(*version) {
-                Err(format!(
-                    "Unseal {tenant}/{credential} v{version}: wrong bytes or version ({got:?})"
-                ))
-            } else {
-                Ok(())
-            }
-        }
-        Err(status) => Err(format!(
-            "Unseal {tenant}/{credential} v{version}: {status:?}"
-        )),
-    }
-}
-
-/// Every acknowledged secret unseals, by version, to its exact bytes.
-async fn assert_all_unseal(client: &Client, acked: &[Acked]) {
-    const TASKS: usize = 8;
-    let acked = Arc::new(acked.to_vec());
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|t| {
-            let (mut client, acked) = (client.clone(), acked.clone());
-            tokio::spawn(async move {
-                let mut failures = Vec::new();
-                for a in acked.iter().skip(t).step_by(TASKS) {
-                    if let Err(failure) = check_unseal(&mut client, a).await {
-                        failures.push(failure);
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
-    let mut failures = Vec::new();
-    for task in tasks {
-        failures.extend(task.await.expect("unseal task"));
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} acknowledged secrets do not unseal, e.g. {:?}",
-        failures.len(),
-        acked.len(),
-        &failures[..failures.len().min(5)]
-    );
 }
 
 async fn get_job(admin: &mut Admin, id: &str) -> pb::RotationJob {
@@ -445,7 +324,7 @@ async fn rotating_every_layer_under_load_fails_no_call_and_loses_no_secret() {
             secret_bytes(t as u64, 64),
         ));
     }
-    let mut acked = seal_all(&sealers[0], seed, 16).await;
+    let mut acked = seal_all(&sealers[0], seed, 16, kind_of).await;
 
     // The load.
     let load = Arc::new(Load {
@@ -654,7 +533,7 @@ async fn a_kek_rewrap_killed_mid_job_resumes_and_counts_every_dek_once() {
             )
         })
         .collect();
-    let acked = seal_all(&ingest, seed, 16).await;
+    let acked = seal_all(&ingest, seed, 16, kind_of).await;
 
     let mut admin = process.admin(&pki, &pki.role("admin")).await;
     let job = admin
@@ -724,7 +603,7 @@ async fn a_tenant_reencryption_killed_mid_job_resumes_and_moves_every_version_on
             secret_bytes(n as u64 + 9000, 50),
         )
     }));
-    let acked = seal_all(&ingest, seed, 16).await;
+    let acked = seal_all(&ingest, seed, 16, kind_of).await;
 
     let mut admin = process.admin(&pki, &pki.role("admin")).await;
     let job = admin
@@ -808,7 +687,7 @@ async fn destroy_is_refused_while_a_version_is_in_use_or_primary_then_destroys()
             )
         })
         .collect();
-    let acked = seal_all(&settings, seed, 8).await;
+    let acked = seal_all(&settings, seed, 8, kind_of).await;
 
     // Not an admin: refused before anything else is looked at.
     let mut executor_admin = server.admin(&server.pki.role("executor")).await;
@@ -985,7 +864,7 @@ async fn root_rotation_refuses_bad_key_files_and_afterwards_only_the_new_key_ope
             )
         })
         .collect();
-    let mut acked = seal_all(&settings, seed, 8).await;
+    let mut acked = seal_all(&settings, seed, 8, kind_of).await;
     let dir = server.pki.dir().to_owned();
     let old_root = server
         .config
@@ -1141,7 +1020,7 @@ async fn rotate_tenant_all_rotates_every_live_tenant_and_skips_deleted_ones() {
             (0..3).map(move |c| (t.to_string(), format!("cred/{c}"), secret_bytes(c, 64)))
         })
         .collect();
-    let acked = seal_all(&settings, items, 4).await;
+    let acked = seal_all(&settings, items, 4, kind_of).await;
     settings
         .clone()
         .delete_tenant(pb::DeleteTenantRequest {

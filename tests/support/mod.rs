@@ -17,7 +17,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use credvault::authz::DEV_POLICY_TOML;
@@ -830,4 +830,129 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Acknowledged secrets
+
+/// What an acknowledged Seal promised: this version unseals to these bytes.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    pub tenant: String,
+    pub credential: String,
+    pub version: u32,
+    pub secret: Vec<u8>,
+}
+
+/// Seals `(tenant, credential, secret)` items from `concurrency` tasks, item
+/// `n` as `kind(n)`; panics on any failure. Returns what was acknowledged.
+pub async fn seal_all(
+    client: &VaultClient<Channel>,
+    items: Vec<(String, String, Vec<u8>)>,
+    concurrency: usize,
+    kind: fn(usize) -> pb::CredentialKind,
+) -> Vec<Acked> {
+    let items = Arc::new(items);
+    let next = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (mut client, items, next) = (client.clone(), items.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some((tenant, credential, secret)) = items.get(n) else {
+                        return acked;
+                    };
+                    let meta = client
+                        .seal(seal_request(tenant, credential, kind(n), secret))
+                        .await
+                        .unwrap_or_else(|s| panic!("seed Seal {tenant}/{credential}: {s:?}"))
+                        .into_inner()
+                        .metadata
+                        .expect("metadata");
+                    acked.push(Acked {
+                        tenant: tenant.clone(),
+                        credential: credential.clone(),
+                        version: meta.version,
+                        secret: secret.clone(),
+                    });
+                }
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for task in tasks {
+        acked.extend(task.await.expect("seal task"));
+    }
+    assert_eq!(acked.len(), items.len());
+    acked
+}
+
+/// An Unseal request for one version.
+pub fn unseal_version(tenant: &str, credential: &str, version: u32) -> pb::UnsealRequest {
+    pb::UnsealRequest {
+        version: Some(version),
+        ..unseal_request(tenant, credential)
+    }
+}
+
+/// Checks one acknowledged secret; `Err` says what went wrong.
+pub async fn check_unseal(client: &mut VaultClient<Channel>, acked: &Acked) -> Result<(), String> {
+    let Acked {
+        tenant,
+        credential,
+        version,
+        secret,
+    } = acked;
+    match client
+        .unseal(unseal_version(tenant, credential, *version))
+        .await
+    {
+        Ok(response) => {
+            let response = response.into_inner();
+            let got = response.metadata.as_ref().map(|m| m.version);
+            if response.secret != *secret || got != Some(*version) {
+                Err(format!(
+                    "Unseal {tenant}/{credential} v{version}: wrong bytes or version ({got:?})"
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        Err(status) => Err(format!(
+            "Unseal {tenant}/{credential} v{version}: {status:?}"
+        )),
+    }
+}
+
+/// Every acknowledged secret unseals, by version, to its exact bytes.
+pub async fn assert_all_unseal(client: &VaultClient<Channel>, acked: &[Acked]) {
+    const TASKS: usize = 8;
+    let acked = Arc::new(acked.to_vec());
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let (mut client, acked) = (client.clone(), acked.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for a in acked.iter().skip(t).step_by(TASKS) {
+                    if let Err(failure) = check_unseal(&mut client, a).await {
+                        failures.push(failure);
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for task in tasks {
+        failures.extend(task.await.expect("unseal task"));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} acknowledged secrets do not unseal, e.g. {:?}",
+        failures.len(),
+        acked.len(),
+        &failures[..failures.len().min(5)]
+    );
 }
