@@ -144,18 +144,23 @@ impl Report {
     /// Prints the table and writes the JSON to `out`.
     pub fn finish(&self, out: &Path) -> std::io::Result<()> {
         print!("{}", self.table());
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(
-            out,
-            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
-        )?;
-        println!("wrote {}", out.display());
-        Ok(())
+        write_json(out, self)
     }
 
     pub fn row(&self, name: &str) -> Option<&Row> {
         self.rows.iter().find(|r| r.name == name)
     }
+}
+
+/// Writes `value` as pretty JSON to `out` (creating its directory) and says where.
+pub fn write_json(out: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(
+        out,
+        serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?,
+    )?;
+    println!("wrote {}", out.display());
+    Ok(())
 }

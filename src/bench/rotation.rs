@@ -259,15 +259,7 @@ impl Results {
                 if c.pass { "ok" } else { "FAILED" }
             );
         }
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(
-            out,
-            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
-        )?;
-        println!("wrote {}", out.display());
-        Ok(())
+        super::write_json(out, self)
     }
 }
 
