@@ -39,7 +39,7 @@ pub use chain::{Anchor, MAC_LEN, Record};
 use chain::{Broken, Walk, sequence_of};
 
 /// Prefix of every audit record's key.
-pub const PREFIX: &[u8] = b"a\0";
+pub const PREFIX: &[u8] = crate::store::layout::AUDIT;
 /// Key of the anchor.
 pub const ANCHOR: &[u8] = b"m\0audit.anchor";
 /// Page size when the caller asks for 0.

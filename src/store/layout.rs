@@ -23,6 +23,8 @@
 //! m\0audit.key                     the audit HMAC key, sealed by the root key
 //! x\0{tenant}                      DeletionReceipt of a shredded tenant
 //! m\0root.retired\0{v:u32}          RootCheck of root key v, retired by a root rotation
+//! m\0wal.group                     u64: the last write-ahead-log group applied (sled backend)
+//! L\0{log prefix}{first seq:u64}   a page of log entries (sled backend; see store::pages)
 //! ```
 
 pub const ROOT_CHECK: &[u8] = b"m\0root";
@@ -45,12 +47,25 @@ pub fn retired_root(version: u32) -> Vec<u8> {
     key
 }
 
+/// The number of the last write-ahead-log group the tree holds, written in
+/// every group's batch by the sled backend; after a crash, opening replays the
+/// log's groups after it.
+pub const WAL_GROUP: &[u8] = b"m\0wal.group";
+
 /// The audit log's HMAC key, sealed by the root key (rewrapped with the KEKs
 /// when the root key rotates).
 pub const AUDIT_KEY: &[u8] = b"m\0audit.key";
 
 /// The revocation event log: entries at `e\0{seq:u64}` (see `Op::Append`).
 pub const EVENTS: &[u8] = b"e\0";
+
+/// The audit log: entries at `a\0{seq:u64}` (see `Op::Append`).
+pub const AUDIT: &[u8] = b"a\0";
+
+/// Every ordered log: the only prefixes `Op::Append` may write to. A backend
+/// may store their entries its own way (the sled backend packs them into
+/// pages under `L\0`) as long as each entry reads back under its key.
+pub const LOGS: &[&[u8]] = &[EVENTS, AUDIT];
 
 /// The deletion receipt of a shredded tenant.
 pub fn receipt(tenant: &str) -> Vec<u8> {

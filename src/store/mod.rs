@@ -10,8 +10,10 @@
 //! backend-neutral.
 
 pub mod layout;
+mod pages;
 pub mod records;
 mod sled;
+mod wal;
 
 use std::future::Future;
 use std::pin::Pin;

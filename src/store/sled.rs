@@ -1,42 +1,50 @@
-//! The sled 0.34.7 backend: one tree, one committer thread, group commit with
-//! real durability.
+//! The sled 0.34.7 backend: one tree, one committer thread, group commit
+//! through a write-ahead log.
 //!
 //! Every write goes through the committer thread: it takes all batches waiting
 //! in its queue, checks each batch's preconditions against the tree as the
 //! earlier batches of the group leave it (no other thread writes, so a check
-//! cannot race), applies every passing batch of the group as one atomic sled
-//! `apply_batch`, and flushes it. A second thread, the syncer, then makes the
-//! flushed groups durable (below) and replies to every writer; while it waits
-//! on the disk, the committer already applies and flushes the next group. sled transactions are not used: under
-//! concurrent writers they serialise on a global lock and ran at a fraction of
-//! this design's rate (see `docs/decisions/0001-storage-durability.md`).
+//! cannot race), appends every passing batch of the group as one record to the
+//! store's own write-ahead log ([`super::wal`]), applies the group to the
+//! tree as one atomic sled batch, in memory, then `fdatasync`s the log and
+//! replies to every writer of the group. Batches that arrive while it waits on
+//! the disk form the next group. So a commit costs one `write` and a shared
+//! `fdatasync`, not a sled flush.
 //!
-//! sled's `flush` writes its log with `sync_file_range`, which neither flushes
-//! the drive's write cache nor file metadata, and it writes values too large
-//! for a log segment to separate blob files without syncing them. So after each
-//! flush the committer also `fdatasync`s the log file through a second handle
-//! and syncs new blob files and the blob directory.
+//! The tree itself is made durable at checkpoints: about once a second (or
+//! every 64 MiB of log), the committer starts a new log segment and a third
+//! thread flushes sled, `fdatasync`s its files (sled's `flush` alone uses
+//! `sync_file_range`, which flushes neither the drive's cache nor metadata,
+//! and leaves large values' blob files unsynced), then deletes the segments
+//! the tree now holds. Each group's sled batch also records the group's
+//! number, so after a crash, opening replays exactly the groups the recovered
+//! tree lacks. sled transactions are not used: under concurrent writers they
+//! serialise on a global lock and ran at a fraction of this design's rate (see
+//! `docs/decisions/0001-storage-durability.md`).
 
-use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::layout::{decode_counter, encode_counter};
+use super::layout::{LOGS, WAL_GROUP, decode_counter, encode_counter};
+use super::pages;
+use super::wal::{self, Wal};
 use super::{Batch, CommitFuture, Op, Row, Rows, Store, StoreError};
 
 /// How writes are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// All writes waiting when a flush starts share it (the default).
+    /// All writes waiting when a group starts share its log write and sync (the default).
     #[default]
     GroupCommit,
-    /// Every write gets its own flush + fdatasync (for comparison in benchmarks).
+    /// Every write gets its own log write and fdatasync (for comparison in benchmarks).
     PerWrite,
 }
 
@@ -61,18 +69,20 @@ impl StoreOptions {
     }
 }
 
-/// Most batches one flush covers; bounds the latency of the first in a group.
+/// Most batches one group takes; bounds the latency of the first in a group.
 const MAX_GROUP: usize = 512;
 /// A group stops taking batches past this many bytes of keys and values.
 const MAX_GROUP_BYTES: usize = 16 << 20;
+/// A checkpoint starts once the current log segment is this old …
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// … or this large (and the previous checkpoint has finished).
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// The log's directory, inside the data directory.
+const WAL_DIR: &str = "wal";
 
-/// The batches of one group as staged so far: one sled batch for all of them,
-/// and what each key will hold, for the checks and counters of later batches.
-#[derive(Default)]
-struct Group {
-    writes: sled::Batch,
-    overlay: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
-}
+/// What the batches of one group write so far: each key's final value
+/// (`None`: deleted), which later batches' checks and counters see.
+type Group = HashMap<Vec<u8>, Option<Vec<u8>>>;
 
 /// Roughly the bytes a batch writes.
 fn batch_bytes(batch: &Batch) -> usize {
@@ -90,10 +100,39 @@ type Outcome = Result<Vec<u64>, StoreError>;
 type Reply = oneshot::Sender<Outcome>;
 /// A key's value as staged (`None`: deleted).
 type Value = Option<Vec<u8>>;
-/// The last entry of a log: its sequence number (0: none) and value.
-type LogEnd = (u64, Option<Vec<u8>>);
-/// A flushed group on its way to the syncer: each writer's reply and outcome.
-type Flushed = Vec<(Reply, Outcome)>;
+/// A staged change: a key and its new value (`None`: deleted).
+type Change = (Vec<u8>, Value);
+
+/// The end of a log as the committer last left it.
+#[derive(Default)]
+struct Tail {
+    /// The last entry's sequence number (0: the log is empty) and value.
+    seq: u64,
+    value: Option<Vec<u8>>,
+    /// The last page, key and bytes, while it has room for more entries.
+    page: Option<Row>,
+}
+
+/// Set when a write, sync or checkpoint failed: durability is then unknown,
+/// so every later write is refused rather than acknowledged.
+#[derive(Clone, Default)]
+struct Failure(Arc<Mutex<Option<String>>>);
+
+impl Failure {
+    fn get(&self) -> Option<String> {
+        self.0.lock().expect("failure lock").clone()
+    }
+
+    fn set(&self, what: &str, error: impl std::fmt::Display) -> String {
+        let error = format!("{what}: {error}");
+        tracing::error!(%error, "store cannot make writes durable; refusing further writes");
+        self.0
+            .lock()
+            .expect("failure lock")
+            .get_or_insert(error)
+            .clone()
+    }
+}
 
 /// A sled store. Opened by one process at a time (sled takes a file lock).
 pub struct SledStore {
@@ -103,7 +142,9 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store. Recovery after a crash happens here.
+    /// Opens (or creates) the store. Recovery after a crash happens here: sled
+    /// recovers its tree, then the groups of the log that the tree lacks are
+    /// applied again and made durable.
     pub fn open(options: &StoreOptions) -> Result<Self, StoreError> {
         create_private_dir(&options.path)?;
         let db = sled::Config::new()
@@ -112,16 +153,28 @@ impl SledStore {
             .flush_every_ms(None)
             .open()
             .map_err(backend)?;
-        let failure = Arc::new(Mutex::new(None));
-        let (synced, to_sync) = mpsc::channel();
-        let mut syncer = Syncer {
-            files: SyncFiles::open(&options.path)?,
+        let wal_dir = options.path.join(WAL_DIR);
+        create_private_dir(&wal_dir)?;
+        let mut files = SyncFiles::open(&options.path)?;
+        let wal = replay(&db, &wal_dir, &mut files)?;
+        if pack_plain_entries(&db)? {
+            db.flush().map_err(backend)?;
+            files.sync().map_err(StoreError::Backend)?;
+        }
+
+        let failure = Failure::default();
+        let busy = Arc::new(AtomicBool::new(false));
+        let (checkpoint, to_checkpoint) = mpsc::channel();
+        let checkpointer = Checkpointer {
+            db: db.clone(),
+            files,
+            dir: wal_dir.clone(),
             failure: failure.clone(),
+            busy: busy.clone(),
         };
-        let sync_thread = std::thread::Builder::new()
-            .name("credvault-sync".into())
-            .spawn(move || syncer.run(to_sync))
-            .map_err(backend)?;
+        let checkpoint_thread = spawn("credvault-checkpoint", move || {
+            checkpointer.run(to_checkpoint)
+        })?;
         let mut committer = Committer {
             db: db.clone(),
             group: match options.durability {
@@ -130,18 +183,81 @@ impl SledStore {
             },
             failure,
             logs: Default::default(),
-            syncer: Some((synced, sync_thread)),
+            wal,
+            wal_dir,
+            segment_started: Instant::now(),
+            checkpointer: Some((checkpoint, checkpoint_thread, busy)),
         };
         let (queue, rx) = mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name("credvault-commit".into())
-            .spawn(move || committer.run(rx))
-            .map_err(backend)?;
+        let handle = spawn("credvault-commit", move || committer.run(rx))?;
         Ok(Self {
             db,
             queue: Some(queue),
             committer: Some(handle),
         })
+    }
+
+    /// The stored page of the log under `log` that holds (or would hold)
+    /// entry `seq`: the one with the greatest first entry not after it.
+    fn page_at(
+        &self,
+        log: &[u8],
+        seq: u64,
+    ) -> Result<Option<(sled::IVec, sled::IVec)>, StoreError> {
+        let mut below = pages::page_key(log, seq);
+        below.push(0); // page keys are fixed-length: "< key ‖ 0" is "≤ key"
+        let page = self.db.get_lt(below).map_err(backend)?;
+        Ok(page.filter(|(k, _)| k.starts_with(&pages::pages_prefix(log))))
+    }
+
+    /// Up to `limit` entries of the log under `log` whose keys come after
+    /// `start_after`, unpacked from their pages.
+    fn scan_log(
+        &self,
+        log: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Rows, StoreError> {
+        // The entries after `start_after` are those after sequence `after`.
+        let after = match start_after.filter(|a| *a >= log) {
+            None => None,
+            Some(a) => match a.strip_prefix(log) {
+                None => return Ok(Vec::new()), // past every entry of the log
+                Some(rest) => {
+                    let mut seq = [0u8; 8];
+                    let n = rest.len().min(8);
+                    seq[..n].copy_from_slice(&rest[..n]);
+                    let seq = u64::from_be_bytes(seq);
+                    // A partial sequence number sorts before its zero-padded self.
+                    if rest.len() < 8 {
+                        seq.checked_sub(1)
+                    } else {
+                        Some(seq)
+                    }
+                }
+            },
+        };
+        let prefix = pages::pages_prefix(log);
+        let start = match after {
+            Some(after) => self.page_at(log, after)?.map(|(k, _)| k.to_vec()),
+            None => None,
+        };
+        let mut rows = Vec::new();
+        for item in self.db.range(start.unwrap_or_else(|| prefix.clone())..) {
+            let (key, page) = item.map_err(backend)?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            for (seq, value) in pages::entries(&page) {
+                if rows.len() == limit {
+                    return Ok(rows);
+                }
+                if after.is_none_or(|after| seq > after) {
+                    rows.push((super::log_key(log, seq), value.to_vec()));
+                }
+            }
+        }
+        Ok(rows)
     }
 
     /// Bytes sled reports on disk.
@@ -152,14 +268,95 @@ impl SledStore {
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        drop(self.queue.take()); // the committer drains the queue, then exits
+        drop(self.queue.take()); // the committer drains the queue, checkpoints, then exits
         if let Some(handle) = self.committer.take() {
             let _ = handle.join();
         }
     }
 }
 
-/// Creates the data directory readable by its owner only (sled creates its files
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, StoreError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(backend)
+}
+
+/// Applies the log's groups that the recovered tree lacks, makes the tree
+/// durable, deletes the log and starts a new one numbered past everything
+/// either of them has seen.
+fn replay(db: &sled::Db, dir: &Path, files: &mut SyncFiles) -> Result<Wal, StoreError> {
+    let in_tree = db
+        .get(WAL_GROUP)
+        .map_err(backend)?
+        .and_then(|v| decode_counter(&v))
+        .unwrap_or(0);
+    let recovered = wal::recover(dir, in_tree).map_err(backend)?;
+    for (group, changes) in &recovered.groups {
+        let mut writes = sled::Batch::default();
+        for (key, value) in changes {
+            match value {
+                Some(value) => writes.insert(key.as_slice(), value.as_slice()),
+                None => writes.remove(key.as_slice()),
+            }
+        }
+        writes.insert(WAL_GROUP, encode_counter(*group));
+        db.apply_batch(writes).map_err(backend)?;
+    }
+    if !recovered.segments.is_empty() {
+        if !recovered.groups.is_empty() {
+            tracing::info!(
+                groups = recovered.groups.len(),
+                "store: replayed the write-ahead log after an unclean stop"
+            );
+        }
+        db.flush().map_err(backend)?;
+        files.sync().map_err(StoreError::Backend)?;
+        wal::remove_segments(dir, &recovered.segments).map_err(backend)?;
+    }
+    Wal::create(dir, in_tree.max(recovered.last) + 1).map_err(backend)
+}
+
+/// Moves log entries that a store written before log pages keeps as one tree
+/// record each into pages, in one atomic batch per log. Returns whether there
+/// were any.
+fn pack_plain_entries(db: &sled::Db) -> Result<bool, StoreError> {
+    let mut packed = false;
+    for log in LOGS {
+        let mut writes = sled::Batch::default();
+        let mut page: Option<(Vec<u8>, Vec<u8>)> = None;
+        let mut entries = 0usize;
+        for item in db.scan_prefix(log) {
+            let (key, value) = item.map_err(backend)?;
+            let Some((_, seq)) = pages::entry_of(&[log], &key) else {
+                continue;
+            };
+            let (_, bytes) = page.get_or_insert_with(|| (pages::page_key(log, seq), Vec::new()));
+            pages::push(bytes, seq, &value);
+            if bytes.len() >= pages::PAGE_BYTES
+                && let Some((page_key, bytes)) = page.take()
+            {
+                writes.insert(page_key, bytes);
+            }
+            writes.remove(key);
+            entries += 1;
+        }
+        if let Some((page_key, bytes)) = page {
+            writes.insert(page_key, bytes);
+        }
+        if entries > 0 {
+            db.apply_batch(writes).map_err(backend)?;
+            tracing::info!(log = %log.escape_ascii(), entries, "store: packed log entries into pages");
+            packed = true;
+        }
+    }
+    Ok(packed)
+}
+
+/// Creates a directory readable by its owner only (sled creates its files
 /// with the process umask); warns if an existing one is open to others.
 fn create_private_dir(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -182,57 +379,65 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-/// The thread that owns every write: it applies each waiting batch, then makes
-/// the whole group durable with one flush and replies.
+/// The thread that owns every write: it checks and stages each waiting batch,
+/// logs, applies and syncs the group, and replies.
 struct Committer {
     db: sled::Db,
-    /// Most batches per flush (1 = a flush per write).
+    /// Most batches per group (1 = a log write and sync per write).
     group: usize,
-    /// Set when a flush or sync failed: durability is then unknown, so every
-    /// later write is refused rather than acknowledged.
-    failure: Arc<Mutex<Option<String>>>,
-    /// The last entry of each log appended to so far: its sequence number
-    /// and value (read from the tree on first use; cleared if a group fails
-    /// to apply).
-    logs: std::collections::HashMap<Vec<u8>, LogEnd>,
-    /// Where flushed groups go to be synced and answered, and its thread.
-    syncer: Option<(mpsc::Sender<Flushed>, JoinHandle<()>)>,
+    failure: Failure,
+    /// The end of each log appended to so far (read from the tree on first
+    /// use; cleared if a group fails to apply).
+    logs: HashMap<&'static [u8], Tail>,
+    wal: Wal,
+    wal_dir: PathBuf,
+    /// When the current log segment was started.
+    segment_started: Instant,
+    /// Where finished segments go to be checkpointed, its thread (which hands
+    /// back sled's file handles when it stops), and whether it is busy.
+    checkpointer: Option<(
+        mpsc::Sender<PathBuf>,
+        JoinHandle<SyncFiles>,
+        Arc<AtomicBool>,
+    )>,
 }
 
-/// The second stage: `fdatasync`s what the committer flushed, then replies.
-/// While it waits on the disk, the committer applies and flushes the next
-/// group; groups that queue up meanwhile share one sync.
-struct Syncer {
+/// The second thread: makes the tree durable up to a finished log segment,
+/// then deletes the segment.
+struct Checkpointer {
+    db: sled::Db,
     files: SyncFiles,
-    failure: Arc<Mutex<Option<String>>>,
+    dir: PathBuf,
+    failure: Failure,
+    busy: Arc<AtomicBool>,
 }
 
-impl Syncer {
-    fn run(&mut self, rx: mpsc::Receiver<Flushed>) {
-        while let Ok(first) = rx.recv() {
-            let mut outcomes = first;
-            while let Ok(more) = rx.try_recv() {
-                outcomes.extend(more);
-            }
-            let mut failure = self.failure.lock().expect("failure lock").clone();
-            if failure.is_none()
-                && outcomes.iter().any(|(_, outcome)| outcome.is_ok())
-                && let Err(error) = self.files.sync()
+impl Checkpointer {
+    fn run(mut self, rx: mpsc::Receiver<PathBuf>) -> SyncFiles {
+        while let Ok(segment) = rx.recv() {
+            // Every group of the segment was applied to the tree before the
+            // segment was handed over, so this flush covers them all.
+            if self.failure.get().is_none()
+                && let Err(error) = checkpoint(&self.db, &mut self.files, &self.dir, &[segment])
             {
-                tracing::error!(%error, "store sync failed; refusing further writes");
-                *self.failure.lock().expect("failure lock") = Some(error.clone());
-                failure = Some(error);
+                self.failure.set("checkpointing the store", error);
             }
-            if let Some(failure) = failure {
-                for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| o.is_ok()) {
-                    *outcome = Err(StoreError::Poisoned(failure.clone()));
-                }
-            }
-            for (reply, outcome) in outcomes {
-                let _ = reply.send(outcome); // the writer may have gone away
-            }
+            self.busy.store(false, Ordering::Release);
         }
+        self.files
     }
+}
+
+/// Flushes the tree, syncs sled's files, then deletes `segments`.
+fn checkpoint(
+    db: &sled::Db,
+    files: &mut SyncFiles,
+    dir: &Path,
+    segments: &[PathBuf],
+) -> Result<(), String> {
+    db.flush().map_err(|e| e.to_string())?;
+    files.sync()?;
+    wal::remove_segments(dir, segments).map_err(|e| e.to_string())
 }
 
 impl Committer {
@@ -254,33 +459,169 @@ impl Committer {
                 .into_iter()
                 .map(|(batch, reply)| (reply, self.stage(&batch, &mut staged)))
                 .collect();
-            // The whole group is one atomic sled batch: one log write, and a
-            // flush that costs about the same for 1 batch or 500 (issue 2's
-            // measurements: 64 batches applied one by one flush in ~5 ms, as
-            // one sled batch in ~0.5 ms).
-            if !staged.overlay.is_empty()
-                && let Err(error) = self.db.apply_batch(staged.writes)
+            if !staged.is_empty()
+                && let Err(error) = self.write(staged)
             {
-                let error = error.to_string();
                 for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| o.is_ok()) {
-                    *outcome = Err(StoreError::Backend(error.clone()));
+                    *outcome = Err(StoreError::Poisoned(error.clone()));
                 }
-                self.logs.clear(); // what was staged is not in the tree
+                self.logs.clear(); // what was staged may not be in the tree
             }
-            self.finish(outcomes);
+            for (reply, outcome) in outcomes {
+                let _ = reply.send(outcome); // the writer may have gone away
+            }
+            self.maybe_checkpoint();
         }
-        // Queue closed: let the syncer answer what it holds, then stop.
-        if let Some((queue, thread)) = self.syncer.take() {
-            drop(queue);
-            let _ = thread.join();
+        self.close();
+    }
+
+    /// Appends the group to the log, applies it to the tree as one atomic
+    /// sled batch (one log write for 1 batch or 500) that also records the
+    /// group's number, then makes the log durable. Any failure poisons the
+    /// store: the log may hold a group the tree lacks, which a restart would
+    /// apply, and durability is unknown.
+    fn write(&mut self, staged: Group) -> Result<(), String> {
+        let group = self
+            .wal
+            .append(staged.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
+            .map_err(|e| self.failure.set("writing the store log", e))?;
+        let mut writes = sled::Batch::default();
+        for (key, value) in staged {
+            match value {
+                Some(value) => writes.insert(key, value),
+                None => writes.remove(key),
+            }
+        }
+        writes.insert(WAL_GROUP, encode_counter(group));
+        self.db
+            .apply_batch(writes)
+            .map_err(|e| self.failure.set("applying a group to the tree", e))?;
+        self.wal
+            .sync()
+            .map_err(|e| self.failure.set("syncing the store log", e))
+    }
+
+    /// Starts a new log segment and hands the finished one to the
+    /// checkpointer, when the segment is old or large enough and the previous
+    /// checkpoint is done.
+    fn maybe_checkpoint(&mut self) {
+        let Some((queue, _, busy)) = &self.checkpointer else {
+            return;
+        };
+        if self.wal.written() == 0
+            || (self.segment_started.elapsed() < CHECKPOINT_EVERY
+                && self.wal.written() < CHECKPOINT_BYTES)
+            || busy.load(Ordering::Acquire)
+            || self.failure.get().is_some()
+        {
+            return;
+        }
+        match self.wal.rotate() {
+            Ok(finished) => {
+                busy.store(true, Ordering::Release);
+                self.segment_started = Instant::now();
+                let _ = queue.send(finished);
+            }
+            Err(error) => {
+                self.failure.set("starting a store log segment", error);
+            }
         }
     }
 
-    /// The value of `key` as the group has staged it so far, else as stored.
-    fn current(&self, group: &Group, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match group.overlay.get(key) {
+    /// The queue closed: let the checkpointer finish, then make the tree
+    /// durable and delete the log, so that the next open has nothing to replay.
+    fn close(&mut self) {
+        let Some((queue, thread, _)) = self.checkpointer.take() else {
+            return;
+        };
+        drop(queue);
+        let Ok(mut files) = thread.join() else {
+            return;
+        };
+        if self.failure.get().is_none()
+            && let Err(error) = checkpoint(
+                &self.db,
+                &mut files,
+                &self.wal_dir,
+                &[self.wal.path().to_owned()],
+            )
+        {
+            self.failure.set("the final checkpoint", error);
+        }
+    }
+
+    /// The value of `key` with this batch's `changes` and the group's staged
+    /// writes applied over the tree. Log entries are read from their pages.
+    fn read(&self, group: &Group, changes: &[Change], key: &[u8]) -> Result<Value, StoreError> {
+        if let Some((log, seq)) = pages::entry_of(LOGS, key) {
+            let page = self.find_page(group, changes, log, seq)?;
+            return Ok(page.and_then(|(_, page)| pages::find(&page, seq).map(<[u8]>::to_vec)));
+        }
+        if let Some((_, value)) = changes.iter().rev().find(|(k, _)| k == key) {
+            return Ok(value.clone());
+        }
+        match group.get(key) {
             Some(value) => Ok(value.clone()),
             None => Ok(self.db.get(key).map_err(backend)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Whether `key` holds `expected` as the group has staged it so far.
+    fn holds(
+        &self,
+        group: &Group,
+        key: &[u8],
+        expected: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        if pages::entry_of(LOGS, key).is_some() {
+            return Ok(self.read(group, &[], key)?.as_deref() == expected);
+        }
+        match group.get(key) {
+            Some(value) => Ok(value.as_deref() == expected),
+            // Compared in place: an Unseal's checks name its 2 KiB version record.
+            None => Ok(self.db.get(key).map_err(backend)?.as_deref() == expected),
+        }
+    }
+
+    /// The page of the log under `log` that holds (or would hold) entry
+    /// `seq`: the one with the greatest first entry not after it, as staged.
+    fn find_page(
+        &self,
+        group: &Group,
+        changes: &[Change],
+        log: &[u8],
+        seq: u64,
+    ) -> Result<Option<Row>, StoreError> {
+        let prefix = pages::pages_prefix(log);
+        let target = pages::page_key(log, seq);
+        // Staged pages not after the target; this batch's changes win over the group's.
+        let mut staged: BTreeMap<&[u8], &Value> = group
+            .iter()
+            .chain(changes.iter().map(|(k, v)| (k, v)))
+            .filter(|(k, _)| k.starts_with(&prefix) && k.as_slice() <= target.as_slice())
+            .map(|(k, v)| (k.as_slice(), v))
+            .collect();
+        let mut below = target;
+        below.push(0); // page keys are fixed-length: "< target ‖ 0" is "≤ target"
+        loop {
+            let stored = self.db.get_lt(&below).map_err(backend)?;
+            let stored = stored.filter(|(k, _)| k.starts_with(&prefix));
+            // Staged pages after the stored one come first; a deleted one is skipped.
+            while let Some((&key, _)) = staged.last_key_value()
+                && stored.as_ref().is_none_or(|(k, _)| key > k.as_ref())
+            {
+                if let Some((key, Some(page))) = staged.pop_last() {
+                    return Ok(Some((key.to_vec(), page.clone())));
+                }
+            }
+            let Some((key, page)) = stored else {
+                return Ok(None);
+            };
+            match staged.remove(key.as_ref()) {
+                None => return Ok(Some((key.to_vec(), page.to_vec()))),
+                Some(Some(page)) => return Ok(Some((key.to_vec(), page.clone()))),
+                Some(None) => below = key.to_vec(), // deleted: look below it
+            }
         }
     }
 
@@ -288,42 +629,56 @@ impl Committer {
     /// (no other thread writes, so a check cannot race), and stages its ops.
     /// A batch is staged entirely or not at all.
     fn stage(&mut self, batch: &Batch, group: &mut Group) -> Outcome {
-        if let Some(failure) = &*self.failure.lock().expect("failure lock") {
-            return Err(StoreError::Poisoned(failure.clone()));
+        if let Some(failure) = self.failure.get() {
+            return Err(StoreError::Poisoned(failure));
         }
         for (key, expected) in &batch.checks {
-            if self.current(group, key)?.as_deref() != expected.as_deref() {
+            if !self.holds(group, key, expected.as_deref())? {
                 return Err(StoreError::Conflict);
             }
         }
         let mut counters = Vec::new();
         // Within one batch a later op sees an earlier one's value.
-        let mut changes: Vec<(Cow<'_, [u8]>, Value)> = Vec::new();
-        let mut appended: Vec<(&[u8], LogEnd)> = Vec::new();
+        let mut changes: Vec<Change> = Vec::new();
+        // The logs this batch touches: their tails as it leaves them, or
+        // `None` if it edited entries in place (read again next time).
+        let mut tails: HashMap<&'static [u8], Option<Tail>> = HashMap::new();
         for op in &batch.ops {
             match op {
-                Op::Put(key, value) => changes.push((key.into(), Some(value.clone()))),
-                Op::Delete(key) => changes.push((key.into(), None)),
+                Op::Put(key, value) => {
+                    self.set(group, &mut changes, &mut tails, key, Some(value))?;
+                }
+                Op::Delete(key) => self.set(group, &mut changes, &mut tails, key, None)?,
                 Op::Append(prefix, entry) => {
-                    let (last, previous) = match appended.iter().rev().find(|(p, _)| p == prefix) {
-                        Some((_, last)) => last.clone(),
-                        None => self.last_entry(prefix)?,
+                    let log = LOGS
+                        .iter()
+                        .copied()
+                        .find(|log| *log == prefix.as_slice())
+                        .ok_or_else(|| {
+                            StoreError::Backend("append to a prefix that is not a log".into())
+                        })?;
+                    let mut tail = match tails.remove(log).flatten() {
+                        Some(tail) => tail,
+                        None => self.tail(group, &changes, log)?,
                     };
-                    let seq = last + 1;
-                    let value = (entry.0)(seq, previous.as_deref());
-                    changes.push((super::log_key(prefix, seq).into(), Some(value.clone())));
-                    appended.push((prefix, (seq, Some(value))));
+                    let seq = tail.seq + 1;
+                    let value = (entry.0)(seq, tail.value.as_deref());
+                    let (key, mut page) = tail
+                        .page
+                        .take()
+                        .unwrap_or_else(|| (pages::page_key(log, seq), Vec::new()));
+                    pages::push(&mut page, seq, &value);
+                    changes.push((key.clone(), Some(page.clone())));
+                    tail = Tail {
+                        seq,
+                        value: Some(value),
+                        page: (page.len() < pages::PAGE_BYTES).then_some((key, page)),
+                    };
+                    tails.insert(log, Some(tail));
                     counters.push(seq);
                 }
                 Op::Add(key, delta) | Op::Sub(key, delta) => {
-                    let current = match changes
-                        .iter()
-                        .rev()
-                        .find(|(k, _)| k.as_ref() == key.as_slice())
-                    {
-                        Some((_, value)) => value.clone(),
-                        None => self.current(group, key)?,
-                    };
+                    let current = self.read(group, &changes, key)?;
                     let current = current.as_deref().and_then(decode_counter).unwrap_or(0);
                     let new = match op {
                         Op::Add(..) => current.saturating_add(*delta),
@@ -334,69 +689,75 @@ impl Committer {
                             current.saturating_sub(*delta)
                         }
                     };
-                    changes.push((key.into(), Some(encode_counter(new))));
+                    changes.push((key.clone(), Some(encode_counter(new))));
                     counters.push(new);
                 }
             }
         }
         for (key, value) in changes {
-            match &value {
-                Some(value) => group.writes.insert(key.as_ref(), value.as_slice()),
-                None => group.writes.remove(key.as_ref()),
-            }
-            group.overlay.insert(key.into_owned(), value);
+            group.insert(key, value);
         }
-        for (prefix, last) in appended {
-            self.logs.insert(prefix.to_vec(), last);
+        for (log, tail) in tails {
+            match tail {
+                Some(tail) => self.logs.insert(log, tail),
+                None => self.logs.remove(log),
+            };
         }
         Ok(counters)
     }
 
-    /// The last entry of the log under `prefix`: (0, None) when it is empty.
-    fn last_entry(&mut self, prefix: &[u8]) -> Result<LogEnd, StoreError> {
-        if let Some(last) = self.logs.get(prefix) {
-            return Ok(last.clone());
-        }
-        let last = match prefix_successor(prefix) {
-            Some(bound) => self.db.get_lt(bound).map_err(backend)?,
-            None => self.db.last().map_err(backend)?,
+    /// Stages a put (`Some`) or delete of `key`; a log entry is edited in its page.
+    fn set(
+        &mut self,
+        group: &Group,
+        changes: &mut Vec<Change>,
+        tails: &mut HashMap<&'static [u8], Option<Tail>>,
+        key: &[u8],
+        value: Option<&Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let Some((log, seq)) = pages::entry_of(LOGS, key) else {
+            changes.push((key.to_vec(), value.cloned()));
+            return Ok(());
         };
-        let last = match last {
-            Some((key, value)) if key.starts_with(prefix) => {
-                let seq = key[prefix.len()..]
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| StoreError::Backend("malformed log key".into()))?;
-                (seq, Some(value.to_vec()))
-            }
-            _ => (0, None),
+        let (page_key, page) = match self.find_page(group, changes, log, seq)? {
+            Some(found) => found,
+            None if value.is_none() => return Ok(()),
+            None => (pages::page_key(log, seq), Vec::new()),
         };
-        self.logs.insert(prefix.to_vec(), last.clone());
-        Ok(last)
+        let page = pages::with_entry(&page, seq, value.map(Vec::as_slice));
+        changes.push((page_key, (!page.is_empty()).then_some(page)));
+        // Edited in place: the cached tail may be stale.
+        self.logs.remove(log);
+        tails.insert(log, None);
+        Ok(())
     }
 
-    /// One flush for every applied batch in `outcomes`, then on to the syncer,
-    /// which makes it durable and replies.
-    fn finish(&mut self, outcomes: Vec<(Reply, Outcome)>) {
-        let failed = self.failure.lock().expect("failure lock").is_some();
-        if !failed
-            && outcomes.iter().any(|(_, outcome)| outcome.is_ok())
-            && let Err(error) = self.db.flush()
-        {
-            let error = error.to_string();
-            tracing::error!(%error, "store flush failed; refusing further writes");
-            *self.failure.lock().expect("failure lock") = Some(error);
+    /// The tail of the log under `log`: from the cache, else from its last page.
+    fn tail(&mut self, group: &Group, changes: &[Change], log: &[u8]) -> Result<Tail, StoreError> {
+        if let Some(tail) = self.logs.remove(log) {
+            return Ok(tail); // put back, advanced, when the batch is staged
         }
-        if let Some((queue, _)) = &self.syncer {
-            // The syncer lives as long as the committer; if it died, the
-            // replies are dropped and the writers see the store as closed.
-            let _ = queue.send(outcomes);
-        }
+        let Some((key, page)) = self.find_page(group, changes, log, u64::MAX)? else {
+            return Ok(Tail::default());
+        };
+        let (seq, value) = pages::entries(&page)
+            .last()
+            .map(|(seq, value)| (seq, value.to_vec()))
+            .ok_or_else(|| StoreError::Backend("an empty or damaged log page".into()))?;
+        Ok(Tail {
+            seq,
+            value: Some(value),
+            page: (page.len() < pages::PAGE_BYTES).then_some((key, page)),
+        })
     }
 }
 
 impl Store for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some((log, seq)) = pages::entry_of(LOGS, key) {
+            let page = self.page_at(log, seq)?;
+            return Ok(page.and_then(|(_, page)| pages::find(&page, seq).map(<[u8]>::to_vec)));
+        }
         Ok(self.db.get(key).map_err(backend)?.map(|v| v.to_vec()))
     }
 
@@ -406,6 +767,9 @@ impl Store for SledStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Rows, StoreError> {
+        if let Some(log) = LOGS.iter().find(|log| **log == prefix) {
+            return self.scan_log(log, start_after, limit);
+        }
         let iter = match start_after {
             Some(after) if after >= prefix => self
                 .db
@@ -419,6 +783,13 @@ impl Store for SledStore {
     }
 
     fn last(&self, prefix: &[u8]) -> Result<Option<Row>, StoreError> {
+        if let Some(log) = LOGS.iter().find(|log| **log == prefix) {
+            let last = self.page_at(log, u64::MAX)?.and_then(|(_, page)| {
+                let (seq, value) = pages::entries(&page).last()?;
+                Some((super::log_key(log, seq), value.to_vec()))
+            });
+            return Ok(last);
+        }
         // One descent to the greatest key below the prefix's successor, rather
         // than a reverse iterator (which costs a second descent and more).
         let last = match prefix_successor(prefix) {
@@ -777,5 +1148,116 @@ mod tests {
             assert_eq!(value[..8], seq.to_be_bytes());
             assert_eq!(value[8..], (seq - 1).to_be_bytes());
         }
+    }
+
+    /// Entries of the log under `e\0` as (seq, value) from a scan in chunks of `chunk`.
+    fn scan_all(store: &SledStore, chunk: usize) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut cursor: Option<Vec<u8>> = None;
+        loop {
+            let rows = store.scan(b"e\0", cursor.as_deref(), chunk).unwrap();
+            if rows.is_empty() {
+                return out;
+            }
+            for (key, value) in &rows {
+                let seq = u64::from_be_bytes(key[2..].try_into().unwrap());
+                out.push((seq, value.clone()));
+            }
+            cursor = rows.last().map(|(k, _)| k.clone());
+        }
+    }
+
+    fn entry(seq: u64) -> Vec<u8> {
+        // Sizes vary so that pages fill at different counts.
+        vec![seq as u8; 100 + (seq as usize * 37) % 900]
+    }
+
+    #[tokio::test]
+    async fn log_entries_pack_into_pages_and_read_back_under_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::GroupCommit);
+        for _ in 0..40 {
+            let mut batch = Batch::default();
+            for _ in 0..5 {
+                batch.append(b"e\0".to_vec(), |seq, _| entry(seq));
+            }
+            store.commit(batch).await.unwrap();
+        }
+        let pages = store.db.scan_prefix(pages::pages_prefix(b"e\0")).count();
+        assert!(pages > 5 && pages < 200, "{pages} pages for 200 entries");
+        let expected: Vec<_> = (1..=200).map(|seq| (seq, entry(seq))).collect();
+        for chunk in [1, 7, 1000] {
+            assert_eq!(scan_all(&store, chunk), expected, "chunk {chunk}");
+        }
+        assert_eq!(
+            store.get(&crate::store::log_key(b"e\0", 77)).unwrap(),
+            Some(entry(77))
+        );
+        assert_eq!(
+            store.get(&crate::store::log_key(b"e\0", 201)).unwrap(),
+            None
+        );
+        // A cursor that is not an entry key: a partial sequence number, and past the log.
+        assert_eq!(store.scan(b"e\0", Some(b"e\0"), 2).unwrap().len(), 2);
+        assert!(store.scan(b"e\0", Some(b"f"), 2).unwrap().is_empty());
+
+        // Edits as an attacker with write access (or pruning) makes them: in
+        // place, a removal in the middle, the first entries, and a check on one.
+        let mut batch = Batch::default();
+        batch
+            .check(crate::store::log_key(b"e\0", 100), Some(entry(100)))
+            .put(crate::store::log_key(b"e\0", 100), b"edited".to_vec())
+            .delete(crate::store::log_key(b"e\0", 150));
+        for seq in 1..=30 {
+            batch.delete(crate::store::log_key(b"e\0", seq));
+        }
+        store.commit(batch).await.unwrap();
+        let mut batch = Batch::default();
+        batch.check(crate::store::log_key(b"e\0", 150), None);
+        batch.append(b"e\0".to_vec(), |seq, previous| {
+            assert_eq!(previous, Some(&entry(200)[..]));
+            entry(seq)
+        });
+        assert_eq!(store.commit(batch).await.unwrap(), [201]);
+        let mut expected: Vec<_> = (31..=201)
+            .filter(|seq| *seq != 150)
+            .map(|seq| (seq, entry(seq)))
+            .collect();
+        expected.iter_mut().find(|(s, _)| *s == 100).unwrap().1 = b"edited".to_vec();
+        assert_eq!(scan_all(&store, 13), expected);
+        assert_eq!(
+            store.last(b"e\0").unwrap(),
+            Some((crate::store::log_key(b"e\0", 201), entry(201)))
+        );
+        drop(store);
+        let store = open(dir.path(), Durability::GroupCommit);
+        assert_eq!(scan_all(&store, 50), expected);
+    }
+
+    #[tokio::test]
+    async fn a_store_with_one_record_per_entry_is_packed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // As a store written before log pages left it.
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            for seq in 1..=50u64 {
+                db.insert(crate::store::log_key(b"a\0", seq), entry(seq))
+                    .unwrap();
+            }
+            db.insert(b"a\0other", b"not an entry").unwrap();
+            db.flush().unwrap();
+        }
+        let store = open(dir.path(), Durability::GroupCommit);
+        let rows = store.scan(b"a\0", None, usize::MAX).unwrap();
+        assert_eq!(rows.len(), 50);
+        assert_eq!(rows[49], (crate::store::log_key(b"a\0", 50), entry(50)));
+        assert_eq!(
+            store.db.scan_prefix(b"a\0").count(),
+            1,
+            "only the non-entry key stays"
+        );
+        let mut batch = Batch::default();
+        batch.append(b"a\0".to_vec(), |seq, _| entry(seq));
+        assert_eq!(store.commit(batch).await.unwrap(), [51]);
     }
 }
