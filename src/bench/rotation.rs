@@ -467,8 +467,8 @@ fn push_unseal(results: &mut Results, unseal: UnsealUnderLoad, job: &str, payloa
 }
 
 async fn open_vault(path: PathBuf, params: &Params) -> anyhow::Result<Vault> {
-    // The store's normal durable settings: group commit, flush + fdatasync
-    // before a commit resolves.
+    // The store's normal durable settings: group commit, a log write +
+    // fdatasync before a commit resolves.
     let store = SledStore::open(&StoreOptions {
         durability: Durability::GroupCommit,
         cache_capacity: params.cache_bytes,
