@@ -84,6 +84,16 @@ const WAL_DIR: &str = "wal";
 /// (`None`: deleted), which later batches' checks and counters see.
 type Group = HashMap<Vec<u8>, Option<Vec<u8>>>;
 
+/// Sets `key` in a batch's changes: replaces its latest change if it has one
+/// (a batch that prunes a thousand log entries rewrites each page once, not
+/// once per entry), else adds one.
+fn set_change(changes: &mut Vec<Change>, key: &[u8], value: Value) {
+    match changes.iter_mut().rev().find(|(k, _)| k == key) {
+        Some((_, slot)) => *slot = value,
+        None => changes.push((key.to_vec(), value)),
+    }
+}
+
 /// Roughly the bytes a batch writes.
 fn batch_bytes(batch: &Batch) -> usize {
     batch
@@ -668,7 +678,7 @@ impl Committer {
                         .take()
                         .unwrap_or_else(|| (pages::page_key(log, seq), Vec::new()));
                     pages::push(&mut page, seq, &value);
-                    changes.push((key.clone(), Some(page.clone())));
+                    set_change(&mut changes, &key, Some(page.clone()));
                     tail = Tail {
                         seq,
                         value: Some(value),
@@ -725,7 +735,7 @@ impl Committer {
             None => (pages::page_key(log, seq), Vec::new()),
         };
         let page = pages::with_entry(&page, seq, value.map(Vec::as_slice));
-        changes.push((page_key, (!page.is_empty()).then_some(page)));
+        set_change(changes, &page_key, (!page.is_empty()).then_some(page));
         // Edited in place: the cached tail may be stale.
         self.logs.remove(log);
         tails.insert(log, None);
