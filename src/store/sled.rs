@@ -194,7 +194,6 @@ impl SledStore {
             failure,
             logs: Default::default(),
             wal,
-            wal_dir,
             segment_started: Instant::now(),
             checkpointer: Some((checkpoint, checkpoint_thread, busy)),
         };
@@ -305,21 +304,15 @@ fn replay(db: &sled::Db, dir: &Path, files: &mut SyncFiles) -> Result<Wal, Store
         .and_then(|v| decode_counter(&v))
         .unwrap_or(0);
     let recovered = wal::recover(dir, in_tree).map_err(backend)?;
-    for (group, changes) in &recovered.groups {
-        let mut writes = sled::Batch::default();
-        for (key, value) in changes {
-            match value {
-                Some(value) => writes.insert(key.as_slice(), value.as_slice()),
-                None => writes.remove(key.as_slice()),
-            }
-        }
-        writes.insert(WAL_GROUP, encode_counter(*group));
-        db.apply_batch(writes).map_err(backend)?;
+    let replayed = recovered.groups.len();
+    for (group, changes) in recovered.groups {
+        db.apply_batch(tree_batch(changes, group))
+            .map_err(backend)?;
     }
     if !recovered.segments.is_empty() {
-        if !recovered.groups.is_empty() {
+        if replayed > 0 {
             tracing::info!(
-                groups = recovered.groups.len(),
+                groups = replayed,
                 "store: replayed the write-ahead log after an unclean stop"
             );
         }
@@ -366,6 +359,20 @@ fn pack_plain_entries(db: &sled::Db) -> Result<bool, StoreError> {
     Ok(packed)
 }
 
+/// One atomic sled batch of a group's changes that also records the group's
+/// number (what replay after a crash starts from).
+fn tree_batch(changes: impl IntoIterator<Item = Change>, group: u64) -> sled::Batch {
+    let mut writes = sled::Batch::default();
+    for (key, value) in changes {
+        match value {
+            Some(value) => writes.insert(key, value),
+            None => writes.remove(key),
+        }
+    }
+    writes.insert(WAL_GROUP, encode_counter(group));
+    writes
+}
+
 /// Creates a directory readable by its owner only (sled creates its files
 /// with the process umask); warns if an existing one is open to others.
 fn create_private_dir(path: &Path) -> Result<(), StoreError> {
@@ -400,7 +407,6 @@ struct Committer {
     /// use; cleared if a group fails to apply).
     logs: HashMap<&'static [u8], Tail>,
     wal: Wal,
-    wal_dir: PathBuf,
     /// When the current log segment was started.
     segment_started: Instant,
     /// Where finished segments go to be checkpointed, its thread (which hands
@@ -495,16 +501,8 @@ impl Committer {
             .wal
             .append(staged.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
             .map_err(|e| self.failure.set("writing the store log", e))?;
-        let mut writes = sled::Batch::default();
-        for (key, value) in staged {
-            match value {
-                Some(value) => writes.insert(key, value),
-                None => writes.remove(key),
-            }
-        }
-        writes.insert(WAL_GROUP, encode_counter(group));
         self.db
-            .apply_batch(writes)
+            .apply_batch(tree_batch(staged, group))
             .map_err(|e| self.failure.set("applying a group to the tree", e))?;
         self.wal
             .sync()
@@ -552,7 +550,7 @@ impl Committer {
             && let Err(error) = checkpoint(
                 &self.db,
                 &mut files,
-                &self.wal_dir,
+                self.wal.dir(),
                 &[self.wal.path().to_owned()],
             )
         {

@@ -124,6 +124,11 @@ impl Wal {
         Ok(old.path)
     }
 
+    /// The directory of the segments.
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The current segment's path.
     pub(super) fn path(&self) -> &Path {
         &self.path
