@@ -507,6 +507,21 @@ key = "certs/server.key"
 client_ca = "certs/ca.pem"
 "#;
 
+    /// Each `(line, field, why)`: the line in `[section]` is refused with an
+    /// error that starts by naming `field` and says `why`.
+    fn assert_each_names_its_field(section: &str, cases: &[(&str, &str, &str)]) {
+        for (line, field, why) in cases {
+            let err = Config::parse(&format!("{MINIMAL}\n[{section}]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("config field `{field}`: ")),
+                "{line}: {err}"
+            );
+            assert!(err.contains(why), "{line}: {err}");
+        }
+    }
+
     #[test]
     fn minimal_config_gets_loopback_and_defaults() {
         let config = Config::parse(MINIMAL).unwrap();
@@ -654,16 +669,7 @@ client_ca = "certs/ca.pem"
                 "too short",
             ),
         ];
-        for (line, field, why) in cases {
-            let err = Config::parse(&format!("{MINIMAL}\n[lifecycle]\n{line}\n"))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.starts_with(&format!("config field `{field}`: ")),
-                "{line}: {err}"
-            );
-            assert!(err.contains(why), "{line}: {err}");
-        }
+        assert_each_names_its_field("lifecycle", &cases);
         let err = Config::parse(&format!(
             "{MINIMAL}\n[lifecycle]\nshred_check_interval = \"1m\"\n"
         ))
@@ -738,16 +744,7 @@ client_ca = "certs/ca.pem"
                 "too short",
             ),
         ];
-        for (line, field, why) in cases {
-            let err = Config::parse(&format!("{MINIMAL}\n[rotation]\n{line}\n"))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.starts_with(&format!("config field `{field}`: ")),
-                "{line}: {err}"
-            );
-            assert!(err.contains(why), "{line}: {err}");
-        }
+        assert_each_names_its_field("rotation", &cases);
         let err = Config::parse(&format!("{MINIMAL}\n[rotation]\nkek_periods = \"9d\"\n"))
             .unwrap_err()
             .to_string();

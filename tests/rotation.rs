@@ -175,6 +175,27 @@ fn rotate_root(path: &Path) -> pb::RotateRootKeyRequest {
     }
 }
 
+/// Rotates the root key to version 2 from `path`; the job must be done (a
+/// root rotation is one batch) and cover every record it counted.
+async fn rotate_root_to_v2(admin: &mut Admin, path: &Path) {
+    let job = admin
+        .rotate_root_key(rotate_root(path))
+        .await
+        .unwrap_or_else(|s| panic!("RotateRootKey: {s:?}"))
+        .into_inner();
+    assert_eq!(
+        (
+            job.job_id.as_str(),
+            job.kind.as_str(),
+            job.state.as_str(),
+            job.target_version
+        ),
+        ("root-v2", "root-key", "done", 2),
+        "{job:?}"
+    );
+    assert_eq!(job.done, job.total, "{job:?}");
+}
+
 /// Waits (hang guard only) until `counter` reaches `target`.
 async fn wait_for_count(counter: &AtomicU64, target: u64, what: &str) {
     let deadline = Instant::now() + HANG_GUARD;
@@ -398,22 +419,7 @@ async fn rotating_every_layer_under_load_fails_no_call_and_loses_no_secret() {
     // The root key.
     let new_root = server.pki.dir().join("root-v2.key");
     root::generate_file(&new_root).expect("new root key");
-    let rooted = admin
-        .rotate_root_key(rotate_root(&new_root))
-        .await
-        .unwrap_or_else(|s| panic!("RotateRootKey: {s:?}"))
-        .into_inner();
-    assert_eq!(
-        (
-            rooted.job_id.as_str(),
-            rooted.kind.as_str(),
-            rooted.state.as_str(),
-            rooted.target_version
-        ),
-        ("root-v2", "root-key", "done", 2),
-        "{rooted:?}"
-    );
-    assert_eq!(rooted.done, rooted.total, "{rooted:?}");
+    rotate_root_to_v2(&mut admin, &new_root).await;
     let after = calls_at("after the root rotation");
     assert!(after > before, "the load ran during the rotations");
 
@@ -910,22 +916,7 @@ async fn root_rotation_refuses_bad_key_files_and_afterwards_only_the_new_key_ope
     }
 
     // A good rotation.
-    let job = admin
-        .rotate_root_key(rotate_root(&new_root))
-        .await
-        .unwrap_or_else(|s| panic!("RotateRootKey: {s:?}"))
-        .into_inner();
-    assert_eq!(
-        (
-            job.job_id.as_str(),
-            job.kind.as_str(),
-            job.state.as_str(),
-            job.target_version
-        ),
-        ("root-v2", "root-key", "done", 2),
-        "{job:?}"
-    );
-    assert_eq!(job.done, job.total, "{job:?}");
+    rotate_root_to_v2(&mut admin, &new_root).await;
     let job = get_job(&mut admin, "root-v2").await;
     assert_eq!((job.state.as_str(), job.done), ("done", job.total));
     let rows = key_status(&mut admin, "").await;
