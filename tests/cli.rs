@@ -1370,23 +1370,38 @@ fn tenant_delete_disables_at_once_restore_brings_it_back_and_grace_zero_shreds()
     );
 }
 
-/// A running `credvault watch`: its stdout lines as they come, killed on drop.
-struct Watcher {
+/// A running streaming command (`watch`, `audit tail --follow`): its stdout
+/// lines as they come, killed on drop.
+struct Streaming {
+    /// The command, for messages.
+    name: &'static str,
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
     stderr: Option<thread::JoinHandle<Vec<u8>>>,
 }
 
-impl Watcher {
-    fn start(server: &Server, args: &[&str]) -> Watcher {
-        let mut child = server
-            .client("watch")
-            .args(args)
+impl Streaming {
+    /// `credvault watch ARGS`.
+    fn watch(server: &Server, args: &[&str]) -> Streaming {
+        let mut command = server.client("watch");
+        command.args(args);
+        Self::start(command, "watch")
+    }
+
+    /// `credvault audit tail --follow ARGS`.
+    fn follow_audit(server: &Server, args: &[&str]) -> Streaming {
+        let mut command = server.command(&["audit", "tail"]);
+        command.arg("--follow").args(args);
+        Self::start(command, "audit tail --follow")
+    }
+
+    fn start(mut command: Command, name: &'static str) -> Streaming {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawning credvault watch");
+            .unwrap_or_else(|e| panic!("spawning credvault {name}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = std::sync::mpsc::channel();
         thread::spawn(move || {
@@ -1399,7 +1414,8 @@ impl Watcher {
             }
         });
         let stderr = Some(drain(child.stderr.take().expect("stderr")));
-        Watcher {
+        Streaming {
+            name,
             child,
             lines,
             stderr,
@@ -1413,7 +1429,8 @@ impl Watcher {
             let _ = self.child.kill();
             let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
             panic!(
-                "{what}: no line from `watch` within {READY_TIMEOUT:?} ({e}); stderr: {}",
+                "{what}: no line from `{}` within {READY_TIMEOUT:?} ({e}); stderr: {}",
+                self.name,
                 String::from_utf8_lossy(&stderr.unwrap_or_default())
             )
         });
@@ -1423,16 +1440,37 @@ impl Watcher {
     /// Waits for the exit; its status and stderr.
     fn wait(&mut self) -> (ExitStatus, String) {
         let status = wait_for_exit(&mut self.child, EXIT_TIMEOUT)
-            .unwrap_or_else(|| panic!("`watch` did not exit within {EXIT_TIMEOUT:?}"));
+            .unwrap_or_else(|| panic!("`{}` did not exit within {EXIT_TIMEOUT:?}", self.name));
+        (status, self.stderr_text())
+    }
+
+    /// Sends SIGTERM; the exit status, stderr and any lines not yet read.
+    fn terminate(&mut self) -> (ExitStatus, String, Vec<String>) {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(sent.success(), "kill -TERM {}: {sent}", self.child.id());
+        let status = wait_for_exit(&mut self.child, EXIT_TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "`{}` did not exit within {EXIT_TIMEOUT:?} of SIGTERM",
+                self.name
+            )
+        });
+        let stderr = self.stderr_text();
+        // The reader thread ends with the pipe: everything printed is in the channel.
+        let rest = self.lines.iter().collect();
+        (status, stderr, rest)
+    }
+
+    fn stderr_text(&mut self) -> String {
         let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
-        (
-            status,
-            String::from_utf8_lossy(&stderr.unwrap_or_default()).into_owned(),
-        )
+        String::from_utf8_lossy(&stderr.unwrap_or_default()).into_owned()
     }
 }
 
-impl Drop for Watcher {
+impl Drop for Streaming {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -1482,7 +1520,7 @@ fn watch_prints_each_revocation_as_a_json_line_and_exits_0_when_the_server_stops
 
     // From now, with keepalives: the first line is the position it starts from, which
     // is also how the test knows the watcher is subscribed.
-    let mut from_now = Watcher::start(&server, &["--keepalives"]);
+    let mut from_now = Streaming::watch(&server, &["--keepalives"]);
     let opening = from_now.next("opening keepalive");
     assert_eq!(opening["kind"], "KEEPALIVE", "{opening}");
     assert!(opening["tenant_id"].is_null(), "{opening}");
@@ -1490,7 +1528,7 @@ fn watch_prints_each_revocation_as_a_json_line_and_exits_0_when_the_server_stops
     assert!(start >= 1, "{opening}");
     // Only globex's events, from that same position.
     let after = start.to_string();
-    let mut only_globex = Watcher::start(&server, &["--tenant", "globex", "--after", &after]);
+    let mut only_globex = Streaming::watch(&server, &["--tenant", "globex", "--after", &after]);
 
     revoke("acme", "gmail");
     let event = from_now.next("acme's revocation");
@@ -1502,7 +1540,7 @@ fn watch_prints_each_revocation_as_a_json_line_and_exits_0_when_the_server_stops
     assert_event(&event, start + 2, "CREDENTIAL_REVOKED", "globex", "jar");
 
     // A watcher started later from the old position replays both, in order.
-    let mut replay = Watcher::start(&server, &["--after", &after]);
+    let mut replay = Streaming::watch(&server, &["--after", &after]);
     assert_event(
         &replay.next("replayed first"),
         start + 1,
@@ -1542,7 +1580,7 @@ fn watch_prints_each_revocation_as_a_json_line_and_exits_0_when_the_server_stops
 
     // An error when the call starts (here a malformed tenant id) is a non-zero exit.
     let restarted = Server::dev(tmp.path(), &[]);
-    let mut bad = Watcher::start(&restarted, &["--tenant", "not a tenant"]);
+    let mut bad = Streaming::watch(&restarted, &["--tenant", "not a tenant"]);
     let (status, stderr) = bad.wait();
     assert_eq!(status.code(), Some(1), "{status}: {stderr}");
     assert!(stderr.contains("INVALID_ID"), "{stderr}");
@@ -1608,87 +1646,6 @@ fn verified_count(output: &Output) -> u64 {
         .and_then(|rest| rest.strip_suffix(" records"))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("not `audit chain ok: N records`: {text:?}"))
-}
-
-/// A running `credvault audit tail --follow`: its stdout lines as they come, killed on drop.
-struct Follower {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    stderr: Option<thread::JoinHandle<Vec<u8>>>,
-}
-
-impl Follower {
-    fn start(server: &Server, args: &[&str]) -> Follower {
-        let mut child = server
-            .command(&["audit", "tail"])
-            .arg("--follow")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning credvault audit tail --follow");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Some(drain(child.stderr.take().expect("stderr")));
-        Follower {
-            child,
-            lines,
-            stderr,
-        }
-    }
-
-    /// The next line, as JSON; panics after a generous hang guard.
-    #[track_caller]
-    fn next(&mut self, what: &str) -> Value {
-        let line = self.lines.recv_timeout(READY_TIMEOUT).unwrap_or_else(|e| {
-            let _ = self.child.kill();
-            let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
-            panic!(
-                "{what}: no line from `audit tail --follow` within {READY_TIMEOUT:?} ({e}); \
-                 stderr: {}",
-                String::from_utf8_lossy(&stderr.unwrap_or_default())
-            )
-        });
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line}"))
-    }
-
-    /// Sends SIGTERM; the exit status, stderr and any lines not yet read.
-    fn terminate(&mut self) -> (ExitStatus, String, Vec<String>) {
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("running kill");
-        assert!(sent.success(), "kill -TERM {}: {sent}", self.child.id());
-        let status = wait_for_exit(&mut self.child, EXIT_TIMEOUT).unwrap_or_else(|| {
-            panic!("`audit tail --follow` did not exit within {EXIT_TIMEOUT:?} of SIGTERM")
-        });
-        let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
-        // The reader thread ends with the pipe: everything printed is in the channel.
-        let rest = self.lines.iter().collect();
-        (
-            status,
-            String::from_utf8_lossy(&stderr.unwrap_or_default()).into_owned(),
-            rest,
-        )
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Edits the stored audit record `sequence` of a stopped server's store through the library:
@@ -1906,7 +1863,7 @@ fn audit_query_tail_export_and_verify_online_and_offline_detect_an_edited_record
 
     // `tail --follow`: the newest record, then each new one as it comes, and never its own
     // polls; SIGTERM ends it with status 0.
-    let mut follower = Follower::start(&server, &["-n", "1"]);
+    let mut follower = Streaming::follow_audit(&server, &["-n", "1"]);
     let first = follower.next("the newest record");
     let start = first["sequence"].as_u64().expect("sequence");
     run(

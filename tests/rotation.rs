@@ -129,6 +129,27 @@ async fn key_status(admin: &mut Admin, tenant: &str) -> Vec<pb::KeyVersionStatus
 }
 
 #[track_caller]
+/// After a job moved everything from version 1 to 2 of a `layer` key (a KEK
+/// rewrap, a tenant's re-encryption): v1 protects nothing, v2 protects each of
+/// `count` records, and it encrypted each exactly once (no batch applied twice).
+fn assert_all_moved_to_v2(rows: &[pb::KeyVersionStatus], layer: &str, tenant: &str, count: u64) {
+    let (old, new) = (row(rows, layer, tenant, 1), row(rows, layer, tenant, 2));
+    assert_eq!(
+        (old.state.as_str(), old.protected_records),
+        ("decrypt-only", 0),
+        "{old:?}"
+    );
+    assert_eq!(
+        (new.state.as_str(), new.protected_records),
+        ("active", count),
+        "the new {layer} protects each record exactly once: {new:?}"
+    );
+    assert_eq!(
+        new.encryptions, count,
+        "the new {layer} encrypted each record exactly once: {new:?}"
+    );
+}
+
 fn row<'a>(
     rows: &'a [pb::KeyVersionStatus],
     layer: &str,
@@ -559,21 +580,7 @@ async fn a_kek_rewrap_killed_mid_job_resumes_and_counts_every_dek_once() {
     assert_eq!(job.total, TENANTS as u64, "{job:?}");
 
     let rows = key_status(&mut admin, "").await;
-    let (old, new) = (row(&rows, "kek", "", 1), row(&rows, "kek", "", 2));
-    assert_eq!(
-        (old.state.as_str(), old.protected_records),
-        ("decrypt-only", 0),
-        "{old:?}"
-    );
-    assert_eq!(
-        (new.state.as_str(), new.protected_records),
-        ("active", TENANTS as u64),
-        "the new KEK wraps each DEK exactly once: {new:?}"
-    );
-    assert_eq!(
-        new.encryptions, TENANTS as u64,
-        "each DEK was wrapped by the new KEK exactly once (no batch applied twice): {new:?}"
-    );
+    assert_all_moved_to_v2(&rows, "kek", "", TENANTS as u64);
     let deks: Vec<_> = rows_of(&rows, "dek").collect();
     assert_eq!(deks.len(), TENANTS);
     assert!(
@@ -634,21 +641,7 @@ async fn a_tenant_reencryption_killed_mid_job_resumes_and_moves_every_version_on
     assert_eq!(job.total, CREDENTIALS as u64, "{job:?}");
 
     let rows = key_status(&mut admin, TENANT).await;
-    let (old, new) = (row(&rows, "dek", TENANT, 1), row(&rows, "dek", TENANT, 2));
-    assert_eq!(
-        (old.state.as_str(), old.protected_records),
-        ("decrypt-only", 0),
-        "{old:?}"
-    );
-    assert_eq!(
-        (new.state.as_str(), new.protected_records),
-        ("active", CREDENTIALS as u64),
-        "the new DEK protects each version exactly once: {new:?}"
-    );
-    assert_eq!(
-        new.encryptions, CREDENTIALS as u64,
-        "each version was sealed under the new DEK exactly once: {new:?}"
-    );
+    assert_all_moved_to_v2(&rows, "dek", TENANT, CREDENTIALS as u64);
     // The other tenant's key was not touched.
     let rows = key_status(&mut admin, BYSTANDER).await;
     let deks: Vec<_> = rows_of(&rows, "dek").collect();
