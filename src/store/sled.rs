@@ -1,33 +1,36 @@
-//! The sled 0.34.7 backend: one tree, one committer thread, group commit
-//! through a write-ahead log.
+//! The sled 0.34.7 backend: one tree, group commit through a write-ahead log.
 //!
 //! Every write goes through the committer thread: it takes all batches waiting
-//! in its queue, checks each batch's preconditions against the tree as the
-//! earlier batches of the group leave it (no other thread writes, so a check
-//! cannot race), appends every passing batch of the group as one record to the
-//! store's own write-ahead log ([`super::wal`]), applies the group to the
-//! tree as one atomic sled batch, in memory, then `fdatasync`s the log and
-//! replies to every writer of the group. Batches that arrive while it waits on
-//! the disk form the next group. So a commit costs one `write` and a shared
-//! `fdatasync`, not a sled flush.
+//! in its queue, checks each batch's preconditions against the tree, the
+//! groups still on their way to it and the earlier batches of the group (no
+//! other thread writes, so a check cannot race), appends every passing batch
+//! of the group as one record to the store's own write-ahead log
+//! ([`super::wal`]) and hands the group to the syncer thread. The syncer
+//! `fdatasync`s the log once for every group waiting, makes them visible to
+//! readers as an overlay over the tree (all of a group at once), replies to
+//! their writers, then applies them to the tree in memory, key by key.
+//! Batches that arrive meanwhile form the next groups. So a commit costs one
+//! `write` and a shared `fdatasync`, not a sled flush; the tree only ever
+//! holds durable groups; and readers never see part of a group.
 //!
 //! The tree itself is made durable at checkpoints: about once a second (or
 //! every 64 MiB of log), the committer starts a new log segment and a third
 //! thread flushes sled, `fdatasync`s its files (sled's `flush` alone uses
 //! `sync_file_range`, which flushes neither the drive's cache nor metadata,
 //! and leaves large values' blob files unsynced), then deletes the segments
-//! the tree now holds. Each group's sled batch also records the group's
-//! number, so after a crash, opening replays exactly the groups the recovered
-//! tree lacks. sled transactions are not used: under concurrent writers they
-//! serialise on a global lock and ran at a fraction of this design's rate (see
+//! the tree now holds. After a crash, opening applies every group the log
+//! still holds again, in order. Neither sled transactions nor sled batches
+//! are used: transactions serialise on a global lock under concurrent
+//! writers, and every batch makes sled write out its log buffer twice (see
 //! `docs/decisions/0001-storage-durability.md`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -147,6 +150,9 @@ impl Failure {
 /// A sled store. Opened by one process at a time (sled takes a file lock).
 pub struct SledStore {
     db: sled::Db,
+    /// Groups durable in the log that the tree may not hold yet (see
+    /// [`Overlay`]); every read looks here first.
+    landed: Arc<RwLock<Overlay>>,
     queue: Option<mpsc::Sender<(Batch, Reply)>>,
     committer: Option<JoinHandle<()>>,
 }
@@ -173,6 +179,7 @@ impl SledStore {
         }
 
         let failure = Failure::default();
+        let applied = Arc::new(Applied::default());
         let busy = Arc::new(AtomicBool::new(false));
         let (checkpoint, to_checkpoint) = mpsc::channel();
         let checkpointer = Checkpointer {
@@ -180,11 +187,29 @@ impl SledStore {
             files,
             dir: wal_dir.clone(),
             failure: failure.clone(),
+            applied: applied.clone(),
             busy: busy.clone(),
         };
         let checkpoint_thread = spawn("credvault-checkpoint", move || {
             checkpointer.run(to_checkpoint)
         })?;
+        let landed = Arc::new(RwLock::new(Overlay::new()));
+        let applier = Applier {
+            db: db.clone(),
+            landed: landed.clone(),
+            failure: failure.clone(),
+            applied: applied.clone(),
+        };
+        let (to_apply, writes) = mpsc::channel();
+        let apply_thread = spawn("credvault-apply", move || applier.run(writes))?;
+        let syncer = Syncer {
+            landed: landed.clone(),
+            failure: failure.clone(),
+            per_write: options.durability == Durability::PerWrite,
+            applier: (to_apply, apply_thread),
+        };
+        let (to_sync, flights) = mpsc::channel();
+        let sync_thread = spawn("credvault-sync", move || syncer.run(flights))?;
         let mut committer = Committer {
             db: db.clone(),
             group: match options.durability {
@@ -193,14 +218,19 @@ impl SledStore {
             },
             failure,
             logs: Default::default(),
+            unapplied: HashMap::new(),
+            applied,
+            pruned: 0,
             wal,
             segment_started: Instant::now(),
+            syncer: Some((to_sync, sync_thread)),
             checkpointer: Some((checkpoint, checkpoint_thread, busy)),
         };
         let (queue, rx) = mpsc::channel();
         let handle = spawn("credvault-commit", move || committer.run(rx))?;
         Ok(Self {
             db,
+            landed,
             queue: Some(queue),
             committer: Some(handle),
         })
@@ -208,21 +238,17 @@ impl SledStore {
 
     /// The stored page of the log under `log` that holds (or would hold)
     /// entry `seq`: the one with the greatest first entry not after it.
-    fn page_at(
-        &self,
-        log: &[u8],
-        seq: u64,
-    ) -> Result<Option<(sled::IVec, sled::IVec)>, StoreError> {
+    fn page_at(&self, landed: &Overlay, log: &[u8], seq: u64) -> Result<Option<Row>, StoreError> {
         let mut below = pages::page_key(log, seq);
         below.push(0); // page keys are fixed-length: "< key ‖ 0" is "≤ key"
-        let page = self.db.get_lt(below).map_err(backend)?;
-        Ok(page.filter(|(k, _)| k.starts_with(&pages::pages_prefix(log))))
+        self.last_below(landed, &pages::pages_prefix(log), Some(&below))
     }
 
     /// Up to `limit` entries of the log under `log` whose keys come after
     /// `start_after`, unpacked from their pages.
     fn scan_log(
         &self,
+        landed: &Overlay,
         log: &[u8],
         start_after: Option<&[u8]>,
         limit: usize,
@@ -248,25 +274,119 @@ impl SledStore {
         };
         let prefix = pages::pages_prefix(log);
         let start = match after {
-            Some(after) => self.page_at(log, after)?.map(|(k, _)| k.to_vec()),
+            Some(after) => self.page_at(landed, log, after)?.map(|(k, _)| k),
             None => None,
         };
+        let start = start.unwrap_or_else(|| prefix.clone());
         let mut rows = Vec::new();
-        for item in self.db.range(start.unwrap_or_else(|| prefix.clone())..) {
-            let (key, page) = item.map_err(backend)?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            for (seq, value) in pages::entries(&page) {
+        self.for_each_from(landed, &prefix, Bound::Included(&start), |_, page| {
+            for (seq, value) in pages::entries(page) {
                 if rows.len() == limit {
-                    return Ok(rows);
+                    return false;
                 }
                 if after.is_none_or(|after| seq > after) {
                     rows.push((super::log_key(log, seq), value.to_vec()));
                 }
             }
-        }
+            true
+        })?;
         Ok(rows)
+    }
+
+    /// The greatest key under `prefix` and below `bound` (`None`: any) with
+    /// its value, as the tree with the landed groups over it has it.
+    fn last_below(
+        &self,
+        landed: &Overlay,
+        prefix: &[u8],
+        bound: Option<&[u8]>,
+    ) -> Result<Option<Row>, StoreError> {
+        if bound.is_some_and(|bound| bound <= prefix) {
+            return Ok(None);
+        }
+        let upper = bound.map_or(Bound::Unbounded, Bound::Excluded);
+        let from_landed = landed
+            .range::<[u8], _>((Bound::Included(prefix), upper))
+            .rev()
+            .find_map(|(k, (v, _))| Some((k.clone(), v.clone()?)));
+        // From the tree: one descent (not a reverse iterator, which costs a
+        // second one), again below any key the landed groups decide.
+        let mut below = bound.map(<[u8]>::to_vec);
+        let from_tree = loop {
+            let found = match &below {
+                Some(bound) => self.db.get_lt(bound),
+                None => self.db.last(),
+            }
+            .map_err(backend)?;
+            match found {
+                Some((key, _)) if key.starts_with(prefix) && landed.contains_key(key.as_ref()) => {
+                    below = Some(key.to_vec());
+                }
+                Some((key, value)) if key.starts_with(prefix) => {
+                    break Some((key.to_vec(), value.to_vec()));
+                }
+                _ => break None,
+            }
+        };
+        Ok(match (from_landed, from_tree) {
+            (Some(a), Some(b)) => Some(if a.0 > b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// Calls `f` on every key under `prefix` from `start` on, in order, with
+    /// its value as the tree with the landed groups over it has it, until `f`
+    /// returns false. `start` must not sort before `prefix`.
+    fn for_each_from(
+        &self,
+        landed: &Overlay,
+        prefix: &[u8],
+        start: Bound<&[u8]>,
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut overlay = landed
+            .range::<[u8], _>((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .peekable();
+        let mut tree = self
+            .db
+            .range::<&[u8], _>((start, Bound::Unbounded))
+            .map(|item| item.map_err(backend))
+            .take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
+            .peekable();
+        loop {
+            let tree_key = match tree.peek() {
+                Some(Err(_)) => return Err(tree.next().and_then(Result::err).expect("an error")),
+                Some(Ok((key, _))) => Some(key.as_ref()),
+                None => None,
+            };
+            let from_landed = match (overlay.peek(), tree_key) {
+                (None, None) => return Ok(()),
+                (Some((key, _)), Some(tree_key)) => key.as_slice() <= tree_key,
+                (landed, _) => landed.is_some(),
+            };
+            let go_on = if from_landed {
+                let (key, (value, _)) = overlay.next().expect("peeked");
+                if tree_key == Some(key.as_slice()) {
+                    tree.next(); // the landed value wins
+                }
+                value.as_deref().is_none_or(|value| f(key, value))
+            } else {
+                let (key, value) = tree.next().expect("peeked")?;
+                f(&key, &value)
+            };
+            if !go_on {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The landed groups, held for the whole of a read: no group is landed or
+    /// dropped from them meanwhile, so a read sees a group entirely or not at
+    /// all, and a read that follows one that saw a group sees all of it. Not
+    /// reentrant: taken once, by the `Store` methods.
+    fn read_lock(&self) -> RwLockReadGuard<'_, Overlay> {
+        self.landed.read().expect("landed lock")
     }
 
     /// Bytes sled reports on disk.
@@ -294,20 +414,27 @@ fn spawn<T: Send + 'static>(
         .map_err(backend)
 }
 
-/// Applies the log's groups that the recovered tree lacks, makes the tree
+/// Applies every group the log still holds, oldest first, makes the tree
 /// durable, deletes the log and starts a new one numbered past everything
 /// either of them has seen.
+///
+/// The log holds every group since the last completed checkpoint, and each
+/// group is its keys' final values, so applying them all again in order gives
+/// the acknowledged state whichever of them the recovered tree already has
+/// (groups reach the tree key by key, not as one sled batch).
 fn replay(db: &sled::Db, dir: &Path, files: &mut SyncFiles) -> Result<Wal, StoreError> {
     let in_tree = db
         .get(WAL_GROUP)
         .map_err(backend)?
         .and_then(|v| decode_counter(&v))
         .unwrap_or(0);
-    let recovered = wal::recover(dir, in_tree).map_err(backend)?;
+    let recovered = wal::recover(dir).map_err(backend)?;
     let replayed = recovered.groups.len();
-    for (group, changes) in recovered.groups {
-        db.apply_batch(tree_batch(changes, group))
-            .map_err(backend)?;
+    for (_, changes) in recovered.groups {
+        apply_group(db, changes).map_err(backend)?;
+    }
+    if recovered.last > in_tree {
+        record_group(db, recovered.last).map_err(backend)?;
     }
     if !recovered.segments.is_empty() {
         if replayed > 0 {
@@ -359,18 +486,26 @@ fn pack_plain_entries(db: &sled::Db) -> Result<bool, StoreError> {
     Ok(packed)
 }
 
-/// One atomic sled batch of a group's changes that also records the group's
-/// number (what replay after a crash starts from).
-fn tree_batch(changes: impl IntoIterator<Item = Change>, group: u64) -> sled::Batch {
-    let mut writes = sled::Batch::default();
+/// Applies a group's changes to the tree one key at a time. Not one sled
+/// batch: sled writes out its log buffer twice for every batch (one wake of
+/// its whole I/O thread pool and one `sync_file_range` each), which cost more
+/// than the rest of a commit. The group is atomic through the write-ahead log
+/// instead: it is durable there before the tree sees any of it, readers see
+/// it whole through the landed overlay, and replay applies it again whole.
+fn apply_group(db: &sled::Db, changes: impl IntoIterator<Item = Change>) -> sled::Result<()> {
     for (key, value) in changes {
         match value {
-            Some(value) => writes.insert(key, value),
-            None => writes.remove(key),
-        }
+            Some(value) => db.insert(key, value)?,
+            None => db.remove(key)?,
+        };
     }
-    writes.insert(WAL_GROUP, encode_counter(group));
-    writes
+    Ok(())
+}
+
+/// Records in the tree the last group applied to it (where the log's
+/// numbering goes on after a clean stop).
+fn record_group(db: &sled::Db, group: u64) -> sled::Result<()> {
+    db.insert(WAL_GROUP, &encode_counter(group)[..]).map(drop)
 }
 
 /// Creates a directory readable by its owner only (sled creates its files
@@ -396,8 +531,9 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-/// The thread that owns every write: it checks and stages each waiting batch,
-/// logs, applies and syncs the group, and replies.
+/// The thread that owns every write: it checks and stages each waiting batch
+/// against the tree and the groups still on their way to it, appends the
+/// group to the log, and hands it to the syncer.
 struct Committer {
     db: sled::Db,
     /// Most batches per group (1 = a log write and sync per write).
@@ -406,34 +542,222 @@ struct Committer {
     /// The end of each log appended to so far (read from the tree on first
     /// use; cleared if a group fails to apply).
     logs: HashMap<&'static [u8], Tail>,
+    /// The keys of groups appended but not yet applied to the tree: their
+    /// latest value and the group that wrote it. Checks and counters read
+    /// these before the tree.
+    unapplied: HashMap<Vec<u8>, (Value, u64)>,
+    applied: Arc<Applied>,
+    /// The applied group up to which `unapplied` was last pruned.
+    pruned: u64,
     wal: Wal,
     /// When the current log segment was started.
     segment_started: Instant,
-    /// Where finished segments go to be checkpointed, its thread (which hands
-    /// back sled's file handles when it stops), and whether it is busy.
+    /// Where appended groups go to be synced and applied, and its thread.
+    syncer: Option<(mpsc::Sender<Flight>, JoinHandle<()>)>,
+    /// Where finished segments (and their last group) go to be checkpointed,
+    /// its thread (which hands back sled's file handles when it stops), and
+    /// whether it is busy.
     checkpointer: Option<(
-        mpsc::Sender<PathBuf>,
+        mpsc::Sender<Finished>,
         JoinHandle<SyncFiles>,
         Arc<AtomicBool>,
     )>,
 }
 
-/// The second thread: makes the tree durable up to a finished log segment,
+/// Groups that are durable in the log but that the tree may not hold yet:
+/// each key's latest value (`None`: deleted) and the group that wrote it. The
+/// syncer adds a group here once its log sync is done, all of it under the
+/// write lock, replies to its writers, applies it to the tree key by key, and
+/// only then drops it from here. Reads hold the read lock and see these over
+/// the tree, so a group's keys become visible together, before the tree
+/// holds them all.
+type Overlay = BTreeMap<Vec<u8>, (Value, u64)>;
+
+/// A finished log segment and the number of its last group.
+type Finished = (PathBuf, u64);
+
+/// The last group applied to the tree: advanced by the syncer, read by the
+/// committer (to drop what the tree now holds from its overlay) and awaited
+/// by the checkpointer (a segment's groups must all be in the tree it flushes).
+#[derive(Default)]
+struct Applied {
+    group: Mutex<u64>,
+    advanced: Condvar,
+}
+
+impl Applied {
+    fn get(&self) -> u64 {
+        *self.group.lock().expect("applied lock")
+    }
+
+    fn set(&self, group: u64) {
+        *self.group.lock().expect("applied lock") = group;
+        self.advanced.notify_all();
+    }
+
+    /// Waits until `group` is applied; false if the store failed first.
+    fn wait_for(&self, group: u64, failure: &Failure) -> bool {
+        let mut applied = self.group.lock().expect("applied lock");
+        while *applied < group {
+            if failure.get().is_some() {
+                return false;
+            }
+            applied = self
+                .advanced
+                .wait_timeout(applied, Duration::from_millis(100))
+                .expect("applied lock")
+                .0;
+        }
+        true
+    }
+}
+
+/// A group the committer has checked, staged and appended to the log, on its
+/// way to the syncer.
+struct Flight {
+    /// The group's number and changes; `None` when none of its batches
+    /// staged anything (it still waits its turn to reply).
+    write: Option<(u64, Vec<Change>)>,
+    /// The log segment it was appended to.
+    segment: Arc<File>,
+    /// Each writer's reply and outcome.
+    outcomes: Vec<(Reply, Outcome)>,
+}
+
+/// The second thread: makes the log durable for every group waiting (one
+/// `fdatasync` for all of them), lands them for readers ([`Overlay`]),
+/// replies, and hands them to the applier. A writer so hears back once its
+/// group is durable and visible, while the tree catches up behind.
+struct Syncer {
+    landed: Arc<RwLock<Overlay>>,
+    failure: Failure,
+    /// One sync per group, never shared (for comparison in benchmarks).
+    per_write: bool,
+    applier: (mpsc::Sender<Vec<Write>>, JoinHandle<()>),
+}
+
+/// A group's number and changes.
+type Write = (u64, Vec<Change>);
+
+impl Syncer {
+    fn run(self, rx: mpsc::Receiver<Flight>) {
+        let (to_apply, applier) = self.applier;
+        while let Ok(first) = rx.recv() {
+            let mut flights = vec![first];
+            while !self.per_write
+                && let Ok(next) = rx.try_recv()
+            {
+                flights.push(next);
+            }
+            let writes = land(&self.landed, &self.failure, flights);
+            if !writes.is_empty() {
+                let _ = to_apply.send(writes); // it stops only after this thread
+            }
+        }
+        drop(to_apply);
+        let _ = applier.join();
+    }
+}
+
+/// Syncs the log for `flights`, lands their groups, replies to their writers
+/// and returns the groups for the tree (none if the store failed).
+fn land(landed: &RwLock<Overlay>, failure: &Failure, flights: Vec<Flight>) -> Vec<Write> {
+    let mut error = failure.get();
+    // Segments before the last one were synced when the committer moved on
+    // from them, so syncing the last one covers every group here.
+    let last = flights.iter().rev().find(|f| f.write.is_some());
+    if error.is_none()
+        && let Some(flight) = last
+        && let Err(e) = flight.segment.sync_data()
+    {
+        error = Some(failure.set("syncing the store log", e));
+    }
+    if error.is_none() {
+        // Durable: readers see these groups from now on, each entirely.
+        let mut landed = landed.write().expect("landed lock");
+        for (group, changes) in flights.iter().filter_map(|f| f.write.as_ref()) {
+            for (key, value) in changes {
+                landed.insert(key.clone(), (value.clone(), *group));
+            }
+        }
+    }
+    let mut writes = Vec::with_capacity(flights.len());
+    for flight in flights {
+        for (reply, outcome) in flight.outcomes {
+            let outcome = match (&error, outcome) {
+                (Some(error), Ok(_)) => Err(StoreError::Poisoned(error.clone())),
+                (_, outcome) => outcome,
+            };
+            let _ = reply.send(outcome); // the writer may have gone away
+        }
+        writes.extend(flight.write);
+    }
+    if error.is_some() {
+        writes.clear();
+    }
+    writes
+}
+
+/// The third thread: applies landed groups to the tree in order, key by
+/// key, then drops them from the landed overlay. The tree so only ever holds
+/// durable groups.
+struct Applier {
+    db: sled::Db,
+    landed: Arc<RwLock<Overlay>>,
+    failure: Failure,
+    applied: Arc<Applied>,
+}
+
+impl Applier {
+    fn run(self, rx: mpsc::Receiver<Vec<Write>>) {
+        while let Ok(first) = rx.recv() {
+            let mut writes = first;
+            while let Ok(more) = rx.try_recv() {
+                writes.extend(more);
+            }
+            let mut last = None;
+            for (group, changes) in writes {
+                if self.failure.get().is_some() {
+                    return; // what stays landed is acknowledged and durable in the log
+                }
+                if let Err(e) = apply_group(&self.db, changes) {
+                    self.failure.set("applying a group to the tree", e);
+                    return;
+                }
+                last = Some(group);
+            }
+            let Some(applied) = last else { continue };
+            if let Err(e) = record_group(&self.db, applied) {
+                self.failure.set("applying a group to the tree", e);
+                return;
+            }
+            self.applied.set(applied);
+            self.landed
+                .write()
+                .expect("landed lock")
+                .retain(|_, (_, group)| *group > applied);
+        }
+    }
+}
+
+/// The fourth thread: makes the tree durable up to a finished log segment,
 /// then deletes the segment.
 struct Checkpointer {
     db: sled::Db,
     files: SyncFiles,
     dir: PathBuf,
     failure: Failure,
+    applied: Arc<Applied>,
     busy: Arc<AtomicBool>,
 }
 
 impl Checkpointer {
-    fn run(mut self, rx: mpsc::Receiver<PathBuf>) -> SyncFiles {
-        while let Ok(segment) = rx.recv() {
-            // Every group of the segment was applied to the tree before the
-            // segment was handed over, so this flush covers them all.
-            if self.failure.get().is_none()
+    fn run(mut self, rx: mpsc::Receiver<Finished>) -> SyncFiles {
+        while let Ok((segment, last)) = rx.recv() {
+            // Once the segment's last group is applied, this flush covers
+            // every group in it.
+            if self.applied.wait_for(last, &self.failure)
+                && self.failure.get().is_none()
                 && let Err(error) = checkpoint(&self.db, &mut self.files, &self.dir, &[segment])
             {
                 self.failure.set("checkpointing the store", error);
@@ -470,43 +794,59 @@ impl Committer {
                     Err(_) => break,
                 }
             }
+            self.prune_unapplied();
             let mut staged = Group::default();
             let mut outcomes: Vec<_> = group
                 .into_iter()
                 .map(|(batch, reply)| (reply, self.stage(&batch, &mut staged)))
                 .collect();
-            if !staged.is_empty()
-                && let Err(error) = self.write(staged)
-            {
-                for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| o.is_ok()) {
-                    *outcome = Err(StoreError::Poisoned(error.clone()));
+            let mut write = None;
+            if !staged.is_empty() {
+                match self.append(staged) {
+                    Ok(appended) => write = Some(appended),
+                    Err(error) => {
+                        for (_, outcome) in outcomes.iter_mut().filter(|(_, o)| o.is_ok()) {
+                            *outcome = Err(StoreError::Poisoned(error.clone()));
+                        }
+                        self.logs.clear(); // what was staged is in neither log nor tree
+                    }
                 }
-                self.logs.clear(); // what was staged may not be in the tree
             }
-            for (reply, outcome) in outcomes {
-                let _ = reply.send(outcome); // the writer may have gone away
+            let flight = Flight {
+                write,
+                segment: self.wal.segment(),
+                outcomes,
+            };
+            if let Some((syncer, _)) = &self.syncer {
+                let _ = syncer.send(flight); // it stops only after this thread
             }
             self.maybe_checkpoint();
         }
         self.close();
     }
 
-    /// Appends the group to the log, applies it to the tree as one atomic
-    /// sled batch (one log write for 1 batch or 500) that also records the
-    /// group's number, then makes the log durable. Any failure poisons the
-    /// store: the log may hold a group the tree lacks, which a restart would
-    /// apply, and durability is unknown.
-    fn write(&mut self, staged: Group) -> Result<(), String> {
+    /// Appends the group to the log and adds it to the overlay of groups not
+    /// yet in the tree; returns its number and changes. A failure poisons the
+    /// store: the log may hold part of a group.
+    fn append(&mut self, staged: Group) -> Result<(u64, Vec<Change>), String> {
         let group = self
             .wal
             .append(staged.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
             .map_err(|e| self.failure.set("writing the store log", e))?;
-        self.db
-            .apply_batch(tree_batch(staged, group))
-            .map_err(|e| self.failure.set("applying a group to the tree", e))?;
-        self.wal
-            .sync()
-            .map_err(|e| self.failure.set("syncing the store log", e))
+        let changes: Vec<Change> = staged.into_iter().collect();
+        for (key, value) in &changes {
+            self.unapplied.insert(key.clone(), (value.clone(), group));
+        }
+        Ok((group, changes))
+    }
+
+    /// Drops from the overlay what the tree now holds.
+    fn prune_unapplied(&mut self) {
+        let applied = self.applied.get();
+        if applied > self.pruned {
+            self.unapplied.retain(|_, (_, group)| *group > applied);
+            self.pruned = applied;
+        }
     }
 
     /// Starts a new log segment and hands the finished one to the
@@ -539,6 +879,10 @@ impl Committer {
     /// The queue closed: let the checkpointer finish, then make the tree
     /// durable and delete the log, so that the next open has nothing to replay.
     fn close(&mut self) {
+        if let Some((syncer, thread)) = self.syncer.take() {
+            drop(syncer);
+            let _ = thread.join(); // every group is now applied, or the store failed
+        }
         let Some((queue, thread, _)) = self.checkpointer.take() else {
             return;
         };
@@ -568,8 +912,11 @@ impl Committer {
         if let Some((_, value)) = changes.iter().rev().find(|(k, _)| k == key) {
             return Ok(value.clone());
         }
-        match group.get(key) {
-            Some(value) => Ok(value.clone()),
+        if let Some(value) = group.get(key) {
+            return Ok(value.clone());
+        }
+        match self.unapplied.get(key) {
+            Some((value, _)) => Ok(value.clone()),
             None => Ok(self.db.get(key).map_err(backend)?.map(|v| v.to_vec())),
         }
     }
@@ -584,7 +931,10 @@ impl Committer {
         if pages::entry_of(LOGS, key).is_some() {
             return Ok(self.read(group, &[], key)?.as_deref() == expected);
         }
-        match group.get(key) {
+        match group
+            .get(key)
+            .or_else(|| self.unapplied.get(key).map(|(value, _)| value))
+        {
             Some(value) => Ok(value.as_deref() == expected),
             // Compared in place: an Unseal's checks name its 2 KiB version record.
             None => Ok(self.db.get(key).map_err(backend)?.as_deref() == expected),
@@ -602,9 +952,13 @@ impl Committer {
     ) -> Result<Option<Row>, StoreError> {
         let prefix = pages::pages_prefix(log);
         let target = pages::page_key(log, seq);
-        // Staged pages not after the target; this batch's changes win over the group's.
-        let mut staged: BTreeMap<&[u8], &Value> = group
+        // Staged pages not after the target; this batch's changes win over
+        // the group's, which win over those of groups not yet applied.
+        let mut staged: BTreeMap<&[u8], &Value> = self
+            .unapplied
             .iter()
+            .map(|(k, (v, _))| (k, v))
+            .chain(group.iter())
             .chain(changes.iter().map(|(k, v)| (k, v)))
             .filter(|(k, _)| k.starts_with(&prefix) && k.as_slice() <= target.as_slice())
             .map(|(k, v)| (k.as_slice(), v))
@@ -762,9 +1116,13 @@ impl Committer {
 
 impl Store for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let landed = self.read_lock();
         if let Some((log, seq)) = pages::entry_of(LOGS, key) {
-            let page = self.page_at(log, seq)?;
+            let page = self.page_at(&landed, log, seq)?;
             return Ok(page.and_then(|(_, page)| pages::find(&page, seq).map(<[u8]>::to_vec)));
+        }
+        if let Some((value, _)) = landed.get(key) {
+            return Ok(value.clone());
         }
         Ok(self.db.get(key).map_err(backend)?.map(|v| v.to_vec()))
     }
@@ -775,38 +1133,34 @@ impl Store for SledStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Rows, StoreError> {
+        let landed = self.read_lock();
         if let Some(log) = LOGS.iter().find(|log| **log == prefix) {
-            return self.scan_log(log, start_after, limit);
+            return self.scan_log(&landed, log, start_after, limit);
         }
-        let iter = match start_after {
-            Some(after) if after >= prefix => self
-                .db
-                .range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
-            _ => self.db.range::<&[u8], _>(prefix..),
+        let start = match start_after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
         };
-        iter.take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
-            .take(limit)
-            .map(|item| item.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(backend))
-            .collect()
+        let mut rows = Vec::new();
+        if limit > 0 {
+            self.for_each_from(&landed, prefix, start, |key, value| {
+                rows.push((key.to_vec(), value.to_vec()));
+                rows.len() < limit
+            })?;
+        }
+        Ok(rows)
     }
 
     fn last(&self, prefix: &[u8]) -> Result<Option<Row>, StoreError> {
+        let landed = self.read_lock();
         if let Some(log) = LOGS.iter().find(|log| **log == prefix) {
-            let last = self.page_at(log, u64::MAX)?.and_then(|(_, page)| {
+            let last = self.page_at(&landed, log, u64::MAX)?.and_then(|(_, page)| {
                 let (seq, value) = pages::entries(&page).last()?;
                 Some((super::log_key(log, seq), value.to_vec()))
             });
             return Ok(last);
         }
-        // One descent to the greatest key below the prefix's successor, rather
-        // than a reverse iterator (which costs a second descent and more).
-        let last = match prefix_successor(prefix) {
-            Some(bound) => self.db.get_lt(bound).map_err(backend)?,
-            None => self.db.last().map_err(backend)?,
-        };
-        Ok(last
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.to_vec(), v.to_vec())))
+        self.last_below(&landed, prefix, prefix_successor(prefix).as_deref())
     }
 
     fn commit(&self, batch: Batch) -> CommitFuture<'_> {
@@ -890,6 +1244,17 @@ impl SyncFiles {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    /// The bare sled tree of a data directory, as a test sets it up before
+    /// the store opens it. No flusher thread: it would keep the tree (and its
+    /// file lock) alive for a moment after the drop.
+    fn raw_tree(dir: &Path) -> sled::Db {
+        sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
+            .unwrap()
+    }
 
     fn open(dir: &Path, durability: Durability) -> SledStore {
         SledStore::open(&StoreOptions {
@@ -1247,7 +1612,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             // As a store written before log pages left it.
-            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let db = raw_tree(dir.path());
             for seq in 1..=50u64 {
                 db.insert(crate::store::log_key(b"a\0", seq), entry(seq))
                     .unwrap();
@@ -1267,5 +1632,171 @@ mod tests {
         let mut batch = Batch::default();
         batch.append(b"a\0".to_vec(), |seq, _| entry(seq));
         assert_eq!(store.commit(batch).await.unwrap(), [51]);
+    }
+
+    #[tokio::test]
+    async fn replay_completes_a_group_the_tree_holds_in_part_and_keeps_newer_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal_dir = dir.path().join(WAL_DIR);
+        std::fs::create_dir_all(&wal_dir).unwrap();
+        let put = |k: &str, v: &str| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()));
+        {
+            // The log holds groups 1–3; the tree has group 1, one key of
+            // group 2 and group 2's number, but not the rest of group 2
+            // (sled recovers single inserts, not groups; replay does not
+            // rely on which of them it kept).
+            let mut log = Wal::create(&wal_dir, 1).unwrap();
+            for changes in [
+                vec![put("x", "old"), put("gone", "1")],
+                vec![put("a", "2"), put("b", "2"), (b"gone".to_vec(), None)],
+                vec![put("x", "new")],
+            ] {
+                log.append(changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
+                    .unwrap();
+            }
+            log.segment().sync_data().unwrap();
+            let db = raw_tree(dir.path());
+            apply_group(&db, vec![put("x", "old"), put("gone", "1")]).unwrap();
+            record_group(&db, 1).unwrap();
+            db.insert(b"a", b"2").unwrap();
+            db.insert(WAL_GROUP, encode_counter(2)).unwrap();
+            db.flush().unwrap();
+        }
+        let store = open(dir.path(), Durability::GroupCommit);
+        assert_eq!(store.get(b"a").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(store.get(b"b").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(store.get(b"gone").unwrap(), None);
+        assert_eq!(store.get(b"x").unwrap(), Some(b"new".to_vec()));
+        assert_eq!(
+            store.get(WAL_GROUP).unwrap(),
+            Some(encode_counter(3)),
+            "the tree records the last group replayed"
+        );
+        // The log was emptied and numbering goes on past it.
+        let mut batch = Batch::default();
+        batch.put(b"after".to_vec(), b"4".to_vec());
+        store.commit(batch).await.unwrap();
+        drop(store);
+        let store = open(dir.path(), Durability::GroupCommit);
+        assert_eq!(store.get(WAL_GROUP).unwrap(), Some(encode_counter(4)));
+        assert_eq!(store.get(b"x").unwrap(), Some(b"new".to_vec()));
+        assert_eq!(store.get(b"after").unwrap(), Some(b"4".to_vec()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_after_one_that_saw_a_group_sees_all_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path(), Durability::GroupCommit));
+        let keys: Vec<Vec<u8>> = (0..8).map(|k| format!("k{k}").into_bytes()).collect();
+        let done = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (store, keys, done) = (store.clone(), keys.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let value = |key: &[u8]| {
+                        store
+                            .get(key)
+                            .unwrap()
+                            .as_deref()
+                            .and_then(decode_counter)
+                            .unwrap_or(0)
+                    };
+                    let mut checked = 0u64;
+                    while !done.load(Ordering::Relaxed) {
+                        // Each group sets every key to the same number, so a
+                        // key read later is never behind one read earlier.
+                        let mut seen = 0;
+                        for key in &keys {
+                            let now = value(key);
+                            assert!(
+                                now >= seen,
+                                "{} is {now} after another key was {seen}",
+                                key.escape_ascii()
+                            );
+                            seen = now;
+                        }
+                        checked += 1;
+                    }
+                    checked
+                })
+            })
+            .collect();
+        for n in 1..=500u64 {
+            let mut batch = Batch::default();
+            for key in &keys {
+                batch.put(key.clone(), encode_counter(n));
+            }
+            store.commit(batch).await.unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+        for reader in readers {
+            assert!(reader.join().unwrap() > 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_see_landed_groups_over_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::GroupCommit);
+        let mut batch = Batch::default();
+        for key in ["p\0a", "p\0b", "p\0d", "p\0f", "q\0x"] {
+            batch.put(key.as_bytes().to_vec(), b"tree".to_vec());
+        }
+        store.commit(batch).await.unwrap();
+        let land = |key: &str, value: Option<&str>| {
+            // Numbered past any real group, so that the syncer keeps them.
+            store.landed.write().unwrap().insert(
+                key.as_bytes().to_vec(),
+                (value.map(|v| v.as_bytes().to_vec()), u64::MAX),
+            );
+        };
+        land("p\0b", Some("landed"));
+        land("p\0c", Some("landed"));
+        land("p\0d", None);
+        land("p\0g", Some("landed"));
+        let rows = |rows: Rows| {
+            rows.into_iter()
+                .map(|(k, v)| format!("{}={}", k.escape_ascii(), String::from_utf8(v).unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            rows(store.scan(b"p\0", None, 10).unwrap()),
+            [
+                "p\\x00a=tree",
+                "p\\x00b=landed",
+                "p\\x00c=landed",
+                "p\\x00f=tree",
+                "p\\x00g=landed"
+            ]
+        );
+        assert_eq!(
+            rows(store.scan(b"p\0", Some(b"p\0b"), 2).unwrap()),
+            ["p\\x00c=landed", "p\\x00f=tree"]
+        );
+        assert!(store.scan(b"p\0", Some(b"p\0g"), 10).unwrap().is_empty());
+        assert_eq!(store.get(b"p\0b").unwrap(), Some(b"landed".to_vec()));
+        assert_eq!(store.get(b"p\0d").unwrap(), None);
+        assert_eq!(store.get(b"p\0a").unwrap(), Some(b"tree".to_vec()));
+        assert_eq!(
+            store.last(b"p\0").unwrap(),
+            Some((b"p\0g".to_vec(), b"landed".to_vec()))
+        );
+        // The greatest keys deleted by landed groups: the last is below them.
+        land("p\0g", None);
+        land("p\0f", None);
+        assert_eq!(
+            store.last(b"p\0").unwrap(),
+            Some((b"p\0c".to_vec(), b"landed".to_vec()))
+        );
+        land("p\0c", None);
+        assert_eq!(
+            store.last(b"p\0").unwrap(),
+            Some((b"p\0b".to_vec(), b"landed".to_vec()))
+        );
+        assert_eq!(
+            rows(store.scan(b"q\0", None, 10).unwrap()),
+            ["q\\x00x=tree"]
+        );
+        assert_eq!(store.last(b"r\0").unwrap(), None);
     }
 }

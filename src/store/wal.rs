@@ -24,6 +24,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// One change of a group: a put (`Some`) or a delete (`None`).
 pub(super) type Change = (Vec<u8>, Option<Vec<u8>>);
@@ -34,7 +35,8 @@ const SUFFIX: &str = "wal";
 /// The segment being appended to.
 pub(super) struct Wal {
     dir: PathBuf,
-    file: File,
+    /// Shared with whoever syncs it ([`Wal::segment`]).
+    file: Arc<File>,
     path: PathBuf,
     /// Bytes written to the current segment.
     written: u64,
@@ -46,7 +48,7 @@ pub(super) struct Wal {
 
 /// What recovery found in the log.
 pub(super) struct Recovered {
-    /// The intact groups numbered after the one the tree already holds, in order.
+    /// The intact groups, in order.
     pub groups: Vec<(u64, Vec<Change>)>,
     /// The highest group number of any intact frame (0: none).
     pub last: u64,
@@ -65,7 +67,7 @@ impl Wal {
         sync_dir(dir)?;
         Ok(Self {
             dir: dir.to_owned(),
-            file,
+            file: Arc::new(file),
             path,
             written: 0,
             next,
@@ -73,7 +75,7 @@ impl Wal {
         })
     }
 
-    /// Writes one group (durable once [`Wal::sync`] returns) and returns its
+    /// Writes one group (durable once the segment is synced) and returns its
     /// number.
     pub(super) fn append<'a>(
         &mut self,
@@ -98,15 +100,16 @@ impl Wal {
         let crc = crc32fast::hash(&frame[HEADER..]);
         frame[..4].copy_from_slice(&body.to_le_bytes());
         frame[4..HEADER].copy_from_slice(&crc.to_le_bytes());
-        self.file.write_all(frame)?;
+        (&*self.file).write_all(frame)?;
         self.written += frame.len() as u64;
         self.next += 1;
         Ok(group)
     }
 
-    /// Makes every group appended so far durable.
-    pub(super) fn sync(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+    /// The current segment, for another thread to sync (`sync_data` on it
+    /// makes every group appended to it so far durable).
+    pub(super) fn segment(&self) -> Arc<File> {
+        self.file.clone()
     }
 
     /// Bytes in the current segment.
@@ -116,12 +119,13 @@ impl Wal {
 
     /// Syncs the current segment and starts the next one; returns the
     /// finished segment's path, which may be deleted once the tree holds
-    /// every group in it durably.
-    pub(super) fn rotate(&mut self) -> std::io::Result<PathBuf> {
+    /// every group in it durably, and the number of its last group.
+    pub(super) fn rotate(&mut self) -> std::io::Result<(PathBuf, u64)> {
         self.file.sync_data()?;
+        let last = self.next - 1;
         let next = Self::create(&self.dir, self.next)?;
         let old = std::mem::replace(self, next);
-        Ok(old.path)
+        Ok((old.path, last))
     }
 
     /// The directory of the segments.
@@ -135,8 +139,9 @@ impl Wal {
     }
 }
 
-/// Reads every intact group numbered after `after` from the segments in `dir`.
-pub(super) fn recover(dir: &Path, after: u64) -> std::io::Result<Recovered> {
+/// Reads every intact group from the segments in `dir`, oldest first: the
+/// contiguous run that starts with the first frame of the oldest segment.
+pub(super) fn recover(dir: &Path) -> std::io::Result<Recovered> {
     let mut segments: Vec<(u64, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -154,22 +159,18 @@ pub(super) fn recover(dir: &Path, after: u64) -> std::io::Result<Recovered> {
         last: 0,
         segments: segments.iter().map(|(_, p)| p.clone()).collect(),
     };
-    let mut expected = after + 1;
+    let mut expected = None;
     'segments: for (_, path) in &segments {
         let bytes = std::fs::read(path)?;
         let mut rest = &bytes[..];
         while let Some((group, changes, tail)) = parse_frame(rest) {
             rest = tail;
-            if group <= after {
-                recovered.last = recovered.last.max(group);
-                continue; // already in the tree
-            }
-            if group != expected {
+            if expected.is_some_and(|expected| group != expected) {
                 break 'segments; // a gap: nothing after it was acknowledged
             }
             recovered.last = group;
             recovered.groups.push((group, changes));
-            expected += 1;
+            expected = Some(group + 1);
         }
         if !rest.is_empty() {
             tracing::info!(segment = %path.display(), bytes = rest.len(), "store log ends in an unacknowledged partial write; discarded");
@@ -266,17 +267,18 @@ mod tests {
     }
 
     #[test]
-    fn groups_come_back_in_order_across_segments_after_the_tree_s_last() {
+    fn groups_come_back_in_order_across_segments() {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::create(dir.path(), 1).unwrap();
         let deleted: Change = (b"gone".to_vec(), None);
         assert_eq!(append(&mut wal, &[put("a", "1"), deleted.clone()]), 1);
         assert_eq!(append(&mut wal, &[put("b", "")]), 2);
-        let first = wal.rotate().unwrap();
+        let (first, last) = wal.rotate().unwrap();
+        assert_eq!(last, 2);
         assert_eq!(append(&mut wal, &[put("c", "3")]), 3);
-        wal.sync().unwrap();
+        wal.segment().sync_data().unwrap();
 
-        let all = recover(dir.path(), 0).unwrap();
+        let all = recover(dir.path()).unwrap();
         assert_eq!(all.last, 3);
         assert_eq!(all.segments.len(), 2);
         assert_eq!(
@@ -287,17 +289,9 @@ mod tests {
                 (3, vec![put("c", "3")]),
             ]
         );
-        // The tree already holds group 2: only 3 is replayed.
-        let after = recover(dir.path(), 2).unwrap();
-        assert_eq!(after.groups, vec![(3, vec![put("c", "3")])]);
-        // The tree is ahead of the log: nothing to replay, and numbering must go on past it.
-        let ahead = recover(dir.path(), 7).unwrap();
-        assert!(ahead.groups.is_empty());
-        assert_eq!(ahead.last, 3);
-
         remove_segments(dir.path(), &[first]).unwrap();
-        let rest = recover(dir.path(), 2).unwrap();
-        assert_eq!(rest.groups.len(), 1);
+        let rest = recover(dir.path()).unwrap();
+        assert_eq!(rest.groups, vec![(3, vec![put("c", "3")])]);
         assert_eq!(rest.segments, vec![wal.path().to_owned()]);
     }
 
@@ -314,7 +308,7 @@ mod tests {
         let frame = bytes.len() / 4;
         // Cut inside the third frame: two groups survive.
         std::fs::write(&path, &bytes[..2 * frame + 5]).unwrap();
-        let torn = recover(dir.path(), 0).unwrap();
+        let torn = recover(dir.path()).unwrap();
         assert_eq!(torn.groups.len(), 2);
         assert_eq!(torn.last, 2);
         // A flipped bit in the second frame: only the first survives, even
@@ -322,11 +316,11 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[frame + HEADER + 3] ^= 0x10;
         std::fs::write(&path, &flipped).unwrap();
-        assert_eq!(recover(dir.path(), 0).unwrap().groups.len(), 1);
+        assert_eq!(recover(dir.path()).unwrap().groups.len(), 1);
         // Every single-byte truncation point yields a prefix, never an error.
         for cut in 0..bytes.len() {
             std::fs::write(&path, &bytes[..cut]).unwrap();
-            let got = recover(dir.path(), 0).unwrap();
+            let got = recover(dir.path()).unwrap();
             assert_eq!(got.groups.len(), cut / frame, "cut at {cut}");
         }
     }
@@ -340,7 +334,7 @@ mod tests {
         // A segment that starts past the next expected group (a lost one in between).
         let mut later = Wal::create(dir.path(), 5).unwrap();
         append(&mut later, &[put("b", "2")]);
-        let got = recover(dir.path(), 0).unwrap();
+        let got = recover(dir.path()).unwrap();
         assert_eq!(got.groups.len(), 1);
         assert_eq!(got.segments.len(), 2);
     }
