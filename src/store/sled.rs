@@ -80,6 +80,9 @@ const MAX_GROUP_BYTES: usize = 16 << 20;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// … or this large (and the previous checkpoint has finished).
 const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// Runs of landed groups that may wait for the apply thread before the sync
+/// thread waits too.
+const APPLY_QUEUE: usize = 4;
 /// The log's directory, inside the data directory.
 const WAL_DIR: &str = "wal";
 
@@ -200,7 +203,9 @@ impl SledStore {
             failure: failure.clone(),
             applied: applied.clone(),
         };
-        let (to_apply, writes) = mpsc::channel();
+        // Bounded: if the tree falls behind, the syncer waits rather than
+        // land (and hold in memory) ever more groups.
+        let (to_apply, writes) = mpsc::sync_channel(APPLY_QUEUE);
         let apply_thread = spawn("credvault-apply", move || applier.run(writes))?;
         let syncer = Syncer {
             landed: landed.clone(),
@@ -633,7 +638,7 @@ struct Syncer {
     failure: Failure,
     /// One sync per group, never shared (for comparison in benchmarks).
     per_write: bool,
-    applier: (mpsc::Sender<Vec<Write>>, JoinHandle<()>),
+    applier: (mpsc::SyncSender<Vec<Write>>, JoinHandle<()>),
 }
 
 /// A group's number and changes.
