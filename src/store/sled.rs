@@ -680,10 +680,17 @@ fn land(landed: &RwLock<Overlay>, failure: &Failure, flights: Vec<Flight>) -> Ve
     if error.is_none() {
         // Durable: readers see these groups from now on, each entirely.
         let mut landed = landed.write().expect("landed lock");
+        let mut last = None;
         for (group, changes) in flights.iter().filter_map(|f| f.write.as_ref()) {
             for (key, value) in changes {
                 landed.insert(key.clone(), (value.clone(), *group));
             }
+            last = Some(*group);
+        }
+        // The group number the applier will record, so that reads never see
+        // it behind the groups they see.
+        if let Some(group) = last {
+            landed.insert(WAL_GROUP.to_vec(), (Some(encode_counter(group)), group));
         }
     }
     let mut writes = Vec::with_capacity(flights.len());
