@@ -83,6 +83,8 @@ const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Runs of landed groups that may wait for the apply thread before the sync
 /// thread waits too.
 const APPLY_QUEUE: usize = 4;
+/// Rows a scan reads under one hold of the read lock.
+const SCAN_CHUNK: usize = 256;
 /// The log's directory, inside the data directory.
 const WAL_DIR: &str = "wal";
 
@@ -1145,20 +1147,36 @@ impl Store for SledStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Rows, StoreError> {
-        let landed = self.read_lock();
         if let Some(log) = LOGS.iter().find(|log| **log == prefix) {
-            return self.scan_log(&landed, log, start_after, limit);
+            return self.scan_log(&self.read_lock(), log, start_after, limit);
         }
-        let start = match start_after {
-            Some(after) if after >= prefix => Bound::Excluded(after),
-            _ => Bound::Included(prefix),
+        let mut start = match start_after {
+            Some(after) if after >= prefix => Bound::Excluded(after.to_vec()),
+            _ => Bound::Included(prefix.to_vec()),
         };
-        let mut rows = Vec::new();
-        if limit > 0 {
-            self.for_each_from(&landed, prefix, start, |key, value| {
-                rows.push((key.to_vec(), value.to_vec()));
-                rows.len() < limit
-            })?;
+        // In chunks, each under the read lock once: a long scan does not hold
+        // up the sync thread (and every read queued behind it) for its whole
+        // length. Each chunk sees a group whole or not at all.
+        let mut rows: Rows = Vec::new();
+        while rows.len() < limit {
+            let want = (limit - rows.len()).min(SCAN_CHUNK);
+            let mut got = 0;
+            let landed = self.read_lock();
+            self.for_each_from(
+                &landed,
+                prefix,
+                start.as_ref().map(Vec::as_slice),
+                |key, value| {
+                    rows.push((key.to_vec(), value.to_vec()));
+                    got += 1;
+                    got < want
+                },
+            )?;
+            drop(landed);
+            match rows.last() {
+                Some((key, _)) if got == want => start = Bound::Excluded(key.clone()),
+                _ => break,
+            }
         }
         Ok(rows)
     }
@@ -1810,5 +1828,43 @@ mod tests {
             ["q\\x00x=tree"]
         );
         assert_eq!(store.last(b"r\0").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_scan_longer_than_a_chunk_misses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::GroupCommit);
+        let key = |n: usize| format!("s\0{n:04}").into_bytes();
+        let mut batch = Batch::default();
+        for n in 0..3 * SCAN_CHUNK {
+            batch.put(key(n), b"tree".to_vec());
+        }
+        store.commit(batch).await.unwrap();
+        {
+            // Landed over the tree, at and around the chunk edges.
+            let mut landed = store.landed.write().unwrap();
+            for n in [SCAN_CHUNK - 1, SCAN_CHUNK, 2 * SCAN_CHUNK + 1] {
+                landed.insert(key(n), (None, u64::MAX));
+            }
+            landed.insert(key(3 * SCAN_CHUNK), (Some(b"landed".to_vec()), u64::MAX));
+        }
+        let expected: Vec<Vec<u8>> = (0..=3 * SCAN_CHUNK)
+            .filter(|n| ![SCAN_CHUNK - 1, SCAN_CHUNK, 2 * SCAN_CHUNK + 1].contains(n))
+            .map(key)
+            .collect();
+        let keys = |rows: Rows| rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(
+            keys(store.scan(b"s\0", None, usize::MAX).unwrap()),
+            expected
+        );
+        assert_eq!(
+            keys(store.scan(b"s\0", None, SCAN_CHUNK + 5).unwrap()),
+            expected[..SCAN_CHUNK + 5]
+        );
+        let after = expected[10].clone();
+        assert_eq!(
+            keys(store.scan(b"s\0", Some(&after), usize::MAX).unwrap()),
+            expected[11..]
+        );
     }
 }
