@@ -8,13 +8,13 @@
 //! ([`super::wal`]) and hands the group to the syncer thread. The syncer
 //! `fdatasync`s the log once for every group waiting, makes them visible to
 //! readers as an overlay over the tree (all of a group at once), replies to
-//! their writers, then applies them to the tree in memory, key by key.
-//! Batches that arrive meanwhile form the next groups. So a commit costs one
+//! their writers, and passes them to the apply thread, which puts them in the
+//! tree in memory, key by key. Batches that arrive meanwhile form the next groups. So a commit costs one
 //! `write` and a shared `fdatasync`, not a sled flush; the tree only ever
 //! holds durable groups; and readers never see part of a group.
 //!
 //! The tree itself is made durable at checkpoints: about once a second (or
-//! every 64 MiB of log), the committer starts a new log segment and a third
+//! every 64 MiB of log), the committer starts a new log segment and a fourth
 //! thread flushes sled, `fdatasync`s its files (sled's `flush` alone uses
 //! `sync_file_range`, which flushes neither the drive's cache nor metadata,
 //! and leaves large values' blob files unsynced), then deletes the segments
@@ -198,7 +198,7 @@ impl SledStore {
         let checkpoint_thread = spawn("credvault-checkpoint", move || {
             checkpointer.run(to_checkpoint)
         })?;
-        let landed = Arc::new(RwLock::new(Overlay::new()));
+        let landed = Arc::new(RwLock::new(Overlay::default()));
         let applier = Applier {
             db: db.clone(),
             landed: landed.clone(),
@@ -225,9 +225,8 @@ impl SledStore {
             },
             failure,
             logs: Default::default(),
-            unapplied: HashMap::new(),
+            unapplied: Overlay::default(),
             applied,
-            pruned: 0,
             wal,
             segment_started: Instant::now(),
             syncer: Some((to_sync, sync_thread)),
@@ -313,9 +312,9 @@ impl SledStore {
         }
         let upper = bound.map_or(Bound::Unbounded, Bound::Excluded);
         let from_landed = landed
-            .range::<[u8], _>((Bound::Included(prefix), upper))
+            .range(Bound::Included(prefix), upper)
             .rev()
-            .find_map(|(k, (v, _))| Some((k.clone(), v.clone()?)));
+            .find_map(|(k, v)| Some((k.to_vec(), v.clone()?)));
         // From the tree: one descent (not a reverse iterator, which costs a
         // second one), again below any key the landed groups decide.
         let mut below = bound.map(<[u8]>::to_vec);
@@ -326,7 +325,7 @@ impl SledStore {
             }
             .map_err(backend)?;
             match found {
-                Some((key, _)) if key.starts_with(prefix) && landed.contains_key(key.as_ref()) => {
+                Some((key, _)) if key.starts_with(prefix) && landed.contains(&key) => {
                     below = Some(key.to_vec());
                 }
                 Some((key, value)) if key.starts_with(prefix) => {
@@ -352,7 +351,7 @@ impl SledStore {
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
         let mut overlay = landed
-            .range::<[u8], _>((start, Bound::Unbounded))
+            .range(start, Bound::Unbounded)
             .take_while(|(k, _)| k.starts_with(prefix))
             .peekable();
         let mut tree = self
@@ -369,12 +368,12 @@ impl SledStore {
             };
             let from_landed = match (overlay.peek(), tree_key) {
                 (None, None) => return Ok(()),
-                (Some((key, _)), Some(tree_key)) => key.as_slice() <= tree_key,
+                (Some((key, _)), Some(tree_key)) => *key <= tree_key,
                 (landed, _) => landed.is_some(),
             };
             let go_on = if from_landed {
-                let (key, (value, _)) = overlay.next().expect("peeked");
-                if tree_key == Some(key.as_slice()) {
+                let (key, value) = overlay.next().expect("peeked");
+                if tree_key == Some(key) {
                     tree.next(); // the landed value wins
                 }
                 value.as_deref().is_none_or(|value| f(key, value))
@@ -547,15 +546,11 @@ struct Committer {
     group: usize,
     failure: Failure,
     /// The end of each log appended to so far (read from the tree on first
-    /// use; cleared if a group fails to apply).
+    /// use; cleared if a group fails to reach the log).
     logs: HashMap<&'static [u8], Tail>,
-    /// The keys of groups appended but not yet applied to the tree: their
-    /// latest value and the group that wrote it. Checks and counters read
-    /// these before the tree.
-    unapplied: HashMap<Vec<u8>, (Value, u64)>,
+    /// Groups appended to the log but perhaps not yet in the tree.
+    unapplied: Overlay,
     applied: Arc<Applied>,
-    /// The applied group up to which `unapplied` was last pruned.
-    pruned: u64,
     wal: Wal,
     /// When the current log segment was started.
     segment_started: Instant,
@@ -571,21 +566,66 @@ struct Committer {
     )>,
 }
 
-/// Groups that are durable in the log but that the tree may not hold yet:
-/// each key's latest value (`None`: deleted) and the group that wrote it. The
-/// syncer adds a group here once its log sync is done, all of it under the
-/// write lock, replies to its writers, applies it to the tree key by key, and
-/// only then drops it from here. Reads hold the read lock and see these over
-/// the tree, so a group's keys become visible together, before the tree
-/// holds them all.
-type Overlay = BTreeMap<Vec<u8>, (Value, u64)>;
+/// Groups on their way to the tree: each key's latest value (`None`:
+/// deleted) and the group that wrote it. There are two:
+/// - the committer's, of groups appended to the log: its checks and counters
+///   read it before the tree, which may not hold them yet;
+/// - the landed one, of groups durable in the log: the sync thread adds them,
+///   all of a group under the write lock, before it replies; every read holds
+///   the read lock and sees them over the tree, so a group's keys become
+///   visible together, before the tree holds them all.
+///
+/// Both drop a group once the apply thread has put it in the tree.
+#[derive(Default)]
+struct Overlay {
+    values: BTreeMap<Vec<u8>, (Value, u64)>,
+    /// Every group up to this one is in the tree and dropped from here.
+    applied: u64,
+}
+
+impl Overlay {
+    fn add(&mut self, group: u64, changes: &[Change]) {
+        for (key, value) in changes {
+            self.values.insert(key.clone(), (value.clone(), group));
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&Value> {
+        self.values.get(key).map(|(value, _)| value)
+    }
+
+    fn contains(&self, key: &[u8]) -> bool {
+        self.values.contains_key(key)
+    }
+
+    /// The keys between `start` and `end`, in order, with their values.
+    fn range<'a>(
+        &'a self,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+    ) -> impl DoubleEndedIterator<Item = (&'a [u8], &'a Value)> + 'a {
+        self.values
+            .range::<[u8], _>((start, end))
+            .map(|(key, (value, _))| (key.as_slice(), value))
+    }
+
+    /// Drops what the tree now holds: every key last written by group
+    /// `applied` or before.
+    fn drop_applied(&mut self, applied: u64) {
+        if applied > self.applied {
+            self.values.retain(|_, (_, group)| *group > applied);
+            self.applied = applied;
+        }
+    }
+}
 
 /// A finished log segment and the number of its last group.
 type Finished = (PathBuf, u64);
 
-/// The last group applied to the tree: advanced by the syncer, read by the
-/// committer (to drop what the tree now holds from its overlay) and awaited
-/// by the checkpointer (a segment's groups must all be in the tree it flushes).
+/// The last group applied to the tree: advanced by the apply thread, read by
+/// the committer (to drop what the tree now holds from its overlay) and
+/// awaited by the checkpointer (a segment's groups must all be in the tree it
+/// flushes).
 #[derive(Default)]
 struct Applied {
     group: Mutex<u64>,
@@ -682,17 +722,15 @@ fn land(landed: &RwLock<Overlay>, failure: &Failure, flights: Vec<Flight>) -> Ve
     if error.is_none() {
         // Durable: readers see these groups from now on, each entirely.
         let mut landed = landed.write().expect("landed lock");
-        let mut last = None;
+        let mut newest = None;
         for (group, changes) in flights.iter().filter_map(|f| f.write.as_ref()) {
-            for (key, value) in changes {
-                landed.insert(key.clone(), (value.clone(), *group));
-            }
-            last = Some(*group);
+            landed.add(*group, changes);
+            newest = Some(*group);
         }
         // The group number the applier will record, so that reads never see
         // it behind the groups they see.
-        if let Some(group) = last {
-            landed.insert(WAL_GROUP.to_vec(), (Some(encode_counter(group)), group));
+        if let Some(group) = newest {
+            landed.add(group, &[(WAL_GROUP.to_vec(), Some(encode_counter(group)))]);
         }
     }
     let mut writes = Vec::with_capacity(flights.len());
@@ -749,7 +787,7 @@ impl Applier {
             self.landed
                 .write()
                 .expect("landed lock")
-                .retain(|_, (_, group)| *group > applied);
+                .drop_applied(applied);
         }
     }
 }
@@ -808,7 +846,7 @@ impl Committer {
                     Err(_) => break,
                 }
             }
-            self.prune_unapplied();
+            self.unapplied.drop_applied(self.applied.get());
             let mut staged = Group::default();
             let mut outcomes: Vec<_> = group
                 .into_iter()
@@ -848,19 +886,8 @@ impl Committer {
             .append(staged.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
             .map_err(|e| self.failure.set("writing the store log", e))?;
         let changes: Vec<Change> = staged.into_iter().collect();
-        for (key, value) in &changes {
-            self.unapplied.insert(key.clone(), (value.clone(), group));
-        }
+        self.unapplied.add(group, &changes);
         Ok((group, changes))
-    }
-
-    /// Drops from the overlay what the tree now holds.
-    fn prune_unapplied(&mut self) {
-        let applied = self.applied.get();
-        if applied > self.pruned {
-            self.unapplied.retain(|_, (_, group)| *group > applied);
-            self.pruned = applied;
-        }
     }
 
     /// Starts a new log segment and hands the finished one to the
@@ -930,7 +957,7 @@ impl Committer {
             return Ok(value.clone());
         }
         match self.unapplied.get(key) {
-            Some((value, _)) => Ok(value.clone()),
+            Some(value) => Ok(value.clone()),
             None => Ok(self.db.get(key).map_err(backend)?.map(|v| v.to_vec())),
         }
     }
@@ -945,10 +972,7 @@ impl Committer {
         if pages::entry_of(LOGS, key).is_some() {
             return Ok(self.read(group, &[], key)?.as_deref() == expected);
         }
-        match group
-            .get(key)
-            .or_else(|| self.unapplied.get(key).map(|(value, _)| value))
-        {
+        match group.get(key).or_else(|| self.unapplied.get(key)) {
             Some(value) => Ok(value.as_deref() == expected),
             // Compared in place: an Unseal's checks name its 2 KiB version record.
             None => Ok(self.db.get(key).map_err(backend)?.as_deref() == expected),
@@ -970,12 +994,14 @@ impl Committer {
         // the group's, which win over those of groups not yet applied.
         let mut staged: BTreeMap<&[u8], &Value> = self
             .unapplied
-            .iter()
-            .map(|(k, (v, _))| (k, v))
-            .chain(group.iter())
-            .chain(changes.iter().map(|(k, v)| (k, v)))
-            .filter(|(k, _)| k.starts_with(&prefix) && k.as_slice() <= target.as_slice())
-            .map(|(k, v)| (k.as_slice(), v))
+            .range(Bound::Included(&prefix), Bound::Included(&target))
+            .chain(
+                group
+                    .iter()
+                    .chain(changes.iter().map(|(k, v)| (k, v)))
+                    .filter(|(k, _)| k.starts_with(&prefix) && k.as_slice() <= target.as_slice())
+                    .map(|(k, v)| (k.as_slice(), v)),
+            )
             .collect();
         let mut below = target;
         below.push(0); // page keys are fixed-length: "< target ‖ 0" is "≤ target"
@@ -1135,7 +1161,7 @@ impl Store for SledStore {
             let page = self.page_at(&landed, log, seq)?;
             return Ok(page.and_then(|(_, page)| pages::find(&page, seq).map(<[u8]>::to_vec)));
         }
-        if let Some((value, _)) = landed.get(key) {
+        if let Some(value) = landed.get(key) {
             return Ok(value.clone());
         }
         Ok(self.db.get(key).map_err(backend)?.map(|v| v.to_vec()))
@@ -1774,10 +1800,14 @@ mod tests {
         }
         store.commit(batch).await.unwrap();
         let land = |key: &str, value: Option<&str>| {
-            // Numbered past any real group, so that the syncer keeps them.
-            store.landed.write().unwrap().insert(
-                key.as_bytes().to_vec(),
-                (value.map(|v| v.as_bytes().to_vec()), u64::MAX),
+            // Numbered past any real group, so that the apply thread never
+            // drops them.
+            store.landed.write().unwrap().add(
+                u64::MAX,
+                &[(
+                    key.as_bytes().to_vec(),
+                    value.map(|v| v.as_bytes().to_vec()),
+                )],
             );
         };
         land("p\0b", Some("landed"));
@@ -1844,9 +1874,9 @@ mod tests {
             // Landed over the tree, at and around the chunk edges.
             let mut landed = store.landed.write().unwrap();
             for n in [SCAN_CHUNK - 1, SCAN_CHUNK, 2 * SCAN_CHUNK + 1] {
-                landed.insert(key(n), (None, u64::MAX));
+                landed.add(u64::MAX, &[(key(n), None)]);
             }
-            landed.insert(key(3 * SCAN_CHUNK), (Some(b"landed".to_vec()), u64::MAX));
+            landed.add(u64::MAX, &[(key(3 * SCAN_CHUNK), Some(b"landed".to_vec()))]);
         }
         let expected: Vec<Vec<u8>> = (0..=3 * SCAN_CHUNK)
             .filter(|n| ![SCAN_CHUNK - 1, SCAN_CHUNK, 2 * SCAN_CHUNK + 1].contains(n))
