@@ -160,6 +160,17 @@ fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Sends SIGTERM to `child` and waits up to `EXIT_TIMEOUT` for it to exit.
+fn sigterm_and_wait(child: &mut Child) -> Option<ExitStatus> {
+    let sent = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .expect("running kill");
+    assert!(sent.success(), "kill -TERM {}: {sent}", child.id());
+    wait_for_exit(child, EXIT_TIMEOUT)
+}
+
 /// A port that was free a moment ago.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -286,13 +297,7 @@ impl Server {
 
     /// Sends SIGTERM and waits for the exit.
     fn terminate(&mut self) -> ExitStatus {
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("running kill");
-        assert!(sent.success(), "kill -TERM {}: {sent}", self.child.id());
-        wait_for_exit(&mut self.child, EXIT_TIMEOUT).unwrap_or_else(|| {
+        sigterm_and_wait(&mut self.child).unwrap_or_else(|| {
             panic!(
                 "the server did not stop within {EXIT_TIMEOUT:?} of SIGTERM\n{}",
                 self.stderr_text()
@@ -1446,13 +1451,7 @@ impl Streaming {
 
     /// Sends SIGTERM; the exit status, stderr and any lines not yet read.
     fn terminate(&mut self) -> (ExitStatus, String, Vec<String>) {
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("running kill");
-        assert!(sent.success(), "kill -TERM {}: {sent}", self.child.id());
-        let status = wait_for_exit(&mut self.child, EXIT_TIMEOUT).unwrap_or_else(|| {
+        let status = sigterm_and_wait(&mut self.child).unwrap_or_else(|| {
             panic!(
                 "`{}` did not exit within {EXIT_TIMEOUT:?} of SIGTERM",
                 self.name

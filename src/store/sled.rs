@@ -1320,6 +1320,17 @@ mod tests {
         .unwrap()
     }
 
+    /// A store in `dir` whose `keys` hold `value`, written in one batch.
+    async fn holding(dir: &Path, durability: Durability, keys: &[&str], value: &[u8]) -> SledStore {
+        let store = open(dir, durability);
+        let mut batch = Batch::default();
+        for key in keys {
+            batch.put(key.as_bytes().to_vec(), value.to_vec());
+        }
+        store.commit(batch).await.unwrap();
+        store
+    }
+
     #[tokio::test]
     async fn batch_is_atomic_and_checked() {
         let dir = tempfile::tempdir().unwrap();
@@ -1374,12 +1385,13 @@ mod tests {
     #[tokio::test]
     async fn scan_respects_prefix_cursor_and_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path(), Durability::PerWrite);
-        let mut batch = Batch::default();
-        for key in ["p\0a", "p\0b", "p\0c", "q\0a", "p"] {
-            batch.put(key.as_bytes().to_vec(), b"v".to_vec());
-        }
-        store.commit(batch.clone()).await.unwrap();
+        let store = holding(
+            dir.path(),
+            Durability::PerWrite,
+            &["p\0a", "p\0b", "p\0c", "q\0a", "p"],
+            b"v",
+        )
+        .await;
         let keys = |rows: Vec<(Vec<u8>, Vec<u8>)>| {
             rows.into_iter()
                 .map(|(k, _)| String::from_utf8(k).unwrap())
@@ -1793,12 +1805,13 @@ mod tests {
     #[tokio::test]
     async fn reads_see_landed_groups_over_the_tree() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path(), Durability::GroupCommit);
-        let mut batch = Batch::default();
-        for key in ["p\0a", "p\0b", "p\0d", "p\0f", "q\0x"] {
-            batch.put(key.as_bytes().to_vec(), b"tree".to_vec());
-        }
-        store.commit(batch).await.unwrap();
+        let store = holding(
+            dir.path(),
+            Durability::GroupCommit,
+            &["p\0a", "p\0b", "p\0d", "p\0f", "q\0x"],
+            b"tree",
+        )
+        .await;
         let land = |key: &str, value: Option<&str>| {
             // Numbered past any real group, so that the apply thread never
             // drops them.
