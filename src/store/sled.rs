@@ -1303,7 +1303,7 @@ mod tests {
 
     /// The bare sled tree of a data directory, as a test sets it up before
     /// the store opens it. No flusher thread: it would keep the tree (and its
-    /// file lock) alive for a moment after the drop.
+    /// file lock) alive after the drop for longer still.
     fn raw_tree(dir: &Path) -> sled::Db {
         sled::Config::new()
             .path(dir)
@@ -1312,12 +1312,25 @@ mod tests {
             .unwrap()
     }
 
+    /// Opens the store in `dir`. A sled tree dropped a moment ago may still
+    /// hold its file lock (sled's I/O pool finishes its jobs after the drop),
+    /// so a busy lock is waited for, up to 10 s.
     fn open(dir: &Path, durability: Durability) -> SledStore {
-        SledStore::open(&StoreOptions {
+        let options = StoreOptions {
             durability,
             ..StoreOptions::new(dir)
-        })
-        .unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match SledStore::open(&options) {
+                Err(StoreError::Backend(e))
+                    if e.contains("could not acquire lock") && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                opened => return opened.unwrap(),
+            }
+        }
     }
 
     /// A store in `dir` whose `keys` hold `value`, written in one batch.
