@@ -551,6 +551,52 @@ async fn concurrent_seals_and_revokes_keep_the_ledger_exact() {
 }
 
 #[tokio::test]
+async fn keeping_one_version_releases_the_replaced_latest() {
+    // With one version kept, each seal drops the latest it replaces instead of
+    // moving it to its numbered place; its DEK (a rotation each two seals)
+    // must lose the reference.
+    let tv = TestVault::new(VaultOptions {
+        max_versions: 1,
+        rotate_after_encryptions: 2,
+        ..VaultOptions::default()
+    })
+    .await;
+    let mut seals = Seals::new();
+    for i in 0..7u8 {
+        let meta = tv
+            .vault()
+            .seal(request("tenant-0", "cred/0", Kind::Generic, &[i; 16]))
+            .await
+            .unwrap();
+        *seals
+            .entry(("tenant-0".into(), meta.dek_version))
+            .or_default() += 1;
+    }
+    assert!(seals.len() > 2, "{seals:?}");
+    let stored = tv
+        .store()
+        .scan(
+            &layout::version_prefix("tenant-0", "cred/0"),
+            None,
+            usize::MAX,
+        )
+        .unwrap();
+    assert_eq!(
+        stored.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        [layout::latest("tenant-0", "cred/0")]
+    );
+    assert_ledger_matches_scan(
+        tv.vault(),
+        &**tv.store(),
+        &seals,
+        &MovedAway::new(),
+        "tenant-0",
+        "seven seals keeping one",
+    )
+    .unwrap();
+}
+
+#[tokio::test]
 async fn a_fresh_vault_has_root_v1_and_one_active_kek_protecting_nothing() {
     let tv = TestVault::new(VaultOptions::default()).await;
     let expected = KeyStatus {

@@ -562,7 +562,7 @@ async fn a_record_that_does_not_open_is_skipped_counted_and_keeps_its_old_key_al
     let tv = TestVault::new(options(4)).await;
     let mut expected = fill(tv.vault(), 1, 10).await;
     // Flip one ciphertext byte of cred/3 in the store.
-    let key = credvault::store::layout::version("tenant-0", "cred/3", 1);
+    let key = credvault::store::layout::latest("tenant-0", "cred/3");
     let bytes = tv.store().get(&key).unwrap().unwrap();
     let mut record: credvault::store::records::VersionRecord =
         prost::Message::decode(&*bytes).unwrap();

@@ -40,6 +40,16 @@ async fn overwrite(store: &dyn Store, key: &[u8], value: Vec<u8>) -> Option<Vec<
     old
 }
 
+/// The key version `v` of a credential is stored under: the latest slot if
+/// it is the latest, else its numbered key.
+fn stored_key(store: &dyn Store, tenant: &str, credential: &str, v: u32) -> Vec<u8> {
+    let latest = layout::latest(tenant, credential);
+    match store.get(&latest).unwrap() {
+        Some(bytes) if VersionRecord::decode(bytes.as_slice()).unwrap().version == v => latest,
+        _ => layout::version(tenant, credential, v),
+    }
+}
+
 fn version_record(
     store: &dyn Store,
     tenant: &str,
@@ -47,10 +57,11 @@ fn version_record(
     v: u32,
 ) -> (Vec<u8>, VersionRecord) {
     let bytes = store
-        .get(&layout::version(tenant, credential, v))
+        .get(&stored_key(store, tenant, credential, v))
         .unwrap()
         .unwrap_or_else(|| panic!("no record for {tenant}/{credential} v{v}"));
     let record = VersionRecord::decode(bytes.as_slice()).unwrap();
+    assert_eq!(record.version, v);
     (bytes, record)
 }
 
@@ -242,7 +253,7 @@ async fn every_bit_flip_of_a_stored_payload_fails_to_open() {
     let (store, vault) = (&**tv.store(), tv.vault());
     let secret = b"session=0123456789abcdef";
     tv.seal("acme", "gmail", Kind::CookieJar, secret).await;
-    let key = layout::version("acme", "gmail", 1);
+    let key = layout::latest("acme", "gmail");
     let (original, record) = version_record(store, "acme", "gmail", 1);
     let ct = record.ciphertext.clone();
     assert_eq!(ct.len(), envelope::OVERHEAD + secret.len());
@@ -300,10 +311,12 @@ async fn moved_or_relabelled_version_records_fail_to_open() {
     let (store, vault) = (&**tv.store(), tv.vault());
     tv.seal("acme", "c1", Kind::ApiKey, b"acme c1 v1").await;
     tv.seal("acme", "c1", Kind::ApiKey, b"acme c1 v2").await;
+    tv.seal("acme", "c1", Kind::ApiKey, b"acme c1 v3").await;
     tv.seal("acme", "c2", Kind::ApiKey, b"acme c2 v1").await;
     tv.seal("other", "c1", Kind::ApiKey, b"other c1 v1").await;
     let (a_c1_v1, a_c1_v1_record) = version_record(store, "acme", "c1", 1);
-    let a_c1_v2 = version_record(store, "acme", "c1", 2);
+    let a_c1_v2 = version_record(store, "acme", "c1", 2).0;
+    let a_c1_v3 = version_record(store, "acme", "c1", 3);
     let a_c2_v1 = version_record(store, "acme", "c2", 1).0;
     let b_c1_v1 = version_record(store, "other", "c1", 1).0;
     // Both tenants have exactly DEK v1, so only the binding can tell the records apart.
@@ -315,31 +328,27 @@ async fn moved_or_relabelled_version_records_fail_to_open() {
 
     let mut messages = BTreeSet::new();
     // To another tenant's key, same credential id and version.
-    overwrite(store, &layout::version("other", "c1", 1), a_c1_v1.clone()).await;
+    overwrite(store, &layout::latest("other", "c1"), a_c1_v1.clone()).await;
     messages.insert(assert_decryption_failed(
         vault.unseal("other", "c1", None).await,
         "other tenant",
     ));
-    overwrite(store, &layout::version("other", "c1", 1), b_c1_v1).await;
+    overwrite(store, &layout::latest("other", "c1"), b_c1_v1).await;
     assert_eq!(tv.unseal_bytes("other", "c1", None).await, b"other c1 v1");
 
     // To another credential id of the same tenant.
-    overwrite(store, &layout::version("acme", "c2", 1), a_c1_v1.clone()).await;
+    overwrite(store, &layout::latest("acme", "c2"), a_c1_v1.clone()).await;
     messages.insert(assert_decryption_failed(
         vault.unseal("acme", "c2", None).await,
         "other credential",
     ));
-    overwrite(store, &layout::version("acme", "c2", 1), a_c2_v1).await;
+    overwrite(store, &layout::latest("acme", "c2"), a_c2_v1).await;
     assert_eq!(tv.unseal_bytes("acme", "c2", None).await, b"acme c2 v1");
 
-    // To another version's key of the same credential: byte for byte, and with
-    // the version field rewritten to match its new place.
+    // To another numbered version's key of the same credential: byte for
+    // byte, and with the version field rewritten to match its new place.
     let v2_key = layout::version("acme", "c1", 2);
     overwrite(store, &v2_key, a_c1_v1.clone()).await;
-    messages.insert(assert_decryption_failed(
-        vault.unseal("acme", "c1", None).await,
-        "v1 as v2 (latest)",
-    ));
     messages.insert(assert_decryption_failed(
         vault.unseal("acme", "c1", Some(2)).await,
         "v1 as v2",
@@ -351,8 +360,35 @@ async fn moved_or_relabelled_version_records_fail_to_open() {
         vault.unseal("acme", "c1", Some(2)).await,
         "renumbered v1 as v2",
     ));
-    overwrite(store, &v2_key, a_c1_v2.0.clone()).await;
+    overwrite(store, &v2_key, a_c1_v2).await;
     assert_eq!(tv.unseal_bytes("acme", "c1", Some(2)).await, b"acme c1 v2");
+
+    // Into the latest slot, claiming the latest version's number.
+    let latest_key = layout::latest("acme", "c1");
+    let mut renumbered = a_c1_v1_record.clone();
+    renumbered.version = 3;
+    overwrite(store, &latest_key, renumbered.encode_to_vec()).await;
+    messages.insert(assert_decryption_failed(
+        vault.unseal("acme", "c1", None).await,
+        "renumbered v1 as the latest",
+    ));
+    messages.insert(assert_decryption_failed(
+        vault.unseal("acme", "c1", Some(3)).await,
+        "renumbered v1 as v3",
+    ));
+    // Byte for byte, it opens only as what it is: version 1. A store writer can
+    // roll a credential back to a version the store holds (as deleting the
+    // newer records also does); it cannot make one version read as another.
+    overwrite(store, &latest_key, a_c1_v1.clone()).await;
+    let rolled_back = vault.unseal("acme", "c1", None).await.unwrap();
+    assert_eq!(rolled_back.secret.expose(), b"acme c1 v1");
+    assert_eq!(
+        (
+            rolled_back.metadata.version,
+            rolled_back.metadata.latest_version
+        ),
+        (1, 1)
+    );
 
     // The kind field changed, to every other kind and to an unknown one.
     for kind in [
@@ -362,9 +398,9 @@ async fn moved_or_relabelled_version_records_fail_to_open() {
         0,
         99,
     ] {
-        let mut bad = a_c1_v2.1.clone();
+        let mut bad = a_c1_v3.1.clone();
         bad.kind = kind;
-        overwrite(store, &v2_key, bad.encode_to_vec()).await;
+        overwrite(store, &latest_key, bad.encode_to_vec()).await;
         messages.insert(assert_decryption_failed(
             vault.unseal("acme", "c1", None).await,
             &format!("kind {kind}"),
@@ -372,16 +408,16 @@ async fn moved_or_relabelled_version_records_fail_to_open() {
     }
     // The DEK version field pointed elsewhere.
     for dek_version in [0, 2, u32::MAX] {
-        let mut bad = a_c1_v2.1.clone();
+        let mut bad = a_c1_v3.1.clone();
         bad.dek_version = dek_version;
-        overwrite(store, &v2_key, bad.encode_to_vec()).await;
+        overwrite(store, &latest_key, bad.encode_to_vec()).await;
         messages.insert(assert_decryption_failed(
             vault.unseal("acme", "c1", None).await,
             &format!("dek v{dek_version}"),
         ));
     }
-    overwrite(store, &v2_key, a_c1_v2.0).await;
-    assert_eq!(tv.unseal_bytes("acme", "c1", None).await, b"acme c1 v2");
+    overwrite(store, &latest_key, a_c1_v3.0).await;
+    assert_eq!(tv.unseal_bytes("acme", "c1", None).await, b"acme c1 v3");
     assert_eq!(tv.unseal_bytes("acme", "c1", Some(1)).await, b"acme c1 v1");
     assert_eq!(messages, opaque());
 }
@@ -1320,15 +1356,87 @@ async fn only_the_last_max_versions_are_kept() {
             .store()
             .scan(&layout::version_prefix("acme", "c"), None, usize::MAX)
             .unwrap();
+        // Versions 3 and 4 under their numbers, 5 in the latest slot.
         assert_eq!(
             stored
                 .iter()
-                .map(|(k, _)| layout::trailing_version(k).unwrap())
+                .map(|(k, v)| (
+                    layout::trailing_version(k).unwrap(),
+                    VersionRecord::decode(v.as_slice()).unwrap().version
+                ))
                 .collect::<Vec<_>>(),
-            [3, 4, 5]
+            [(3, 3), (4, 4), (layout::LATEST, 5)]
         );
         tv.reopen().await;
     }
+}
+
+#[tokio::test]
+async fn a_credential_stored_without_a_latest_slot_reads_and_moves_on() {
+    // A store written before the latest slot kept every version, the latest
+    // too, under its number. Make one such credential by hand.
+    let tv = TestVault::new(VaultOptions::default()).await;
+    let (store, vault) = (&**tv.store(), tv.vault());
+    tv.seal("acme", "c", Kind::ApiKey, b"v1").await;
+    let slot = layout::latest("acme", "c");
+    let (v1, _) = version_record(store, "acme", "c", 1);
+    let mut batch = Batch::default();
+    batch
+        .delete(slot.clone())
+        .put(layout::version("acme", "c", 1), v1.clone());
+    store.commit(batch).await.unwrap();
+
+    assert_eq!(tv.unseal_bytes("acme", "c", None).await, b"v1");
+    assert_eq!(tv.unseal_bytes("acme", "c", Some(1)).await, b"v1");
+    assert_eq!(vault.metadata("acme", "c", None).unwrap().version, 1);
+    let listed = vault.list("acme", None, 0, None).unwrap().credentials;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|m| (m.credential.as_str(), m.version))
+            .collect::<Vec<_>>(),
+        [("c", 1)]
+    );
+
+    // The next seal takes the slot; version 1 stays where it is.
+    tv.seal("acme", "c", Kind::ApiKey, b"v2").await;
+    assert_eq!(
+        store.get(&layout::version("acme", "c", 1)).unwrap(),
+        Some(v1)
+    );
+    assert_eq!(stored_key(store, "acme", "c", 2), slot);
+    assert_eq!(tv.unseal_bytes("acme", "c", None).await, b"v2");
+    assert_eq!(tv.unseal_bytes("acme", "c", Some(1)).await, b"v1");
+    let unsealed = vault.unseal("acme", "c", Some(1)).await.unwrap();
+    assert_eq!(
+        (unsealed.metadata.version, unsealed.metadata.latest_version),
+        (1, 2)
+    );
+    // Revocation reaches both places.
+    vault.revoke("acme", "c", "test", "done").await.unwrap();
+    for version in [None, Some(1), Some(2)] {
+        assert_err(
+            vault.unseal("acme", "c", version).await,
+            |e| matches!(e, Error::Revoked),
+            "revoked",
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_slot_number_is_never_a_version() {
+    let tv = TestVault::new(VaultOptions::default()).await;
+    tv.seal("acme", "c", Kind::ApiKey, b"v1").await;
+    assert_err(
+        tv.vault().unseal("acme", "c", Some(layout::LATEST)).await,
+        |e| matches!(e, Error::Invalid(_)),
+        "the slot's number",
+    );
+    assert_err(
+        tv.vault().metadata("acme", "c", Some(layout::LATEST)),
+        |e| matches!(e, Error::Invalid(_)),
+        "the slot's number",
+    );
 }
 
 // ---------------------------------------------------------------- listing

@@ -174,6 +174,18 @@ pub fn version_prefix(tenant: &str, credential: &str) -> Vec<u8> {
     key(&[b"v", tenant.as_bytes(), credential.as_bytes(), b""])
 }
 
+/// The version number of the latest-version slot: [`latest`] is
+/// `version(tenant, credential, LATEST)`, so it sorts after every numbered
+/// version of the credential. No credential version ever has this number.
+pub const LATEST: u32 = u32::MAX;
+
+/// Where a credential's latest version is stored (its record names its
+/// version), so that reading it is one point read. Older versions are stored
+/// under their number ([`version`]).
+pub fn latest(tenant: &str, credential: &str) -> Vec<u8> {
+    version(tenant, credential, LATEST)
+}
+
 pub fn version(tenant: &str, credential: &str, version: u32) -> Vec<u8> {
     key(&[
         b"v",
@@ -208,6 +220,9 @@ mod tests {
         assert!(version("t", "c", 255) < version("t", "c", 256));
         assert_eq!(trailing_version(&version("t", "c/x", 258)), Some(258));
         assert_eq!(trailing_version(&dek("t", 3)), Some(3));
+        assert!(version("t", "c", LATEST - 1) < latest("t", "c"));
+        assert!(latest("t", "c").starts_with(&version_prefix("t", "c")));
+        assert_eq!(trailing_version(&latest("t", "c")), Some(LATEST));
     }
 
     #[test]

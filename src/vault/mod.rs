@@ -266,6 +266,7 @@ impl Vault {
         }
         let (tenant, credential) = (req.tenant.as_str(), req.credential.as_str());
         let head_key = layout::head(tenant, credential);
+        let latest_key = layout::latest(tenant, credential);
         for _ in 0..MAX_ATTEMPTS {
             // Compare-and-set before anything is written, so that a failed seal
             // does not create the tenant and its first data key either. The
@@ -289,7 +290,32 @@ impl Vault {
                 return Err(Error::TenantDeleted);
             }
             let (dek, dek_bytes) = keys.primary()?;
-            let version = current.checked_add(1).ok_or(Invalid::Version)?;
+            let version = current
+                .checked_add(1)
+                .filter(|v| *v != layout::LATEST)
+                .ok_or(Invalid::Version)?;
+            // The latest version so far moves to its numbered place; the new
+            // one takes the latest slot. (A store written before the slot keeps
+            // its latest under its number and has no slot yet.)
+            let previous = self.store.get(&latest_key)?;
+            let previous = match previous {
+                Some(bytes) => {
+                    let record: VersionRecord = records::decode(&bytes)?;
+                    if record.version != current {
+                        // A seal that landed between the two reads; if the
+                        // head has not moved, the store disagrees with itself.
+                        if self.store.get(&head_key)? == head_bytes {
+                            return Err(Error::Corrupt(
+                                "the latest version record does not match the credential head"
+                                    .into(),
+                            ));
+                        }
+                        continue;
+                    }
+                    Some((bytes, record))
+                }
+                None => None,
+            };
             let context =
                 Context::payload(tenant, credential, version, req.kind as u8, dek.version());
             let record = VersionRecord {
@@ -318,12 +344,13 @@ impl Vault {
                 .check(layout::dek(tenant, dek.version()), Some(dek_bytes.to_vec()))
                 .check(layout::tenant(tenant), Some(keys.tenant_bytes.clone()))
                 .check(head_key.clone(), head_bytes)
+                .check(
+                    latest_key.clone(),
+                    previous.as_ref().map(|(bytes, _)| bytes.clone()),
+                )
                 .put(head_key.clone(), new_head.encode_to_vec())
-                .put(
-                    layout::version(tenant, credential, version),
-                    record.encode_to_vec(),
-                );
-            self.prune_old_versions(&mut batch, tenant, credential, version)?;
+                .put(latest_key.clone(), record.encode_to_vec());
+            self.prune_old_versions(&mut batch, tenant, credential, version, previous)?;
             self.audit_into(&mut batch, caller, tenant, credential, version);
             match self.store.commit(batch).await {
                 Ok(counters) => {
@@ -346,20 +373,32 @@ impl Vault {
         Err(Error::Contention)
     }
 
-    /// Adds deletions of versions that fall out of the `max_versions` window,
-    /// each releasing its DEK's reference if it was live.
+    /// Adds the move of the `previous` latest version (bytes and record) to
+    /// its numbered place, and deletions of versions that fall out of the
+    /// `max_versions` window, each releasing its DEK's reference if it was live.
     fn prune_old_versions(
         &self,
         batch: &mut Batch,
         tenant: &str,
         credential: &str,
         newest: u32,
+        previous: Option<(Vec<u8>, VersionRecord)>,
     ) -> Result<()> {
         let keep = self.options.max_versions;
+        let oldest_kept = match keep {
+            0 => 0,
+            keep => newest.saturating_sub(keep - 1),
+        };
+        if let Some((bytes, record)) = previous {
+            if record.version >= oldest_kept {
+                batch.put(layout::version(tenant, credential, record.version), bytes);
+            } else if ledger::protects(&record) {
+                batch.sub(layout::dek_refs(tenant, record.dek_version), 1);
+            }
+        }
         if keep == 0 || newest <= keep {
             return Ok(());
         }
-        let oldest_kept = newest - keep + 1;
         for (key, bytes) in self
             .store
             .scan(&layout::version_prefix(tenant, credential), None, 8)?
@@ -447,8 +486,13 @@ impl Vault {
         if keys.state != TenantState::Active {
             return Err(Error::TenantDeleted);
         }
-        let (version, latest, key, bytes) = self.version_row(tenant, credential, version)?;
-        let mut record: VersionRecord = records::decode(&bytes)?;
+        let Stored {
+            version,
+            latest,
+            key,
+            bytes,
+            mut record,
+        } = self.version_row(tenant, credential, version)?;
         if record.state() == VersionState::Revoked {
             return Err(Error::Revoked);
         }
@@ -459,9 +503,9 @@ impl Vault {
             .get(record.dek_version)
             .ok_or(Error::DecryptionFailed)?;
         let kind = Kind::from_number(record.kind).map_err(|_| Error::DecryptionFailed)?;
-        // Bound to the version the record is stored under, not the one it claims:
-        // a record moved to another version's place fails to open like any other
-        // tampering.
+        // Bound to the version the record is stored under (in the latest slot:
+        // the one it claims), so a record moved to another numbered version's
+        // place fails to open like any other tampering.
         let context = Context::payload(tenant, credential, version, kind as u8, record.dek_version);
         let secret =
             envelope::open_owned(dek.key(), &context, std::mem::take(&mut record.ciphertext))?;
@@ -509,38 +553,74 @@ impl Vault {
         version: Option<u32>,
     ) -> Result<(u32, u32, VersionRecord)> {
         validate::tenant_id(tenant)?;
-        let (version, latest, _, bytes) = self.version_row(tenant, credential, version)?;
-        Ok((version, latest, records::decode(&bytes)?))
+        let stored = self.version_row(tenant, credential, version)?;
+        Ok((stored.version, stored.latest, stored.record))
     }
 
-    /// The version asked for (default: the latest), the latest version, and
-    /// the key and bytes of the record stored under the first.
-    fn version_row(
+    /// The version asked for (default: the latest), read with point reads: the
+    /// latest slot first (its record names the latest version), then, for an
+    /// older version, its numbered record. The slot is read first so that a
+    /// seal that moves it on in between cannot hide the version asked for.
+    fn version_row(&self, tenant: &str, credential: &str, version: Option<u32>) -> Result<Stored> {
+        // The tenant id is the caller's to validate (it reads the tenant first).
+        validate::credential_id(credential)?;
+        if matches!(version, Some(0 | layout::LATEST)) {
+            return Err(Invalid::Version.into());
+        }
+        let latest_key = layout::latest(tenant, credential);
+        let Some(bytes) = self.store.get(&latest_key)? else {
+            return self.version_row_unslotted(tenant, credential, version);
+        };
+        let record: VersionRecord = records::decode(&bytes)?;
+        let latest = record.version;
+        if matches!(latest, 0 | layout::LATEST) {
+            return Err(Error::Corrupt("malformed latest version record".into()));
+        }
+        match version {
+            None => Ok(Stored::new(latest, latest, latest_key, bytes, record)),
+            Some(v) if v == latest => Ok(Stored::new(v, latest, latest_key, bytes, record)),
+            Some(v) if v > latest => Err(Error::NotFound),
+            Some(v) => {
+                let key = layout::version(tenant, credential, v);
+                let bytes = self.store.get(&key)?.ok_or(Error::NotFound)?;
+                let record = records::decode(&bytes)?;
+                Ok(Stored::new(v, latest, key, bytes, record))
+            }
+        }
+    }
+
+    /// [`Vault::version_row`] for a credential without a latest slot: unknown,
+    /// or last sealed by a version that stored every version under its number.
+    fn version_row_unslotted(
         &self,
         tenant: &str,
         credential: &str,
         version: Option<u32>,
-    ) -> Result<(u32, u32, Vec<u8>, Vec<u8>)> {
-        // The tenant id is the caller's to validate (it reads the tenant first).
-        validate::credential_id(credential)?;
-        if version == Some(0) {
-            return Err(Invalid::Version.into());
-        }
+    ) -> Result<Stored> {
         let Some(version) = version else {
             // The latest version is the last record under the credential's
-            // version prefix (the latest is never pruned): one ordered read.
+            // version prefix (the latest is never pruned).
             let (key, bytes) = self
                 .store
                 .last(&layout::version_prefix(tenant, credential))?
                 .ok_or(Error::NotFound)?;
             let latest = layout::trailing_version(&key)
+                .filter(|v| *v != layout::LATEST)
                 .ok_or_else(|| Error::Corrupt("malformed version key".into()))?;
-            return Ok((latest, latest, key, bytes));
+            let record = records::decode(&bytes)?;
+            return Ok(Stored::new(latest, latest, key, bytes, record));
         };
         let head = self.head(tenant, credential)?.ok_or(Error::NotFound)?;
         let key = layout::version(tenant, credential, version);
         let bytes = self.store.get(&key)?.ok_or(Error::NotFound)?;
-        Ok((version, head.latest_version, key, bytes))
+        let record = records::decode(&bytes)?;
+        Ok(Stored::new(
+            version,
+            head.latest_version,
+            key,
+            bytes,
+            record,
+        ))
     }
 
     /// A page of a tenant's credentials (latest version metadata), in id order,
@@ -579,16 +659,18 @@ impl Vault {
                     .to_owned();
                 let head: CredentialHead = records::decode(&bytes)?;
                 cursor = Some(key);
-                let record_key = layout::version(tenant, &credential, head.latest_version);
-                let Some(record) = self.store.get(&record_key)? else {
-                    continue;
+                let record = match self.store.get(&layout::latest(tenant, &credential))? {
+                    Some(record) => record,
+                    None => {
+                        let key = layout::version(tenant, &credential, head.latest_version);
+                        let Some(record) = self.store.get(&key)? else {
+                            continue;
+                        };
+                        record
+                    }
                 };
-                let meta = metadata(
-                    tenant,
-                    &credential,
-                    head.latest_version,
-                    records::decode(&record)?,
-                )?;
+                let record: VersionRecord = records::decode(&record)?;
+                let meta = metadata(tenant, &credential, record.version, record)?;
                 if kind.is_none_or(|k| k == meta.kind) {
                     credentials.push(meta);
                 }
@@ -726,6 +808,29 @@ impl Vault {
 
     fn counter(&self, key: &[u8]) -> Result<u64> {
         ledger::counter(&*self.store, key)
+    }
+}
+
+/// A stored credential version as read: the version it is stored as, the
+/// credential's latest version, its key and bytes (for a batch's checks), and
+/// the record decoded.
+struct Stored {
+    version: u32,
+    latest: u32,
+    key: Vec<u8>,
+    bytes: Vec<u8>,
+    record: VersionRecord,
+}
+
+impl Stored {
+    fn new(version: u32, latest: u32, key: Vec<u8>, bytes: Vec<u8>, record: VersionRecord) -> Self {
+        Self {
+            version,
+            latest,
+            key,
+            bytes,
+            record,
+        }
     }
 }
 
