@@ -354,13 +354,17 @@ impl Vault {
                 .add(layout::dek_refs(tenant, dek.version()), 1)
                 .check(layout::dek(tenant, dek.version()), Some(dek_bytes.to_vec()))
                 .check(layout::tenant(tenant), Some(keys.tenant_bytes.clone()))
-                .check(head_key.clone(), head_bytes)
-                .check(
-                    latest_key.clone(),
-                    previous.as_ref().map(|(bytes, _)| bytes.clone()),
-                )
                 .put(head_key.clone(), new_head.encode_to_vec())
                 .put(latest_key.clone(), record.encode_to_vec());
+            // A revocation or a re-encryption rewrites the slot and not the
+            // head, so the slot is checked too; a first version has neither.
+            if head_bytes.is_some() {
+                batch.check(
+                    latest_key.clone(),
+                    previous.as_ref().map(|(bytes, _)| bytes.clone()),
+                );
+            }
+            batch.check(head_key.clone(), head_bytes);
             self.prune_old_versions(&mut batch, tenant, credential, version, previous)?;
             self.audit_into(&mut batch, caller, tenant, credential, version);
             match self.store.commit(batch).await {
