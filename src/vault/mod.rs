@@ -307,8 +307,13 @@ impl Vault {
                 .ok_or(Invalid::Version)?;
             // The latest version so far moves to its numbered place; the new
             // one takes the latest slot. (A store written before the slot keeps
-            // its latest under its number and has no slot yet.)
-            let previous = self.store.get(&latest_key)?;
+            // its latest under its number and has no slot yet.) A credential
+            // without a head has no slot either.
+            let previous = if head.is_some() {
+                self.store.get(&latest_key)?
+            } else {
+                None
+            };
             let previous = match previous {
                 Some(bytes) => {
                     let record: VersionRecord = records::decode(&bytes)?;
