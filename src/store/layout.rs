@@ -186,6 +186,15 @@ pub fn latest(tenant: &str, credential: &str) -> Vec<u8> {
     version(tenant, credential, LATEST)
 }
 
+/// The version a record under a version key is stored as: the key's number,
+/// or in the latest slot the record's own `version` field (`claimed`).
+pub fn stored_version(key: &[u8], claimed: u32) -> Option<u32> {
+    match trailing_version(key)? {
+        LATEST => Some(claimed).filter(|v| !matches!(*v, 0 | LATEST)),
+        v => Some(v),
+    }
+}
+
 pub fn version(tenant: &str, credential: &str, version: u32) -> Vec<u8> {
     key(&[
         b"v",
@@ -223,6 +232,10 @@ mod tests {
         assert!(version("t", "c", LATEST - 1) < latest("t", "c"));
         assert!(latest("t", "c").starts_with(&version_prefix("t", "c")));
         assert_eq!(trailing_version(&latest("t", "c")), Some(LATEST));
+        assert_eq!(stored_version(&version("t", "c", 7), 3), Some(7));
+        assert_eq!(stored_version(&latest("t", "c"), 3), Some(3));
+        assert_eq!(stored_version(&latest("t", "c"), LATEST), None);
+        assert_eq!(stored_version(&latest("t", "c"), 0), None);
     }
 
     #[test]

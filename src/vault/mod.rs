@@ -592,10 +592,8 @@ impl Vault {
             return self.version_row_unslotted(tenant, credential, version);
         };
         let record: VersionRecord = records::decode(&bytes)?;
-        let latest = record.version;
-        if matches!(latest, 0 | layout::LATEST) {
-            return Err(Error::Corrupt("malformed latest version record".into()));
-        }
+        let latest = layout::stored_version(&latest_key, record.version)
+            .ok_or_else(|| Error::Corrupt("malformed latest version record".into()))?;
         match version {
             None => Ok(Stored::new(latest, latest, latest_key, bytes, record)),
             Some(v) if v == latest => Ok(Stored::new(v, latest, latest_key, bytes, record)),
@@ -619,15 +617,15 @@ impl Vault {
     ) -> Result<Stored> {
         let Some(version) = version else {
             // The latest version is the last record under the credential's
-            // version prefix (the latest is never pruned).
+            // version prefix (the latest is never pruned). That is the slot
+            // if a first seal landed since the slot was read.
             let (key, bytes) = self
                 .store
                 .last(&layout::version_prefix(tenant, credential))?
                 .ok_or(Error::NotFound)?;
-            let latest = layout::trailing_version(&key)
-                .filter(|v| *v != layout::LATEST)
+            let record: VersionRecord = records::decode(&bytes)?;
+            let latest = layout::stored_version(&key, record.version)
                 .ok_or_else(|| Error::Corrupt("malformed version key".into()))?;
-            let record = records::decode(&bytes)?;
             return Ok(Stored::new(latest, latest, key, bytes, record));
         };
         let head = self.head(tenant, credential)?.ok_or(Error::NotFound)?;

@@ -689,13 +689,8 @@ impl Vault {
             if !ledger::protects(&record) || record.dek_version >= job.target_version {
                 continue;
             }
-            // The latest slot's record names its version; any other is
-            // stored under its number.
             let (Some(version), Some(credential)) = (
-                layout::trailing_version(&key).map(|v| match v {
-                    layout::LATEST => record.version,
-                    v => v,
-                }),
+                layout::stored_version(&key, record.version),
                 key.get(prefix.len()..key.len().saturating_sub(5))
                     .and_then(|c| std::str::from_utf8(c).ok()),
             ) else {
