@@ -1424,6 +1424,24 @@ async fn a_credential_stored_without_a_latest_slot_reads_and_moves_on() {
 }
 
 #[tokio::test]
+async fn a_latest_slot_naming_no_real_version_is_corrupt() {
+    let tv = TestVault::new(VaultOptions::default()).await;
+    let store = &**tv.store();
+    tv.seal("acme", "c", Kind::ApiKey, b"v1").await;
+    let (_, record) = version_record(store, "acme", "c", 1);
+    for claimed in [0, layout::LATEST] {
+        let mut bad = record.clone();
+        bad.version = claimed;
+        overwrite(store, &layout::latest("acme", "c"), bad.encode_to_vec()).await;
+        assert_err(
+            tv.vault().unseal("acme", "c", None).await,
+            |e| matches!(e, Error::Corrupt(_)),
+            &format!("slot claiming version {claimed}"),
+        );
+    }
+}
+
+#[tokio::test]
 async fn the_slot_number_is_never_a_version() {
     let tv = TestVault::new(VaultOptions::default()).await;
     tv.seal("acme", "c", Kind::ApiKey, b"v1").await;
