@@ -3,8 +3,10 @@
 //!
 //! The test binary runs itself as the child (`crash_child`, which does nothing
 //! unless `CREDVAULT_CRASH_CHILD` names a data directory). The child seals from
-//! several tasks at once and prints `ACK <tenant> <credential>` only after
-//! `Vault::seal` returned. The parent SIGKILLs it at a random moment, reopens
+//! several tasks at once and prints `ACK <tenant> <credential> <version>` only
+//! after `Vault::seal` returned. Most seals are of new credentials; every
+//! fourth is the next version of the task's own "hot" credential, so that the
+//! move of the replaced latest version out of its slot is killed mid-way too. The parent SIGKILLs it at a random moment, reopens
 //! the store and checks every acknowledged secret, byte for byte, and that the
 //! multi-record batches (version record + key-usage counter, new data key + KEK
 //! counter) were applied all or nothing. Rounds reuse one data directory, so
@@ -23,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use credvault::clock::SystemClock;
 use credvault::crypto::SymmetricKey;
+use credvault::error::Error;
 use credvault::store::records::KeyState;
 use credvault::store::{SledStore, Store, layout};
-use credvault::vault::{Kind, Vault, VaultOptions};
+use credvault::vault::{Kind, SealRequest, Vault, VaultOptions};
 use rand::RngExt;
 
 use common::{SplitMix, request};
@@ -66,6 +69,20 @@ fn expected(tenant: &str, credential: &str) -> (Kind, Vec<u8>) {
     (kind, rng.bytes(len))
 }
 
+/// [`expected`] for version `version` of a credential (its kind stays that of version 1).
+fn expected_version(tenant: &str, credential: &str, version: u32) -> (Kind, Vec<u8>) {
+    let (kind, first) = expected(tenant, credential);
+    match version {
+        1 => (kind, first),
+        v => (kind, expected(tenant, &format!("{credential}#{v}")).1),
+    }
+}
+
+/// The credential that task `task` seals a new version of every fourth seal.
+fn hot_credential(task: u32) -> String {
+    format!("hot/t{task}")
+}
+
 fn root_key(hex_text: &str) -> SymmetricKey {
     SymmetricKey::from_slice(&hex::decode(hex_text).expect("hex root key")).expect("32 bytes")
 }
@@ -97,19 +114,37 @@ async fn crash_child() {
             let vault = vault.clone();
             tokio::spawn(async move {
                 let tenant = format!("tenant-{}", task % TENANTS);
+                let hot = hot_credential(task);
+                // Only this task writes it, so its versions follow one another.
+                let mut hot_version = match vault.metadata(&tenant, &hot, None) {
+                    Ok(meta) => meta.version,
+                    Err(Error::NotFound) => 0,
+                    Err(e) => panic!("child: metadata of {tenant}/{hot}: {e}"),
+                };
                 for i in 0.. {
                     if started.elapsed() > CHILD_LIFETIME {
                         return;
                     }
-                    let credential = format!("r{round:02}/t{task}/{i}");
-                    let (kind, secret) = expected(&tenant, &credential);
-                    vault
-                        .seal(request(&tenant, &credential, kind, &secret))
+                    let (credential, version, expected_version) = if i % 4 == 3 {
+                        (hot.clone(), hot_version + 1, Some(hot_version))
+                    } else {
+                        (format!("r{round:02}/t{task}/{i}"), 1, None)
+                    };
+                    let (kind, secret) = self::expected_version(&tenant, &credential, version);
+                    let meta = vault
+                        .seal(SealRequest {
+                            expected_version,
+                            ..request(&tenant, &credential, kind, &secret)
+                        })
                         .await
                         .unwrap_or_else(|e| panic!("child: seal {tenant}/{credential}: {e}"));
+                    assert_eq!(meta.version, version, "child: {tenant}/{credential}");
+                    if credential == hot {
+                        hot_version = version;
+                    }
                     // Only now is the write acknowledged.
                     let mut out = std::io::stdout().lock();
-                    writeln!(out, "ACK {tenant} {credential}").expect("stdout");
+                    writeln!(out, "ACK {tenant} {credential} {version}").expect("stdout");
                     out.flush().expect("stdout");
                 }
             })
@@ -136,7 +171,7 @@ fn spawn_child(
     round: u32,
 ) -> (
     KillOnDrop,
-    mpsc::Receiver<(String, String)>,
+    mpsc::Receiver<(String, String, u32)>,
     std::thread::JoinHandle<()>,
 ) {
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
@@ -165,8 +200,17 @@ fn spawn_child(
             let Some(ack) = line.strip_suffix('\n').and_then(|l| l.strip_prefix("ACK ")) else {
                 continue;
             };
-            let (tenant, credential) = ack.split_once(' ').expect("ACK <tenant> <credential>");
-            if tx.send((tenant.to_owned(), credential.to_owned())).is_err() {
+            let mut fields = ack.split(' ');
+            let (Some(tenant), Some(credential), Some(version), None) =
+                (fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                panic!("not ACK <tenant> <credential> <version>: {ack}");
+            };
+            let version = version.parse().expect("version number");
+            if tx
+                .send((tenant.to_owned(), credential.to_owned(), version))
+                .is_err()
+            {
                 return;
             }
         }
@@ -178,6 +222,7 @@ fn spawn_child(
 struct Acked {
     tenant: String,
     credential: String,
+    version: u32,
     kind: Kind,
     secret: Vec<u8>,
 }
@@ -200,23 +245,31 @@ async fn verify(dir: &Path, root_hex: &str, acked: &[&Acked], previous: &Counter
     for Acked {
         tenant,
         credential,
+        version,
         kind,
         secret,
     } in acked
     {
         let unsealed = vault
-            .unseal(tenant, credential, None)
+            .unseal(tenant, credential, Some(*version))
             .await
-            .unwrap_or_else(|e| panic!("acknowledged {tenant}/{credential} lost: {e}"));
+            .unwrap_or_else(|e| panic!("acknowledged {tenant}/{credential} v{version} lost: {e}"));
         assert_eq!(
             unsealed.secret.expose(),
             secret.as_slice(),
-            "{tenant}/{credential}"
+            "{tenant}/{credential} v{version}"
         );
         assert_eq!(
             (unsealed.metadata.version, unsealed.metadata.kind),
-            (1, *kind)
+            (*version, *kind)
         );
+        // The latest is this version or one sealed after it.
+        let latest = vault.unseal(tenant, credential, None).await.unwrap();
+        assert!(latest.metadata.version >= *version, "{tenant}/{credential}");
+        let (_, expected) = expected_version(tenant, credential, latest.metadata.version);
+        if latest.metadata.version > *version {
+            assert_eq!(latest.secret.expose(), expected.as_slice());
+        }
     }
 
     // Batches are all or nothing: every stored version record was counted by
@@ -333,11 +386,12 @@ fn acknowledged_seals_survive_sigkill() {
         assert!(!seen.is_empty());
         per_round.push(seen.len());
         let earlier = acked.len();
-        acked.extend(seen.into_iter().map(|(tenant, credential)| {
-            let (kind, secret) = expected(&tenant, &credential);
+        acked.extend(seen.into_iter().map(|(tenant, credential, version)| {
+            let (kind, secret) = expected_version(&tenant, &credential, version);
             Acked {
                 tenant,
                 credential,
+                version,
                 kind,
                 secret,
             }
@@ -376,10 +430,15 @@ fn acknowledged_seals_survive_sigkill() {
         per_round.iter().all(|n| *n > 0),
         "acks per round: {per_round:?}"
     );
+    let reseals = acked.iter().filter(|a| a.version > 1).count();
+    assert!(
+        reseals > ROUNDS as usize,
+        "only {reseals} acknowledged seals of a next version: the slot moves went untested"
+    );
     let rotated = counters.keys().filter(|(t, _)| !t.is_empty()).count() > TENANTS as usize;
     assert!(rotated, "no data key rotated under the kills: {counters:?}");
     eprintln!(
-        "crash rounds: {ROUNDS} ({replayed} replayed the log), acknowledged seals per round: {per_round:?}, key versions: {}",
+        "crash rounds: {ROUNDS} ({replayed} replayed the log), acknowledged seals per round: {per_round:?} ({reseals} of a next version), key versions: {}",
         counters.len()
     );
 }
