@@ -664,7 +664,7 @@ impl Vault {
         loop {
             let rows = self.store.scan(&prefix, cursor.as_deref(), page_size + 1)?;
             let exhausted = rows.len() <= page_size;
-            for (key, bytes) in rows {
+            for (key, _) in rows {
                 if credentials.len() == page_size {
                     let last: &Metadata = credentials.last().expect("page is full");
                     return Ok(Page {
@@ -675,20 +675,14 @@ impl Vault {
                 let credential = std::str::from_utf8(&key[prefix.len()..])
                     .map_err(|_| Error::Corrupt("credential id is not UTF-8".into()))?
                     .to_owned();
-                let head: CredentialHead = records::decode(&bytes)?;
                 cursor = Some(key);
-                let record = match self.store.get(&layout::latest(tenant, &credential))? {
-                    Some(record) => record,
-                    None => {
-                        let key = layout::version(tenant, &credential, head.latest_version);
-                        let Some(record) = self.store.get(&key)? else {
-                            continue;
-                        };
-                        record
-                    }
+                // The latest version, read as Unseal reads it.
+                let stored = match self.version_row(tenant, &credential, None) {
+                    Ok(stored) => stored,
+                    Err(Error::NotFound) => continue,
+                    Err(e) => return Err(e),
                 };
-                let record: VersionRecord = records::decode(&record)?;
-                let meta = metadata(tenant, &credential, record.version, record)?;
+                let meta = metadata(tenant, &credential, stored.latest, stored.record)?;
                 if kind.is_none_or(|k| k == meta.kind) {
                     credentials.push(meta);
                 }
