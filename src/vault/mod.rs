@@ -360,17 +360,15 @@ impl Vault {
                 .check(layout::dek(tenant, dek.version()), Some(dek_bytes.to_vec()))
                 .check(layout::tenant(tenant), Some(keys.tenant_bytes.clone()))
                 .put(head_key.clone(), new_head.encode_to_vec())
-                .put(latest_key.clone(), record.encode_to_vec());
+                .put(latest_key.clone(), record.encode_to_vec())
+                .check(head_key.clone(), head_bytes);
             // A revocation or a re-encryption rewrites the slot and not the
-            // head, so the slot is checked too; a first version has neither.
-            if head_bytes.is_some() {
-                batch.check(
-                    latest_key.clone(),
-                    previous.as_ref().map(|(bytes, _)| bytes.clone()),
-                );
+            // head, so a slot being replaced is checked too. (Only a seal
+            // creates a slot, and a seal moves the head.)
+            if let Some((bytes, _)) = &previous {
+                batch.check(latest_key.clone(), Some(bytes.clone()));
             }
-            batch.check(head_key.clone(), head_bytes);
-            self.prune_old_versions(&mut batch, tenant, credential, version, previous)?;
+            self.retire_versions(&mut batch, tenant, credential, version, previous)?;
             self.audit_into(&mut batch, caller, tenant, credential, version);
             match self.store.commit(batch).await {
                 Ok(counters) => {
@@ -396,7 +394,7 @@ impl Vault {
     /// Adds the move of the `previous` latest version (bytes and record) to
     /// its numbered place, and deletions of versions that fall out of the
     /// `max_versions` window, each releasing its DEK's reference if it was live.
-    fn prune_old_versions(
+    fn retire_versions(
         &self,
         batch: &mut Batch,
         tenant: &str,
@@ -594,16 +592,16 @@ impl Vault {
         let record: VersionRecord = records::decode(&bytes)?;
         let latest = layout::stored_version(&latest_key, record.version)
             .ok_or_else(|| Error::Corrupt("malformed latest version record".into()))?;
-        match version {
-            None => Ok(Stored::new(latest, latest, latest_key, bytes, record)),
-            Some(v) if v == latest => Ok(Stored::new(v, latest, latest_key, bytes, record)),
-            Some(v) if v > latest => Err(Error::NotFound),
-            Some(v) => {
-                let key = layout::version(tenant, credential, v);
-                let bytes = self.store.get(&key)?.ok_or(Error::NotFound)?;
-                let record = records::decode(&bytes)?;
-                Ok(Stored::new(v, latest, key, bytes, record))
-            }
+        match version.unwrap_or(latest) {
+            v if v == latest => Ok(Stored {
+                version: latest,
+                latest,
+                key: latest_key,
+                bytes,
+                record,
+            }),
+            v if v > latest => Err(Error::NotFound),
+            v => self.numbered(tenant, credential, v, latest),
         }
     }
 
@@ -626,19 +624,37 @@ impl Vault {
             let record: VersionRecord = records::decode(&bytes)?;
             let latest = layout::stored_version(&key, record.version)
                 .ok_or_else(|| Error::Corrupt("malformed version key".into()))?;
-            return Ok(Stored::new(latest, latest, key, bytes, record));
+            return Ok(Stored {
+                version: latest,
+                latest,
+                key,
+                bytes,
+                record,
+            });
         };
         let head = self.head(tenant, credential)?.ok_or(Error::NotFound)?;
+        self.numbered(tenant, credential, version, head.latest_version)
+    }
+
+    /// Version `version` read from its numbered key; `latest` is the
+    /// credential's latest version as the caller read it.
+    fn numbered(
+        &self,
+        tenant: &str,
+        credential: &str,
+        version: u32,
+        latest: u32,
+    ) -> Result<Stored> {
         let key = layout::version(tenant, credential, version);
         let bytes = self.store.get(&key)?.ok_or(Error::NotFound)?;
         let record = records::decode(&bytes)?;
-        Ok(Stored::new(
+        Ok(Stored {
             version,
-            head.latest_version,
+            latest,
             key,
             bytes,
             record,
-        ))
+        })
     }
 
     /// A page of a tenant's credentials (latest version metadata), in id order,
@@ -832,18 +848,6 @@ struct Stored {
     key: Vec<u8>,
     bytes: Vec<u8>,
     record: VersionRecord,
-}
-
-impl Stored {
-    fn new(version: u32, latest: u32, key: Vec<u8>, bytes: Vec<u8>, record: VersionRecord) -> Self {
-        Self {
-            version,
-            latest,
-            key,
-            bytes,
-            record,
-        }
-    }
 }
 
 fn metadata(
