@@ -356,8 +356,11 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7443))
 }
 
+/// sled's page cache when the configuration does not say, in MiB.
+pub const DEFAULT_CACHE_MB: u64 = 256;
+
 fn default_cache_mb() -> u64 {
-    256
+    DEFAULT_CACHE_MB
 }
 
 /// A configuration problem, naming the field.

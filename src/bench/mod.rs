@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod grpc;
+pub mod memory;
 pub mod rotation;
 pub mod store;
 

@@ -15,26 +15,32 @@ pub enum Scenario {
     /// Audit log and revocation watch over mutual TLS on 127.0.0.1: unseal with
     /// audit records on / off, revoke → watcher latency.
     Audit,
+    /// Resident memory of a vault holding 100,000 and 1,000,000 credentials
+    /// (each phase in a child process).
+    Memory,
 }
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Which benchmark to run.
     scenario: Scenario,
-    /// Credentials in the warm store (rotation: of the one tenant re-encrypted)
-    /// [default: 100,000].
+    /// Credentials in the warm store (rotation: of the one tenant re-encrypted;
+    /// memory: the one store size to measure) [default: 100,000; memory:
+    /// 100,000 and 1,000,000].
     #[arg(long)]
     credentials: Option<u64>,
     /// Tenants the credentials are spread over (rotation: tenants of the KEK
     /// rewrap, one credential each) [default: 1,000; rotation: 100,000].
     #[arg(long)]
     tenants: Option<u64>,
-    /// sled page cache of the benchmark stores, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    cache_mb: u64,
+    /// sled page cache of the benchmark stores, in MiB [default: 1024; memory:
+    /// 256, the server's default].
+    #[arg(long)]
+    cache_mb: Option<u64>,
     /// Seconds each timed measurement runs [default: 3 for store, 5 for grpc
     /// and audit;
-    /// rotation: unseal at rest before each loaded job, 3].
+    /// rotation: unseal at rest before each loaded job, 3; memory: random
+    /// unseals after reading every credential, 5].
     #[arg(long)]
     seconds: Option<f64>,
     /// grpc, audit: calls kept in flight.
@@ -71,19 +77,30 @@ pub struct BenchArgs {
     /// Where to write the JSON results (default: bench-results/SCENARIO.json).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// memory: run one phase in this process (the benchmark starts its own
+    /// children with this).
+    #[arg(long, hide = true, requires = "dir")]
+    child: Option<credvault::bench::memory::Child>,
+    /// memory: the data directory of a child phase.
+    #[arg(long, hide = true)]
+    dir: Option<PathBuf>,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let cache_mb = args.cache_mb.unwrap_or(match args.scenario {
+        Scenario::Memory => credvault::config::DEFAULT_CACHE_MB,
+        _ => 1024,
+    });
     match args.scenario {
         Scenario::Store => {
             let params = credvault::bench::store::Params {
                 credentials: args.credentials.unwrap_or(100_000),
                 tenants: args.tenants.unwrap_or(1_000),
                 seconds: args.seconds.unwrap_or(3.0),
-                cache_bytes: args.cache_mb << 20,
+                cache_bytes: cache_mb << 20,
                 out: args
                     .out
                     .unwrap_or_else(|| "bench-results/store.json".into()),
@@ -100,7 +117,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 rounds: args.rounds,
                 in_flight: args.in_flight,
                 connections: args.connections,
-                cache_bytes: args.cache_mb << 20,
+                cache_bytes: cache_mb << 20,
                 out: args.out.unwrap_or_else(|| "bench-results/grpc.json".into()),
             };
             let report = runtime.block_on(credvault::bench::grpc::run(&params))?;
@@ -114,7 +131,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 seconds: args.seconds.unwrap_or(3.0),
                 unseal_threads: args.unseal_threads,
                 fill_writers: args.fill_writers,
-                cache_bytes: args.cache_mb << 20,
+                cache_bytes: cache_mb << 20,
                 rotation: credvault::vault::RotationOptions {
                     batch_size: args.batch_size.unwrap_or(defaults.batch_size),
                     batch_pause_ms: args.batch_pause_ms.unwrap_or(defaults.batch_pause_ms),
@@ -139,13 +156,35 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 watchers: args.watchers,
                 watch_connections: args.watch_connections,
                 revocations: args.revocations,
-                cache_bytes: args.cache_mb << 20,
+                cache_bytes: cache_mb << 20,
                 out: args
                     .out
                     .unwrap_or_else(|| "bench-results/audit.json".into()),
             };
             let results = runtime.block_on(credvault::bench::audit::run(&params))?;
             results.finish(&params.out)?;
+        }
+        Scenario::Memory => {
+            let params = credvault::bench::memory::Params {
+                sizes: args
+                    .credentials
+                    .map_or_else(|| vec![100_000, 1_000_000], |n| vec![n]),
+                tenants: args.tenants.unwrap_or(1_000),
+                seconds: args.seconds.unwrap_or(5.0),
+                cache_bytes: cache_mb << 20,
+                out: args
+                    .out
+                    .unwrap_or_else(|| "bench-results/memory.json".into()),
+            };
+            match (args.child, args.dir) {
+                (Some(phase), Some(dir)) => {
+                    runtime.block_on(credvault::bench::memory::run_child(phase, &dir, &params))?
+                }
+                _ => {
+                    let exe = std::env::current_exe()?;
+                    credvault::bench::memory::run(&params, &exe)?.finish(&params.out)?;
+                }
+            }
         }
     }
     Ok(())
