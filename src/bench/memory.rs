@@ -230,53 +230,34 @@ impl Results {
             out += &format!("{name:<42} {value:>12} {unit:>12}\n");
         };
         for s in &self.sizes {
-            let n = s.credentials;
             let rate = |ops: u64, secs: f64| format!("{:.0}", ops as f64 / secs.max(1e-9));
-            line(
-                format!("{n}: fill, 64 writers"),
-                rate(s.fill.ops, s.fill.seconds),
-                "seals/s",
-            );
-            line(
-                format!("{n}: peak resident while filling"),
-                format!("{:.0}", mib(s.fill.peak_rss)),
-                "MiB",
-            );
-            line(
-                format!("{n}: on disk after close"),
-                format!("{:.0}", mib(s.fill.disk_bytes)),
-                "MiB",
-            );
-            line(
-                format!("{n}: open (restart)"),
-                format!("{:.2}", s.read.open_seconds),
-                "s",
-            );
-            line(
-                format!("{n}: resident after open"),
-                format!("{:.0}", mib(s.read.rss_after_open)),
-                "MiB",
-            );
-            line(
-                format!("{n}: read every credential once"),
-                rate(n, s.read.read_all_seconds),
-                "unseals/s",
-            );
-            line(
-                format!("{n}: random unseals (1 thread)"),
-                rate(s.read.ops, s.read.seconds),
-                "unseals/s",
-            );
-            line(
-                format!("{n}: resident after reads"),
-                format!("{:.0}", mib(s.read.rss)),
-                "MiB",
-            );
-            line(
-                format!("{n}: peak resident while reading"),
-                format!("{:.0}", mib(s.read.peak_rss)),
-                "MiB",
-            );
+            let mb = |bytes: u64| format!("{:.0}", mib(bytes));
+            let rows = [
+                (
+                    "fill, 64 writers",
+                    rate(s.fill.ops, s.fill.seconds),
+                    "seals/s",
+                ),
+                ("peak resident while filling", mb(s.fill.peak_rss), "MiB"),
+                ("on disk after close", mb(s.fill.disk_bytes), "MiB"),
+                ("open (restart)", format!("{:.2}", s.read.open_seconds), "s"),
+                ("resident after open", mb(s.read.rss_after_open), "MiB"),
+                (
+                    "read every credential once",
+                    rate(s.credentials, s.read.read_all_seconds),
+                    "unseals/s",
+                ),
+                (
+                    "random unseals (1 thread)",
+                    rate(s.read.ops, s.read.seconds),
+                    "unseals/s",
+                ),
+                ("resident after reads", mb(s.read.rss), "MiB"),
+                ("peak resident while reading", mb(s.read.peak_rss), "MiB"),
+            ];
+            for (name, value, unit) in rows {
+                line(format!("{}: {name}", s.credentials), value, unit);
+            }
         }
         if let [small, .., large] = self.sizes.as_slice() {
             line(
