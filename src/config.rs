@@ -20,6 +20,10 @@ pub struct Config {
     /// Address to listen on (default 127.0.0.1:7443; loopback unless told otherwise).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Where Prometheus metrics are served, plain HTTP at `/metrics` (off
+    /// unless set; e.g. 127.0.0.1:9464).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// The sled data directory.
     pub data_dir: PathBuf,
     /// Where the root key comes from: a file, or an environment variable (base64).
@@ -568,6 +572,21 @@ client_ca = "certs/ca.pem"
             .unwrap_err()
             .to_string();
         assert!(err.contains("listen"), "{err}");
+        let err = Config::parse(&format!("metrics_listen = \"9464\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics_listen"), "{err}");
+    }
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_given() {
+        assert_eq!(Config::parse(MINIMAL).unwrap().metrics_listen, None);
+        let config =
+            Config::parse(&format!("metrics_listen = \"127.0.0.1:9464\"\n{MINIMAL}")).unwrap();
+        assert_eq!(
+            config.metrics_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod hardening;
+pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod service;

@@ -39,10 +39,21 @@ const SERVICES: [&str; 3] = [
     pb::admin_server::SERVICE_NAME,
 ];
 
-/// Runs the server on `listener` until `shutdown` resolves.
+/// Runs the server on `listener` until `shutdown` resolves, without metrics.
 pub async fn run(
     config: &Config,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with_metrics(config, listener, None, shutdown).await
+}
+
+/// [`run`], also serving Prometheus metrics on `metrics` (plain HTTP,
+/// `/metrics`) until the server stops.
+pub async fn run_with_metrics(
+    config: &Config,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let root_key = match (&config.root_key_file, &config.root_key_env) {
@@ -100,6 +111,15 @@ pub async fn run(
         },
     ));
     let stop_rotation = rotation.abort_handle();
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(metrics) = metrics {
+        if let Ok(at) = metrics.local_addr() {
+            tracing::info!(%at, "metrics at http://{at}/metrics");
+        }
+        tokio::spawn(crate::metrics::serve(metrics, async {
+            let _ = metrics_stopped.await;
+        }));
+    }
     tracing::info!(%listen, root_key_version = vault.root_version(), "credvault serving");
 
     let draining = async {
@@ -124,6 +144,7 @@ pub async fn run(
         }
     };
     let served = service::serve(router, listener, tls, limits.handshake_timeout, draining).await;
+    drop(stop_metrics);
     // Also when serving failed: the task must let go of the vault.
     rotation.abort();
     let _ = rotation.await; // cancelled: its vault handle is dropped

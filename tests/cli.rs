@@ -697,6 +697,12 @@ fn serve_refuses_a_bad_config_at_start_naming_the_field() {
             expected: &["CREDVAULT_LISTEN", "listen", "nonsense"],
         },
         BadConfig {
+            case: "CREDVAULT_METRICS_LISTEN=9464",
+            text: good.clone(),
+            env: &[("CREDVAULT_METRICS_LISTEN", "9464")],
+            expected: &["CREDVAULT_METRICS_LISTEN", "metrics_listen", "9464"],
+        },
+        BadConfig {
             case: "tls not a table, with a CREDVAULT_TLS_CERT override",
             text: format!("{head}tls = \"certs\"\n"),
             env: &[("CREDVAULT_TLS_CERT", "server.pem")],

@@ -36,7 +36,6 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
-use tonic::transport::server::Router;
 use tonic::{Request, Response, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -438,7 +437,7 @@ pub(super) struct Server {
 
 impl Server {
     pub(super) async fn start(
-        router: Router,
+        router: service::GrpcRouter,
         tls: Arc<rustls::ServerConfig>,
         limits: &Limits,
     ) -> anyhow::Result<Self> {

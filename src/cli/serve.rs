@@ -15,6 +15,9 @@ pub struct ServeArgs {
     config: Option<PathBuf>,
     #[arg(long, env = "CREDVAULT_LISTEN")]
     listen: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP).
+    #[arg(long, env = "CREDVAULT_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     #[arg(long, env = "CREDVAULT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     #[arg(long, env = "CREDVAULT_ROOT_KEY_FILE")]
@@ -68,6 +71,11 @@ impl ServeArgs {
                 "listen",
                 "CREDVAULT_LISTEN",
                 self.listen.clone().map(string),
+            ),
+            (
+                "metrics_listen",
+                "CREDVAULT_METRICS_LISTEN",
+                self.metrics_listen.clone().map(string),
             ),
             (
                 "data_dir",
@@ -247,7 +255,15 @@ fn run(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("config field `listen`: cannot bind {}", config.listen))?;
-        credvault::server::run(&config, listener, shutdown_signal()).await
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                    format!("config field `metrics_listen`: cannot bind {addr}")
+                })?)
+            }
+            None => None,
+        };
+        credvault::server::run_with_metrics(&config, listener, metrics, shutdown_signal()).await
     })
 }
 

@@ -22,6 +22,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Router;
+use tower::layer::util::{Identity, Stack};
+
+use crate::metrics::GrpcMetricsLayer;
+
+/// The router every server of credvault runs: tonic's, with the metrics layer.
+pub type GrpcRouter = Router<Stack<GrpcMetricsLayer, Identity>>;
 use tonic::{Request, Status};
 
 use crate::authn::{self, Caller};
@@ -241,7 +247,7 @@ pub fn router(
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> anyhow::Result<Router> {
+) -> anyhow::Result<GrpcRouter> {
     router_with(
         vault,
         policy,
@@ -261,7 +267,7 @@ pub fn router_with(
         impl tonic_health::pb::health_server::Health,
     >,
     streams: &StreamShutdown,
-) -> anyhow::Result<Router> {
+) -> anyhow::Result<GrpcRouter> {
     let shared = Shared {
         vault,
         policy,
@@ -352,19 +358,22 @@ fn too_large_is_invalid(mut response: HttpResponse) -> HttpResponse {
 }
 
 /// The tonic server builder with the limits applied (also used by the benchmark).
-pub fn server_builder(limits: &Limits) -> tonic::transport::Server {
+pub fn server_builder(
+    limits: &Limits,
+) -> tonic::transport::Server<Stack<GrpcMetricsLayer, Identity>> {
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(limits.concurrency_per_connection)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .timeout(limits.request_timeout)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .layer(GrpcMetricsLayer)
 }
 
 /// Serves `router` on `listener` over mutual TLS until `shutdown` resolves, then
 /// stops accepting and finishes in-flight calls.
 pub async fn serve(
-    router: Router,
+    router: GrpcRouter,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     handshake_timeout: Duration,
@@ -411,7 +420,10 @@ fn tls_incoming(
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(error)) => log_handshake_failure(peer, &error),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    Err(_) => {
+                        crate::metrics::global().tls_handshake_failures.inc();
+                        tracing::info!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
         }
@@ -420,6 +432,7 @@ fn tls_incoming(
 }
 
 fn log_handshake_failure(peer: SocketAddr, error: &std::io::Error) {
+    crate::metrics::global().tls_handshake_failures.inc();
     tracing::info!(%peer, %error, "TLS handshake refused");
 }
 

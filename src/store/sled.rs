@@ -144,6 +144,7 @@ impl Failure {
     fn set(&self, what: &str, error: impl std::fmt::Display) -> String {
         let error = format!("{what}: {error}");
         tracing::error!(%error, "store cannot make writes durable; refusing further writes");
+        crate::metrics::global().store_failed.set(1);
         self.0
             .lock()
             .expect("failure lock")
@@ -713,11 +714,18 @@ fn land(landed: &RwLock<Overlay>, failure: &Failure, flights: Vec<Flight>) -> Ve
     // Segments before the last one were synced when the committer moved on
     // from them, so syncing the last one covers every group here.
     let last = flights.iter().rev().find(|f| f.write.is_some());
+    let metrics = crate::metrics::global();
     if error.is_none()
         && let Some(flight) = last
-        && let Err(e) = flight.segment.sync_data()
     {
-        error = Some(failure.set("syncing the store log", e));
+        let started = Instant::now();
+        let synced = flight.segment.sync_data();
+        metrics
+            .store_sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = synced {
+            error = Some(failure.set("syncing the store log", e));
+        }
     }
     if error.is_none() {
         // Durable: readers see these groups from now on, each entirely.
@@ -734,12 +742,19 @@ fn land(landed: &RwLock<Overlay>, failure: &Failure, flights: Vec<Flight>) -> Ve
         }
     }
     let mut writes = Vec::with_capacity(flights.len());
+    if error.is_none() {
+        let groups = flights.iter().filter(|f| f.write.is_some()).count();
+        metrics.store_groups.inc_by(groups as u64);
+    }
     for flight in flights {
         for (reply, outcome) in flight.outcomes {
             let outcome = match (&error, outcome) {
                 (Some(error), Ok(_)) => Err(StoreError::Poisoned(error.clone())),
                 (_, outcome) => outcome,
             };
+            if outcome.is_ok() {
+                metrics.store_commits.inc();
+            }
             let _ = reply.send(outcome); // the writer may have gone away
         }
         writes.extend(flight.write);

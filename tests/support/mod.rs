@@ -234,6 +234,9 @@ pub struct ServerOptions {
     /// Lines for the config's `[audit]` table, e.g. `retention = "1s"`
     /// (none: the table is left out).
     pub audit: Vec<String>,
+    /// Serve Prometheus metrics on another 127.0.0.1 port
+    /// ([`TestServer::metrics_addr`]; not again after a restart).
+    pub metrics: bool,
 }
 
 impl Default for ServerOptions {
@@ -245,6 +248,7 @@ impl Default for ServerOptions {
             rotation: Vec::new(),
             lifecycle: Vec::new(),
             audit: Vec::new(),
+            metrics: false,
         }
     }
 }
@@ -281,6 +285,12 @@ impl ServerOptions {
     /// Adds an `[audit]` line, e.g. `audit("retention = \"1s\"")`.
     pub fn audit(mut self, line: impl Into<String>) -> Self {
         self.audit.push(line.into());
+        self
+    }
+
+    /// Serves Prometheus metrics too.
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
         self
     }
 }
@@ -357,6 +367,8 @@ pub fn write_server_files(
 pub struct TestServer {
     pub pki: Pki,
     pub addr: SocketAddr,
+    /// Where metrics are served, if [`ServerOptions::metrics`] asked.
+    pub metrics_addr: Option<SocketAddr>,
     pub config: Config,
     /// The config as a file (for `credvault serve --config`).
     pub config_file: PathBuf,
@@ -378,25 +390,36 @@ impl TestServer {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local address");
         let (config, config_file) = write_server_files(&pki, &options, addr);
+        let metrics = match options.metrics {
+            true => Some(
+                TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind 127.0.0.1:0 for metrics"),
+            ),
+            false => None,
+        };
         let mut server = TestServer {
             pki,
             addr,
+            metrics_addr: metrics
+                .as_ref()
+                .map(|l| l.local_addr().expect("local address")),
             config,
             config_file,
             shutdown: None,
             task: None,
         };
-        server.launch(listener);
+        server.launch(listener, metrics);
         server.wait_until_serving().await;
         server
     }
 
-    /// Runs `server::run` with `self.config` on `listener` in a task.
-    fn launch(&mut self, listener: TcpListener) {
+    /// Runs `server::run_with_metrics` with `self.config` on `listener` in a task.
+    fn launch(&mut self, listener: TcpListener, metrics: Option<TcpListener>) {
         let (shutdown, signal) = oneshot::channel::<()>();
         let server_config = self.config.clone();
         self.task = Some(tokio::spawn(async move {
-            credvault::server::run(&server_config, listener, async {
+            credvault::server::run_with_metrics(&server_config, listener, metrics, async {
                 let _ = signal.await;
             })
             .await
@@ -431,7 +454,8 @@ impl TestServer {
         let text = toml::to_string(&table).expect("config as TOML");
         self.config = Config::parse(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
         std::fs::write(&self.config_file, &text).expect("write config");
-        self.launch(listener);
+        self.metrics_addr = None;
+        self.launch(listener, None);
         self.wait_until_serving().await;
     }
 

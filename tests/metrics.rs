@@ -1,0 +1,126 @@
+//! Prometheus metrics end to end: a real server on 127.0.0.1 over mutual TLS,
+//! its metrics on another 127.0.0.1 port, scraped over plain HTTP.
+//!
+//! The metrics are process-wide, so this file holds one test: nothing else in
+//! its process makes calls that would move the counters it checks.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use credvault::service::pb::CredentialKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+use support::{ServerOptions, TestServer, expect_status, seal_request, unseal_request};
+
+const TENANT: &str = "tenant-metrics-7f3a";
+const CREDENTIAL: &str = "credential-metrics-91c2";
+
+/// `GET path` over HTTP/1.1; returns the status line and the body.
+async fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics port");
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send the request");
+    let mut response = String::new();
+    tcp.read_to_string(&mut response)
+        .await
+        .expect("read the response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("an HTTP response has a head");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
+}
+
+/// The value of the sample `name` (with its labels, as printed), if present.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_commits_and_syncs_are_counted_and_no_customer_name_is_exported() {
+    credvault::tls::install_default_provider();
+    let server =
+        TestServer::start_with(support::Pki::new(), ServerOptions::default().metrics()).await;
+    let metrics = server.metrics_addr.expect("metrics were asked for");
+    let mut ingest = server.vault(&server.pki.role("ingest")).await;
+    let mut executor = server.vault(&server.pki.role("executor")).await;
+
+    let missing = executor.unseal(unseal_request(TENANT, CREDENTIAL)).await;
+    expect_status(missing, Code::NotFound, "NOT_FOUND");
+    ingest
+        .seal(seal_request(
+            TENANT,
+            CREDENTIAL,
+            CredentialKind::ApiKey,
+            b"sk-metrics-secret-bytes",
+        ))
+        .await
+        .expect("Seal");
+    for _ in 0..3 {
+        executor
+            .unseal(unseal_request(TENANT, CREDENTIAL))
+            .await
+            .expect("Unseal");
+    }
+    // The executor may not seal.
+    let denied = executor
+        .seal(seal_request(TENANT, "other", CredentialKind::ApiKey, b"x"))
+        .await;
+    expect_status(denied, Code::PermissionDenied, "PERMISSION_DENIED");
+
+    let (status, text) = get(metrics, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    let calls = |method: &str, code: &str| {
+        sample(
+            &text,
+            &format!(
+                "credvault_grpc_calls_total{{method=\"/credvault.v1.Vault/{method}\",code=\"{code}\"}}"
+            ),
+        )
+    };
+    assert_eq!(calls("Unseal", "OK"), Some(3.0), "{text}");
+    assert_eq!(calls("Unseal", "NOT_FOUND"), Some(1.0), "{text}");
+    assert_eq!(calls("Seal", "OK"), Some(1.0), "{text}");
+    assert_eq!(calls("Seal", "PERMISSION_DENIED"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "credvault_grpc_call_duration_seconds_count{method=\"/credvault.v1.Vault/Unseal\"}"
+        ),
+        Some(4.0),
+        "{text}"
+    );
+
+    // Every call above wrote durably: the seal, each Unseal's audit record,
+    // the denial's and the miss's audit records.
+    let commits = sample(&text, "credvault_store_commits_total").expect("commits");
+    assert!(commits >= 6.0, "{commits} commits:\n{text}");
+    let groups = sample(&text, "credvault_store_commit_groups_total").expect("groups");
+    assert!(
+        groups >= 1.0 && groups <= commits,
+        "{groups} groups, {commits} commits"
+    );
+    let syncs = sample(&text, "credvault_store_log_sync_duration_seconds_count").expect("syncs");
+    assert!(syncs >= 1.0, "{syncs} syncs:\n{text}");
+    assert_eq!(sample(&text, "credvault_store_failed"), Some(0.0), "{text}");
+
+    for name in [TENANT, CREDENTIAL, "sk-metrics-secret-bytes", "executor"] {
+        assert!(!text.contains(name), "{name} exported:\n{text}");
+    }
+
+    let (status, _) = get(metrics, "/").await;
+    assert!(status.contains("404"), "{status}");
+}
