@@ -22,18 +22,17 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Router;
-use tower::layer::util::{Identity, Stack};
-
-use crate::metrics::GrpcMetricsLayer;
-
-/// The router every server of credvault runs: tonic's, with the metrics layer.
-pub type GrpcRouter = Router<Stack<GrpcMetricsLayer, Identity>>;
 use tonic::{Request, Status};
+use tower::layer::util::{Identity, Stack};
 
 use crate::authn::{self, Caller};
 use crate::authz::{Policy, Rpc};
 use crate::error::status_with_reason;
+use crate::metrics::GrpcMetricsLayer;
 use crate::vault::Vault;
+
+/// The router every server of credvault runs: tonic's, with the metrics layer.
+pub type GrpcRouter = Router<Stack<GrpcMetricsLayer, Identity>>;
 
 /// Generated protocol buffer and gRPC code (`proto/credvault/v1`).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

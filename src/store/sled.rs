@@ -742,10 +742,6 @@ fn land(landed: &RwLock<Overlay>, failure: &Failure, flights: Vec<Flight>) -> Ve
         }
     }
     let mut writes = Vec::with_capacity(flights.len());
-    if error.is_none() {
-        let groups = flights.iter().filter(|f| f.write.is_some()).count();
-        metrics.store_groups.inc_by(groups as u64);
-    }
     for flight in flights {
         for (reply, outcome) in flight.outcomes {
             let outcome = match (&error, outcome) {
