@@ -73,6 +73,7 @@ pub struct LimitsConfig {
     pub max_versions: u32,
     pub rotate_after_encryptions: u64,
     pub concurrency_per_connection: usize,
+    pub concurrency_per_caller: usize,
     pub request_timeout_ms: u64,
     pub keepalive_interval_ms: u64,
 }
@@ -86,6 +87,7 @@ impl Default for LimitsConfig {
             max_versions: vault.max_versions,
             rotate_after_encryptions: vault.rotate_after_encryptions,
             concurrency_per_connection: limits.concurrency_per_connection,
+            concurrency_per_caller: limits.concurrency_per_caller,
             request_timeout_ms: limits.request_timeout.as_millis() as u64,
             keepalive_interval_ms: limits.keepalive_interval.as_millis() as u64,
         }
@@ -435,6 +437,9 @@ impl Config {
         if self.limits.concurrency_per_connection == 0 {
             return field("limits.concurrency_per_connection", "must be at least 1");
         }
+        if self.limits.concurrency_per_caller == 0 {
+            return field("limits.concurrency_per_caller", "must be at least 1");
+        }
         if self.limits.request_timeout_ms == 0 {
             return field("limits.request_timeout_ms", "must be at least 1");
         }
@@ -493,6 +498,7 @@ impl Config {
                 .watch_keepalive()
                 .unwrap_or(DEFAULT_WATCH_KEEPALIVE),
             concurrency_per_connection: self.limits.concurrency_per_connection,
+            concurrency_per_caller: self.limits.concurrency_per_caller,
             request_timeout: Duration::from_millis(self.limits.request_timeout_ms),
             keepalive_interval: Duration::from_millis(self.limits.keepalive_interval_ms.max(1)),
             ..Limits::for_secret_limit(self.limits.max_secret_bytes)

@@ -1186,6 +1186,86 @@ async fn a_message_over_the_size_limit_gets_a_clear_status_and_the_server_keeps_
     );
 }
 
+/// With `concurrency_per_caller = 1`, bursts of concurrent Unseals from one
+/// identity must see refusals (`CALLER_CONCURRENCY`), while another identity's
+/// calls at the same time all succeed; every place comes back afterwards.
+/// Whether two calls overlap is up to the scheduler, so the burst is repeated
+/// until one is refused (a limiter that never refuses fails after 20 bursts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_over_its_concurrency_limit_is_refused_and_others_are_not() {
+    credvault::tls::install_default_provider();
+    let server = TestServer::start_with(
+        Pki::new(),
+        ServerOptions::default().limit("concurrency_per_caller = 1"),
+    )
+    .await;
+    let mut ingest = server.vault(&server.pki.role("ingest")).await;
+    ingest
+        .seal(seal_request(TENANT_A, "busy", CredentialKind::ApiKey, b"k"))
+        .await
+        .expect("Seal");
+    let executor = server.vault(&server.pki.role("executor")).await;
+    let other = server
+        .vault(&server.pki.uri("spiffe://credvault/executor/other"))
+        .await;
+
+    let mut refused = 0;
+    for _ in 0..20 {
+        let burst: Vec<_> = (0..32)
+            .map(|_| {
+                let mut client = executor.clone();
+                tokio::spawn(async move { client.unseal(unseal_request(TENANT_A, "busy")).await })
+            })
+            .collect();
+        // Meanwhile, one call at a time from another identity: never refused.
+        let mut calm = other.clone();
+        for _ in 0..4 {
+            calm.unseal(unseal_request(TENANT_A, "busy"))
+                .await
+                .expect("another caller is not limited by the busy one");
+        }
+        for call in burst {
+            match call.await.expect("task") {
+                Ok(_) => {}
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                    assert_eq!(reason(&status).as_deref(), Some("CALLER_CONCURRENCY"));
+                    refused += 1;
+                }
+            }
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    assert!(refused > 0, "no call was refused in 20 bursts of 32");
+
+    // Every place came back: one call at a time succeeds again.
+    let mut executor = executor;
+    for _ in 0..3 {
+        executor
+            .unseal(unseal_request(TENANT_A, "busy"))
+            .await
+            .expect("after the burst");
+    }
+
+    // Each refusal is audited as a denial of Unseal.
+    let mut admin = server.admin(&server.pki.role("admin")).await;
+    let records = admin
+        .query_audit(pb::QueryAuditRequest {
+            tenant_id: TENANT_A.into(),
+            outcome: "CALLER_CONCURRENCY".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("QueryAudit")
+        .into_inner()
+        .records;
+    assert_eq!(records.len(), refused, "one audit record per refusal");
+    assert!(records.iter().all(|r| r.rpc == "Unseal"), "{records:?}");
+}
+
 // ---------------------------------------------------------------------------
 // Revocation
 

@@ -82,6 +82,9 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Requests served at once on one connection (one caller); more wait.
     pub concurrency_per_connection: usize,
+    /// Calls in flight at once from one caller identity, over all its
+    /// connections; more are refused (RESOURCE_EXHAUSTED, CALLER_CONCURRENCY).
+    pub concurrency_per_caller: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
     /// A request that takes longer fails with DEADLINE_EXCEEDED / CANCELLED.
@@ -101,6 +104,7 @@ impl Limits {
         Self {
             max_message_bytes: max_secret_bytes + (64 << 10),
             concurrency_per_connection: 128,
+            concurrency_per_caller: 512,
             max_concurrent_streams: 256,
             request_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(30),
@@ -117,6 +121,8 @@ pub(crate) struct Shared {
     pub vault: Arc<Vault>,
     pub policy: Arc<Policy>,
     callers: Arc<CallerCache>,
+    /// Calls in flight per caller identity.
+    in_flight: Arc<InFlight>,
     /// Ends the long-lived streams when the server begins shutting down.
     pub streams: StreamShutdown,
     /// See [`Limits::watch_keepalive`].
@@ -187,15 +193,79 @@ impl CallerCache {
     }
 }
 
+/// Calls in flight per caller identity, over all of its connections (DESIGN
+/// §6: per-caller concurrency limits). The per-connection limit makes calls
+/// wait; this one refuses them, so that one caller with many connections
+/// cannot take every worker from the others.
+pub(crate) struct InFlight {
+    limit: usize,
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+impl InFlight {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            counts: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a place for a call of `identity`: false if it has `limit` in flight.
+    fn enter(&self, identity: &str) -> bool {
+        let mut counts = self.lock();
+        match counts.get_mut(identity) {
+            Some(count) if *count >= self.limit => false,
+            Some(count) => {
+                *count += 1;
+                true
+            }
+            None => {
+                counts.insert(identity.to_owned(), 1);
+                true
+            }
+        }
+    }
+
+    /// Calls of `identity` in flight now.
+    #[cfg(test)]
+    fn count(&self, identity: &str) -> usize {
+        self.lock().get(identity).copied().unwrap_or(0)
+    }
+}
+
+/// An authorised caller. It holds one of its identity's places in
+/// [`InFlight`] until it is dropped, at the end of the handler.
+pub(crate) struct Authorised {
+    pub identity: String,
+    in_flight: Arc<InFlight>,
+}
+
+impl Drop for Authorised {
+    fn drop(&mut self) {
+        let mut counts = self.in_flight.lock();
+        if let Some(count) = counts.get_mut(&self.identity) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.identity);
+            }
+        }
+    }
+}
+
 impl Shared {
-    /// The caller, authorised for `rpc` on `tenant`; else the status to return.
-    /// A denial is recorded in the audit log before it is returned.
+    /// The caller, authorised for `rpc` on `tenant` and holding a place among
+    /// its calls in flight; else the status to return. A denial is recorded in
+    /// the audit log before it is returned.
     pub(crate) async fn authorise<T: audit::AuditTarget>(
         &self,
         req: &Request<T>,
         rpc: Rpc,
         tenant: Option<&str>,
-    ) -> Result<Caller, Status> {
+    ) -> Result<Authorised, Status> {
         let caller = match self.caller(req) {
             Ok(caller) => caller,
             Err(status) => {
@@ -205,7 +275,23 @@ impl Shared {
             }
         };
         if self.policy.allows(&caller.identity, rpc, tenant) {
-            Ok(caller)
+            if self.in_flight.enter(&caller.identity) {
+                return Ok(Authorised {
+                    identity: caller.identity,
+                    in_flight: self.in_flight.clone(),
+                });
+            }
+            tracing::warn!(caller = %caller.identity, rpc = rpc.name(), tenant, outcome = "CALLER_CONCURRENCY", "too many calls in flight from one caller");
+            self.audit_denial(req, &caller.identity, rpc, tenant, "CALLER_CONCURRENCY")
+                .await;
+            Err(status_with_reason(
+                tonic::Code::ResourceExhausted,
+                format!(
+                    "this caller already has {} calls in flight; retry later",
+                    self.in_flight.limit
+                ),
+                "CALLER_CONCURRENCY",
+            ))
         } else {
             tracing::warn!(caller = %caller.identity, rpc = rpc.name(), tenant, outcome = "denied", "permission denied");
             self.audit_denial(req, &caller.identity, rpc, tenant, "PERMISSION_DENIED")
@@ -271,6 +357,7 @@ pub fn router_with(
         vault,
         policy,
         callers: Arc::default(),
+        in_flight: Arc::new(InFlight::new(limits.concurrency_per_caller)),
         streams: streams.clone(),
         watch_keepalive: limits.watch_keepalive,
     };
@@ -468,5 +555,30 @@ mod tests {
             assert!(shown.contains("18 bytes redacted"), "{shown}");
         }
         assert!(format!("{seal:?}").contains("acme"));
+    }
+
+    #[test]
+    fn a_caller_gets_at_most_its_limit_of_places_and_each_comes_back_when_dropped() {
+        use std::sync::Arc;
+
+        use super::{Authorised, InFlight};
+        let in_flight = Arc::new(InFlight::new(2));
+        let enter = |identity: &str| {
+            in_flight.enter(identity).then(|| Authorised {
+                identity: identity.to_owned(),
+                in_flight: in_flight.clone(),
+            })
+        };
+        let first = enter("a").expect("first place");
+        let second = enter("a").expect("second place");
+        assert!(enter("a").is_none(), "a third call of `a` is refused");
+        let other = enter("b").expect("another caller has its own places");
+        assert_eq!((in_flight.count("a"), in_flight.count("b")), (2, 1));
+        drop(first);
+        assert_eq!(in_flight.count("a"), 1);
+        let third = enter("a").expect("a place came back");
+        drop((second, third, other));
+        assert_eq!((in_flight.count("a"), in_flight.count("b")), (0, 0));
+        assert!(in_flight.lock().is_empty(), "idle callers leave no entry");
     }
 }

@@ -587,6 +587,7 @@ mod tests {
             vault: Arc::new(vault),
             policy: Arc::new(Policy::dev_default()),
             callers: Arc::default(),
+            in_flight: Arc::new(crate::service::InFlight::new(512)),
             streams: StreamShutdown::new(),
             watch_keepalive: keepalive,
         }
