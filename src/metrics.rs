@@ -9,7 +9,9 @@
 //!   `fdatasync` (the one figure that says when the disk is the trouble; their
 //!   ratio is the group-commit batch size), and whether the store has failed
 //!   (it then refuses every write);
-//! - TLS handshakes that failed or timed out.
+//! - TLS handshakes that failed or timed out;
+//! - the `WatchRevocations` streams open now (executors listening for
+//!   revocations: if it falls to zero, revocations no longer reach them).
 //!
 //! The metrics are process-wide ([`global`]): the store's threads record into
 //! them without a handle being threaded through.
@@ -58,6 +60,7 @@ pub struct Metrics {
     pub store_sync_seconds: Histogram,
     pub store_failed: Gauge,
     pub tls_handshake_failures: Counter,
+    pub revocation_watchers: Gauge,
 }
 
 fn call_seconds() -> Histogram {
@@ -105,6 +108,12 @@ impl Metrics {
             "TLS handshakes that failed or timed out",
             tls_handshake_failures.clone(),
         );
+        let revocation_watchers = Gauge::default();
+        registry.register(
+            "revocation_watchers",
+            "WatchRevocations streams open now",
+            revocation_watchers.clone(),
+        );
         Self {
             registry,
             grpc_calls,
@@ -113,6 +122,7 @@ impl Metrics {
             store_sync_seconds,
             store_failed,
             tls_handshake_failures,
+            revocation_watchers,
         }
     }
 
@@ -340,6 +350,7 @@ mod tests {
             ("credvault_store_log_sync_duration_seconds", "histogram"),
             ("credvault_store_failed", "gauge"),
             ("credvault_tls_handshake_failures", "counter"),
+            ("credvault_revocation_watchers", "gauge"),
         ] {
             let line = format!("# TYPE {name} {kind}");
             assert!(text.contains(&line), "{line} missing:\n{text}");

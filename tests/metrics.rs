@@ -8,7 +8,7 @@ mod support;
 
 use std::net::SocketAddr;
 
-use credvault::service::pb::CredentialKind;
+use credvault::service::pb::{self, CredentialKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
@@ -121,4 +121,34 @@ async fn calls_commits_and_syncs_are_counted_and_no_customer_name_is_exported() 
 
     let (status, _) = get(metrics, "/").await;
     assert!(status.contains("404"), "{status}");
+
+    // An open WatchRevocations stream is counted while it is open.
+    let watchers = || async {
+        sample(
+            &get(metrics, "/metrics").await.1,
+            "credvault_revocation_watchers",
+        )
+    };
+    assert_eq!(watchers().await, Some(0.0));
+    let mut stream = executor
+        .watch_revocations(pb::WatchRevocationsRequest::default())
+        .await
+        .expect("WatchRevocations")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("the opening keepalive")
+        .expect("a message");
+    assert_eq!(watchers().await, Some(1.0));
+    drop(stream);
+    let mut left = None;
+    for _ in 0..200 {
+        left = watchers().await;
+        if left == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(left, Some(0.0), "the watch ended when its client left");
 }

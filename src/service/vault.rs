@@ -420,6 +420,23 @@ struct Watch {
     last_sent: Instant,
 }
 
+/// Counts a watch in `credvault_revocation_watchers` while it runs, however
+/// its task ends.
+struct OpenWatch;
+
+impl OpenWatch {
+    fn count() -> Self {
+        crate::metrics::global().revocation_watchers.inc();
+        Self
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        crate::metrics::global().revocation_watchers.dec();
+    }
+}
+
 /// Why a watch stops.
 enum Stop {
     /// The client went away, or the server is shutting down: end quietly.
@@ -434,6 +451,7 @@ impl Watch {
     /// log until the client leaves, the server shuts down or a read fails.
     /// Dropping `tx` ends the stream (with OK, unless an error was sent last).
     async fn run(mut self, first: EventPage) {
+        let _open = OpenWatch::count();
         let shutdown = self.shared.streams.begun();
         tokio::pin!(shutdown);
         let result = async {
