@@ -403,10 +403,15 @@ impl KeyRing {
         Ok(keys)
     }
 
+    /// Reads the KEK ring from the store again. The store is read under the
+    /// write lock, so reloads take turns and the ring never goes back: two
+    /// reloads that read before and after a rotation, then installed their
+    /// rings in the other order, left the new KEK out while DEKs wrapped
+    /// under it were already committed ("data key names a missing KEK").
     pub fn reload_keks(&self) -> Result<()> {
         let (root, _) = self.root();
-        let fresh = load_keks(&*self.store, &root, &self.keks.read().expect("kek lock"))?;
-        *self.keks.write().expect("kek lock") = fresh;
+        let mut keks = self.keks.write().expect("kek lock");
+        *keks = load_keks(&*self.store, &root, &keks)?;
         Ok(())
     }
 
@@ -715,4 +720,60 @@ const MAX_ATTEMPTS: usize = 64;
 fn to_key(material: &Zeroizing<Vec<u8>>) -> Result<SymmetricKey> {
     SymmetricKey::from_slice(material)
         .ok_or_else(|| Error::Corrupt(format!("unwrapped key is not {KEY_LEN} bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::store::{SledStore, StoreOptions};
+
+    /// Regression: concurrent reloads must never put back a ring older than
+    /// one already installed. Threads reload in a loop while KEKs rotate;
+    /// after each rotation returns, its KEK must stay loaded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reloads_racing_rotations_never_lose_a_kek() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(&StoreOptions::new(dir.path())).expect("store"));
+        let ring = Arc::new(
+            KeyRing::open(
+                store,
+                Arc::new(SystemClock),
+                SymmetricKey::generate(),
+                1 << 30,
+            )
+            .await
+            .expect("ring"),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let reloaders: Vec<_> = (0..3)
+            .map(|_| {
+                let (ring, stop) = (ring.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        ring.reload_keks().expect("reload");
+                        std::thread::yield_now();
+                    }
+                })
+            })
+            .collect();
+        let mut rotated = Vec::new();
+        for _ in 0..60 {
+            let from = ring.primary_kek_version().expect("primary");
+            if let Some(to) = ring.rotate_kek(from, &|_, _| {}).await.expect("rotate") {
+                rotated.push(to);
+            }
+            for &version in &rotated {
+                assert!(ring.kek(version).is_some(), "KEK v{version} went missing");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for reloader in reloaders {
+            reloader.join().expect("reloader");
+        }
+        assert_eq!(rotated.len(), 60, "every rotation took effect");
+    }
 }
