@@ -274,34 +274,31 @@ impl Shared {
                 return Err(status);
             }
         };
-        if self.policy.allows(&caller.identity, rpc, tenant) {
-            if self.in_flight.enter(&caller.identity) {
-                return Ok(Authorised {
-                    identity: caller.identity,
-                    in_flight: self.in_flight.clone(),
-                });
-            }
-            tracing::warn!(caller = %caller.identity, rpc = rpc.name(), tenant, outcome = "CALLER_CONCURRENCY", "too many calls in flight from one caller");
-            self.audit_denial(req, &caller.identity, rpc, tenant, "CALLER_CONCURRENCY")
-                .await;
-            Err(status_with_reason(
+        let (code, reason, message) = if !self.policy.allows(&caller.identity, rpc, tenant) {
+            (
+                tonic::Code::PermissionDenied,
+                "PERMISSION_DENIED",
+                format!("the caller is not allowed to call {}", rpc.name()),
+            )
+        } else if self.in_flight.enter(&caller.identity) {
+            return Ok(Authorised {
+                identity: caller.identity,
+                in_flight: self.in_flight.clone(),
+            });
+        } else {
+            (
                 tonic::Code::ResourceExhausted,
+                "CALLER_CONCURRENCY",
                 format!(
                     "this caller already has {} calls in flight; retry later",
                     self.in_flight.limit
                 ),
-                "CALLER_CONCURRENCY",
-            ))
-        } else {
-            tracing::warn!(caller = %caller.identity, rpc = rpc.name(), tenant, outcome = "denied", "permission denied");
-            self.audit_denial(req, &caller.identity, rpc, tenant, "PERMISSION_DENIED")
-                .await;
-            Err(status_with_reason(
-                tonic::Code::PermissionDenied,
-                format!("the caller is not allowed to call {}", rpc.name()),
-                "PERMISSION_DENIED",
-            ))
-        }
+            )
+        };
+        tracing::warn!(caller = %caller.identity, rpc = rpc.name(), tenant, outcome = reason, "call refused");
+        self.audit_denial(req, &caller.identity, rpc, tenant, reason)
+            .await;
+        Err(status_with_reason(code, message, reason))
     }
 
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
