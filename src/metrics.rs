@@ -21,7 +21,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -146,14 +146,7 @@ pub fn global() -> &'static Metrics {
 pub async fn serve(listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let accept = async {
         loop {
-            let (tcp, _) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (tcp, _) = crate::service::accept(&listener).await;
             tokio::spawn(async move {
                 let service =
                     hyper::service::service_fn(
@@ -264,18 +257,20 @@ where
 /// The path if it names one of the services credvault serves, else `other`.
 fn method_label(path: &str) -> String {
     const SERVICES: [&str; 4] = [
-        "/credvault.v1.Vault/",
-        "/credvault.v1.Admin/",
-        "/grpc.health.v1.Health/",
-        "/grpc.reflection.v1.ServerReflection/",
+        crate::service::pb::vault_server::SERVICE_NAME,
+        crate::service::pb::admin_server::SERVICE_NAME,
+        tonic_health::pb::health_server::SERVICE_NAME,
+        tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
     ];
-    let known = SERVICES.iter().any(|service| {
-        path.strip_prefix(service).is_some_and(|method| {
-            !method.is_empty()
+    let known = path
+        .strip_prefix('/')
+        .and_then(|path| path.split_once('/'))
+        .is_some_and(|(service, method)| {
+            SERVICES.contains(&service)
+                && !method.is_empty()
                 && method.len() <= 64
                 && method.bytes().all(|b| b.is_ascii_alphanumeric())
-        })
-    });
+        });
     if known {
         path.to_owned()
     } else {

@@ -487,14 +487,7 @@ fn tls_incoming(
     let (tx, rx) = mpsc::channel(256);
     let accept_loop = tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (tcp, peer) = accept(&listener).await;
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
@@ -512,6 +505,20 @@ fn tls_incoming(
         }
     });
     (ReceiverStream::new(rx), accept_loop)
+}
+
+/// The next connection on `listener`. A failed accept (say, out of file
+/// descriptors) is logged and retried after a pause instead of ending the loop.
+pub(crate) async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 fn log_handshake_failure(peer: SocketAddr, error: &std::io::Error) {
