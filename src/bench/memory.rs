@@ -106,10 +106,11 @@ pub fn run(params: &Params, exe: &Path) -> anyhow::Result<Results> {
         let child = |phase: Child| -> anyhow::Result<ChildReport> {
             let output = std::process::Command::new(exe)
                 .args(["bench", "memory", "--child"])
-                .arg(match phase {
-                    Child::Fill => "fill",
-                    Child::Read => "read",
-                })
+                .arg(
+                    clap::ValueEnum::to_possible_value(&phase)
+                        .expect("every phase has a name")
+                        .get_name(),
+                )
                 .arg("--dir")
                 .arg(dir.path())
                 .args(["--credentials", &credentials.to_string()])
