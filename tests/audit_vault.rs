@@ -13,7 +13,10 @@ use credvault::audit::AuditFilter;
 use credvault::clock::ManualClock;
 use credvault::crypto::SymmetricKey;
 use credvault::error::Error;
-use credvault::store::{Batch, CommitFuture, Op, Row, Rows, SledStore, Store, StoreError};
+use credvault::store::{
+    Batch, CommitFuture, ExportCounts, ExportError, ExportSink, Op, Row, Rows, SledStore, Store,
+    StoreError,
+};
 use credvault::vault::{Caller, Kind, Vault, VaultOptions};
 
 use common::{T0, TestVault, request};
@@ -44,6 +47,9 @@ impl Store for RefusingAudit {
             return Box::pin(async { Err(StoreError::Backend("injected write failure".into())) });
         }
         self.inner.commit(batch)
+    }
+    fn export(&self, sink: &mut ExportSink<'_>) -> Result<ExportCounts, ExportError> {
+        self.inner.export(sink)
     }
 }
 

@@ -18,7 +18,7 @@ mod wal;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use self::sled::{Durability, SledStore, StoreOptions};
+pub use self::sled::{Durability, ImportError, SledStore, StoreOptions};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +127,41 @@ impl Batch {
     }
 }
 
+/// One item of an export ([`Store::export`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exported<'a> {
+    /// A record as the store held it at some moment while the export ran.
+    Row(&'a [u8], &'a [u8]),
+    /// The value (`None`: deleted) of a record written while the export ran,
+    /// as it stood when the export ended. Applied over the rows, the changes
+    /// give the store exactly as it stood at that moment.
+    Change(&'a [u8], Option<&'a [u8]>),
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportCounts {
+    pub rows: u64,
+    pub changes: u64,
+}
+
+/// Why an export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// Another export of this store is running.
+    #[error("another backup of this store is running")]
+    Busy,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The sink refused an item (its file could not be written).
+    #[error("writing the backup: {0}")]
+    Sink(#[from] std::io::Error),
+}
+
+/// Where an export goes, item by item.
+pub type ExportSink<'a> = dyn FnMut(Exported<'_>) -> std::io::Result<()> + 'a;
+
 /// A key and its value.
 pub type Row = (Vec<u8>, Vec<u8>);
 /// Key-value pairs, in key order.
@@ -158,4 +193,10 @@ pub trait Store: Send + Sync + 'static {
     /// and nothing written otherwise), and resolves once it is durable.
     /// Concurrent commits share one flush (group commit).
     fn commit(&self, batch: Batch) -> CommitFuture<'_>;
+
+    /// Copies every record, as the backend stores it, to `sink` while writes
+    /// go on (blocking; run it off the async workers): first every row, each
+    /// as it stood at some moment of the export, then the final value of
+    /// every record written meanwhile ([`Exported`]). One export at a time.
+    fn export(&self, sink: &mut ExportSink<'_>) -> Result<ExportCounts, ExportError>;
 }

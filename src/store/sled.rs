@@ -39,7 +39,10 @@ use tokio::sync::oneshot;
 use super::layout::{LOGS, WAL_GROUP, decode_counter, encode_counter};
 use super::pages;
 use super::wal::{self, Wal};
-use super::{Batch, CommitFuture, Op, Row, Rows, Store, StoreError};
+use super::{
+    Batch, CommitFuture, ExportCounts, ExportError, ExportSink, Exported, Op, Row, Rows, Store,
+    StoreError,
+};
 
 /// How writes are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -119,7 +122,7 @@ type Reply = oneshot::Sender<Outcome>;
 /// A key's value as staged (`None`: deleted).
 type Value = Option<Vec<u8>>;
 /// A staged change: a key and its new value (`None`: deleted).
-type Change = (Vec<u8>, Value);
+pub type Change = (Vec<u8>, Value);
 
 /// The end of a log as the committer last left it.
 #[derive(Default)]
@@ -161,6 +164,22 @@ pub struct SledStore {
     landed: Arc<RwLock<Overlay>>,
     queue: Option<mpsc::Sender<(Batch, Reply)>>,
     committer: Option<JoinHandle<()>>,
+    failure: Failure,
+}
+
+/// Why [`SledStore::import`] failed. The directory is then left as it was
+/// made so far; the caller removes it.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The directory exists and holds something.
+    #[error("{0} exists and is not empty; restore into a new directory")]
+    NotEmpty(PathBuf),
+    /// The items could not be read.
+    #[error(transparent)]
+    Source(#[from] std::io::Error),
+    /// The new store could not be written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl SledStore {
@@ -169,12 +188,7 @@ impl SledStore {
     /// applied again and made durable.
     pub fn open(options: &StoreOptions) -> Result<Self, StoreError> {
         create_private_dir(&options.path)?;
-        let db = sled::Config::new()
-            .path(&options.path)
-            .cache_capacity(options.cache_capacity)
-            .flush_every_ms(None)
-            .open()
-            .map_err(backend)?;
+        let db = open_tree(options)?;
         let wal_dir = options.path.join(WAL_DIR);
         create_private_dir(&wal_dir)?;
         let mut files = SyncFiles::open(&options.path)?;
@@ -185,6 +199,7 @@ impl SledStore {
         }
 
         let failure = Failure::default();
+        let store_failure = failure.clone();
         let applied = Arc::new(Applied::default());
         let busy = Arc::new(AtomicBool::new(false));
         let (checkpoint, to_checkpoint) = mpsc::channel();
@@ -240,7 +255,37 @@ impl SledStore {
             landed,
             queue: Some(queue),
             committer: Some(handle),
+            failure: store_failure,
         })
+    }
+
+    /// Writes exported items ([`Exported`]: rows, then changes; a key set
+    /// again takes the later value, `None` deletes it) into a new store at
+    /// `path`, which must not exist or be empty, and makes it durable.
+    /// Offline: the store is not open meanwhile. Keys the backend keeps for
+    /// itself (the log's group number) are skipped. Returns the items written.
+    pub fn import(
+        options: &StoreOptions,
+        items: impl Iterator<Item = std::io::Result<Change>>,
+    ) -> Result<u64, ImportError> {
+        let path = &options.path;
+        if std::fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_some()) {
+            return Err(ImportError::NotEmpty(path.clone()));
+        }
+        create_private_dir(path)?;
+        let db = open_tree(options)?;
+        let mut written = 0;
+        for item in items {
+            let (key, value) = item?;
+            if key.as_slice() == WAL_GROUP {
+                continue;
+            }
+            apply_group(&db, [(key, value)]).map_err(backend)?;
+            written += 1;
+        }
+        db.flush().map_err(backend)?;
+        SyncFiles::open(path)?.sync().map_err(StoreError::Backend)?;
+        Ok(written)
     }
 
     /// The stored page of the log under `log` that holds (or would hold)
@@ -409,6 +454,16 @@ impl Drop for SledStore {
             let _ = handle.join();
         }
     }
+}
+
+/// sled's tree at `options.path`, flushed only when the store says so.
+fn open_tree(options: &StoreOptions) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(&options.path)
+        .cache_capacity(options.cache_capacity)
+        .flush_every_ms(None)
+        .open()
+        .map_err(backend)
 }
 
 fn spawn<T: Send + 'static>(
@@ -582,6 +637,9 @@ struct Overlay {
     values: BTreeMap<Vec<u8>, (Value, u64)>,
     /// Every group up to this one is in the tree and dropped from here.
     applied: u64,
+    /// While an export runs (landed overlay only): the latest value of every
+    /// key a group landed since it started (see [`SledStore::export`]).
+    tap: Option<BTreeMap<Vec<u8>, Value>>,
 }
 
 impl Overlay {
@@ -733,6 +791,9 @@ fn land(landed: &RwLock<Overlay>, failure: &Failure, flights: Vec<Flight>) -> Ve
         let mut newest = None;
         for (group, changes) in flights.iter().filter_map(|f| f.write.as_ref()) {
             landed.add(*group, changes);
+            if let Some(tap) = landed.tap.as_mut() {
+                tap.extend(changes.iter().cloned());
+            }
             newest = Some(*group);
         }
         // The group number the applier will record, so that reads never see
@@ -1241,6 +1302,69 @@ impl Store for SledStore {
                 _ => Err(StoreError::Backend("store closed".into())),
             }
         })
+    }
+
+    /// A scan of the whole tree (with the landed groups over it) in chunks,
+    /// while a tap on the landed overlay collects the latest value of every
+    /// key a group lands meanwhile. Every change becomes visible by landing,
+    /// under the overlay's write lock, so the tap and the scan split the
+    /// groups exactly: those landed before the tap opened are in what the
+    /// scan reads, the rest are in the tap too. A key the scan read before a
+    /// later group changed it gets that group's value from the tap, and a key
+    /// no group touched was the same all along, so the rows with the tap over
+    /// them are the store as it stood when the tap closed.
+    fn export(&self, sink: &mut ExportSink<'_>) -> Result<ExportCounts, ExportError> {
+        struct Tap<'a>(&'a RwLock<Overlay>);
+        impl Tap<'_> {
+            fn close(&self) -> Option<BTreeMap<Vec<u8>, Value>> {
+                self.0.write().expect("landed lock").tap.take()
+            }
+        }
+        impl Drop for Tap<'_> {
+            fn drop(&mut self) {
+                self.close(); // an export that failed half-way stops collecting
+            }
+        }
+        let tap = {
+            let mut landed = self.landed.write().expect("landed lock");
+            if landed.tap.is_some() {
+                return Err(ExportError::Busy);
+            }
+            landed.tap = Some(BTreeMap::new());
+            Tap(&self.landed)
+        };
+        let mut counts = ExportCounts::default();
+        let mut start: Bound<Vec<u8>> = Bound::Unbounded;
+        loop {
+            // A chunk under the read lock, written out after it is released:
+            // the sink's disk writes must not hold up the sync thread.
+            let mut rows: Rows = Vec::with_capacity(SCAN_CHUNK);
+            let landed = self.read_lock();
+            self.for_each_from(&landed, b"", start.as_ref().map(Vec::as_slice), |k, v| {
+                rows.push((k.to_vec(), v.to_vec()));
+                rows.len() < SCAN_CHUNK
+            })?;
+            drop(landed);
+            for (key, value) in &rows {
+                if key.as_slice() != WAL_GROUP {
+                    sink(Exported::Row(key, value))?;
+                    counts.rows += 1;
+                }
+            }
+            match rows.pop() {
+                Some((key, _)) if rows.len() + 1 == SCAN_CHUNK => start = Bound::Excluded(key),
+                _ => break,
+            }
+        }
+        let changed = tap.close().unwrap_or_default();
+        if let Some(failure) = self.failure.get() {
+            return Err(StoreError::Poisoned(failure).into());
+        }
+        for (key, value) in &changed {
+            sink(Exported::Change(key, value.as_deref()))?;
+            counts.changes += 1;
+        }
+        Ok(counts)
     }
 }
 
@@ -1933,5 +2057,156 @@ mod tests {
             keys(store.scan(b"s\0", Some(&after), usize::MAX).unwrap()),
             expected[11..]
         );
+    }
+
+    /// Every item of an export, owned, and its counts.
+    fn export_all(
+        store: &SledStore,
+        mut each: impl FnMut(usize),
+    ) -> Result<(Vec<Change>, ExportCounts), ExportError> {
+        let mut items = Vec::new();
+        let counts = store.export(&mut |item| {
+            each(items.len());
+            items.push(match item {
+                Exported::Row(k, v) => (k.to_vec(), Some(v.to_vec())),
+                Exported::Change(k, v) => (k.to_vec(), v.map(<[u8]>::to_vec)),
+            });
+            Ok(())
+        })?;
+        Ok((items, counts))
+    }
+
+    /// Every row of a store, log entries as their pages hold them.
+    fn all_rows(store: &SledStore) -> Rows {
+        let (items, counts) = export_all(store, |_| {}).unwrap();
+        assert_eq!(counts.changes, 0, "nothing wrote meanwhile");
+        items.into_iter().map(|(k, v)| (k, v.unwrap())).collect()
+    }
+
+    #[tokio::test]
+    async fn an_export_of_a_quiet_store_imports_to_the_same_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("live"), Durability::GroupCommit);
+        for n in 0..2 * SCAN_CHUNK + 3 {
+            let mut batch = Batch::default();
+            batch.put(format!("s\0{n:04}").into_bytes(), vec![n as u8; n % 50]);
+            batch.add(b"c\0count".to_vec(), 1);
+            chained(&mut batch);
+            store.commit(batch).await.unwrap();
+        }
+        let rows = all_rows(&store);
+        assert!(rows.len() > 2 * SCAN_CHUNK, "{} rows", rows.len());
+        assert!(rows.iter().all(|(k, _)| k.as_slice() != WAL_GROUP));
+
+        let restored = StoreOptions::new(dir.path().join("restored"));
+        let items = rows.iter().map(|(k, v)| Ok((k.clone(), Some(v.clone()))));
+        assert_eq!(
+            SledStore::import(&restored, items).unwrap(),
+            rows.len() as u64
+        );
+        let copy = open(&restored.path, Durability::GroupCommit);
+        assert_eq!(all_rows(&copy), rows);
+        // The copy's logs go on where the original's ended.
+        let mut batch = Batch::default();
+        chained(&mut batch);
+        let seq = copy.commit(batch).await.unwrap()[0];
+        assert_eq!(seq, 2 * SCAN_CHUNK as u64 + 4);
+
+        // A second import into the now non-empty directory is refused.
+        let again = SledStore::import(&restored, std::iter::empty());
+        assert!(matches!(again, Err(ImportError::NotEmpty(_))), "{again:?}");
+    }
+
+    /// Writers keep changing pairs of keys (always equal within a batch),
+    /// deleting and recreating keys, counting and appending while the export
+    /// runs slowly: the import must hold every pair equal, the log without a
+    /// gap, and the counter equal to the log's length.
+    #[tokio::test]
+    async fn an_export_under_writes_is_one_consistent_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(&dir.path().join("live"), Durability::GroupCommit));
+        const PAIRS: usize = 300;
+        let pair = |i: usize, side: &str| format!("p\0{i:04}\0{side}").into_bytes();
+        let mut batch = Batch::default();
+        for i in 0..PAIRS {
+            batch
+                .put(pair(i, "a"), b"0".to_vec())
+                .put(pair(i, "b"), b"0".to_vec());
+        }
+        store.commit(batch).await.unwrap();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let (store, stop) = (store.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut round = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        round += 1;
+                        let i = (round * 7 + w * 13) % PAIRS;
+                        let value = format!("{w}-{round}").into_bytes();
+                        let mut batch = Batch::default();
+                        batch
+                            .put(pair(i, "a"), value.clone())
+                            .put(pair(i, "b"), value);
+                        batch.add(b"c\0appended".to_vec(), 1);
+                        chained(&mut batch);
+                        let gone = format!("g\0{w}").into_bytes();
+                        if round % 2 == 0 {
+                            batch.delete(gone);
+                        } else {
+                            batch.put(gone, b"here".to_vec());
+                        }
+                        store.commit(batch).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let exporter = store.clone();
+        let (items, counts) = tokio::task::spawn_blocking(move || {
+            export_all(&exporter, |n| {
+                if n % 20 == 0 {
+                    std::thread::sleep(Duration::from_millis(2)); // slower than the writers
+                }
+                if n == 1 {
+                    let busy = exporter.export(&mut |_| Ok(()));
+                    assert!(matches!(busy, Err(ExportError::Busy)), "{busy:?}");
+                }
+            })
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        stop.store(true, Ordering::Relaxed);
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        assert!(counts.changes > 0, "the writers wrote while the export ran");
+        assert_eq!(items.len() as u64, counts.rows + counts.changes);
+
+        let restored = StoreOptions::new(dir.path().join("restored"));
+        SledStore::import(&restored, items.into_iter().map(Ok)).unwrap();
+        let copy = open(&restored.path, Durability::GroupCommit);
+        for i in 0..PAIRS {
+            let a = copy.get(&pair(i, "a")).unwrap();
+            assert!(a.is_some());
+            assert_eq!(a, copy.get(&pair(i, "b")).unwrap(), "pair {i}");
+        }
+        let appended = decode_counter(&copy.get(b"c\0appended").unwrap().unwrap()).unwrap();
+        let entries = scan_all(&copy, 1000);
+        assert_eq!(entries.len() as u64, appended);
+        for (n, (seq, value)) in entries.iter().enumerate() {
+            assert_eq!(*seq, n as u64 + 1);
+            assert_eq!(value[..8], seq.to_be_bytes());
+            assert_eq!(
+                value[8..],
+                (seq - 1).to_be_bytes(),
+                "chained to the one before"
+            );
+        }
+        // The export left no tap behind: the next one runs.
+        assert_eq!(export_all(&store, |_| {}).unwrap().1.changes, 0);
     }
 }
