@@ -2152,7 +2152,7 @@ mod tests {
                         batch.add(b"c\0appended".to_vec(), 1);
                         chained(&mut batch);
                         let gone = format!("g\0{w}").into_bytes();
-                        if round % 2 == 0 {
+                        if round.is_multiple_of(2) {
                             batch.delete(gone);
                         } else {
                             batch.put(gone, b"here".to_vec());
@@ -2167,7 +2167,7 @@ mod tests {
         let exporter = store.clone();
         let (items, counts) = tokio::task::spawn_blocking(move || {
             export_all(&exporter, |n| {
-                if n % 20 == 0 {
+                if n.is_multiple_of(20) {
                     std::thread::sleep(Duration::from_millis(2)); // slower than the writers
                 }
                 if n == 1 {
