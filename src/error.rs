@@ -143,6 +143,9 @@ pub enum Error {
     /// Concurrent writers kept conflicting; the caller may retry.
     #[error("too many concurrent changes to this credential; retry")]
     Contention,
+    /// A backup or restore failed.
+    #[error(transparent)]
+    Backup(#[from] crate::vault::backup::BackupError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -175,6 +178,7 @@ impl Error {
             Error::EventsPruned { .. } => "EVENTS_PRUNED",
             Error::AuditUnavailable => "AUDIT_UNAVAILABLE",
             Error::Audit(e) => e.reason(),
+            Error::Backup(e) => e.reason(),
             Error::PrimaryKey { .. } => "KEY_IS_PRIMARY",
             Error::KeyNotFound => "KEY_NOT_FOUND",
             Error::JobNotFound => "JOB_NOT_FOUND",
@@ -234,6 +238,17 @@ impl From<Error> for tonic::Status {
             | Error::VersionMismatch { .. } => Code::FailedPrecondition,
             Error::DecryptionFailed => Code::DataLoss,
             Error::Contention => Code::Aborted,
+            Error::Backup(e) => {
+                use crate::vault::backup::BackupError as B;
+                match e {
+                    B::RelativeDirectory => Code::InvalidArgument,
+                    B::DirectoryNotEmpty(_) | B::TargetNotEmpty(_) => Code::FailedPrecondition,
+                    B::Busy | B::RootRotated => Code::Aborted,
+                    B::Damaged { .. } | B::WrongRootKey { .. } => Code::FailedPrecondition,
+                    B::Write { .. } | B::Read { .. } => Code::Internal,
+                    B::Store(_) => Code::Unavailable,
+                }
+            }
             Error::Store(_) => Code::Unavailable,
             Error::WrongRootKey
             | Error::RetiredRootKey { .. }
@@ -242,6 +257,7 @@ impl From<Error> for tonic::Status {
         };
         let message = match &error {
             Error::Store(_)
+            | Error::Backup(crate::vault::backup::BackupError::Store(_))
             | Error::WrongRootKey
             | Error::RetiredRootKey { .. }
             | Error::RootKey(_)

@@ -26,7 +26,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use credvault::service::pb::{self, admin_client::AdminClient};
 
 use super::client::{Connection, status as status_error};
-use super::keys::admin;
+use super::keys::{admin, load_root};
 
 /// The exit code of `verify` when the chain is broken.
 const BROKEN_EXIT_CODE: i32 = 2;
@@ -114,7 +114,7 @@ enum AuditCommand {
 }
 
 /// What `verify` found.
-enum Verdict {
+pub(super) enum Verdict {
     Ok,
     Broken,
 }
@@ -180,7 +180,7 @@ async fn execute(command: AuditCommand) -> anyhow::Result<Verdict> {
             root_key_file,
             root_key_env,
             ..
-        } => return verify_offline(dir, root_key_file, root_key_env).await,
+        } => return verify_offline(dir, load_root(root_key_file, root_key_env)?).await,
     }
     Ok(Verdict::Ok)
 }
@@ -423,18 +423,14 @@ async fn verify_online(conn: &Connection) -> anyhow::Result<Verdict> {
     }
 }
 
-async fn verify_offline(
+/// Opens the stopped server's store in `dir` with `root` and verifies its
+/// audit chain, printing the verdict.
+pub(super) async fn verify_offline(
     dir: PathBuf,
-    root_key_file: Option<PathBuf>,
-    root_key_env: Option<String>,
+    root: credvault::crypto::SymmetricKey,
 ) -> anyhow::Result<Verdict> {
     use credvault::store::{SledStore, StoreOptions};
 
-    let root = match (root_key_file, root_key_env) {
-        (Some(path), _) => credvault::crypto::root::load_file(&path)?,
-        (None, Some(var)) => credvault::crypto::root::load_env(&var)?,
-        (None, None) => anyhow::bail!("--data-dir needs --root-key-file or --root-key-env"),
-    };
     // Opening creates a missing directory: a typo must not verify an empty store.
     if !dir.join("db").is_file() {
         anyhow::bail!(

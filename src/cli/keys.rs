@@ -7,6 +7,7 @@
 //! by default.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -72,6 +73,18 @@ pub(super) async fn admin(
     conn: &Connection,
 ) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     Ok(AdminClient::new(conn.channel(DevRole::Admin).await?).max_decoding_message_size(usize::MAX))
+}
+
+/// The root key from `--root-key-file` or `--root-key-env` (one of them given).
+pub(super) fn load_root(
+    file: Option<PathBuf>,
+    env: Option<String>,
+) -> anyhow::Result<credvault::crypto::SymmetricKey> {
+    Ok(match (file, env) {
+        (Some(path), _) => credvault::crypto::root::load_file(&path)?,
+        (None, Some(var)) => credvault::crypto::root::load_env(&var)?,
+        (None, None) => anyhow::bail!("give the root key: --root-key-file or --root-key-env"),
+    })
 }
 
 pub fn run(args: KeysArgs) -> anyhow::Result<()> {

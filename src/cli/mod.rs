@@ -1,6 +1,7 @@
 //! The `credvault` command line: clap definitions and the subcommands.
 
 pub mod audit;
+pub mod backup;
 pub mod bench;
 pub mod certs;
 pub mod client;
@@ -43,6 +44,12 @@ pub enum Command {
     /// The audit log: `query`, `tail`, `export` (JSON lines) and `verify` (exit 2 when the
     /// chain is broken; `--data-dir` verifies a stopped server's store offline).
     Audit(audit::AuditArgs),
+    /// Write a consistent backup of a running server's store into a new directory on its
+    /// host (Admin Backup); it opens only with the root key in use.
+    Backup(backup::BackupArgs),
+    /// Restore a backup, offline, into a new data directory (after checking the whole
+    /// file and then the audit chain); `--check` only checks the backup.
+    Restore(backup::RestoreArgs),
     /// Rotate a key layer (`kek`, `tenant ID`, `root`) or follow a rotation job (`status ID`).
     Rotate(rotate::RotateArgs),
     /// Write a new random root key (base64, mode 0600). Refuses to overwrite.
@@ -67,6 +74,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tenant(args) => tenant::run(args),
         Command::Watch(args) => watch::run(args),
         Command::Audit(args) => audit::run(args),
+        Command::Backup(args) => backup::backup(args),
+        Command::Restore(args) => backup::restore(args),
         Command::Keygen { out } => {
             credvault::crypto::root::generate_file(&out)?;
             println!(

@@ -34,6 +34,7 @@ pub const DEK_WRAP_LABEL: &[u8] = b"credvault/v1/dek";
 pub const KEK_WRAP_LABEL: &[u8] = b"credvault/v1/kek";
 pub const ROOT_CHECK_LABEL: &[u8] = b"credvault/v1/root-check";
 pub const AUDIT_KEY_LABEL: &[u8] = b"credvault/v1/audit-key";
+pub const BACKUP_KEY_LABEL: &[u8] = b"credvault/v1/backup-key";
 /// The plaintext of the root key's check value.
 pub const ROOT_CHECK_PLAINTEXT: &[u8] = b"credvault root key check v1";
 
@@ -97,6 +98,11 @@ impl Context {
     /// The audit log's HMAC key, wrapped by the root key.
     pub fn audit_key() -> Self {
         Self::new(AUDIT_KEY_LABEL)
+    }
+
+    /// A backup file's MAC key, wrapped by the root key.
+    pub fn backup_key() -> Self {
+        Self::new(BACKUP_KEY_LABEL)
     }
 
     /// The encoded fields (without the header prefix), as documented in `docs/format.md`.

@@ -202,7 +202,7 @@ impl KeyRing {
         self.root.read().expect("root lock").key.version()
     }
 
-    fn root(&self) -> (Arc<RootKey>, Vec<u8>) {
+    pub(super) fn root(&self) -> (Arc<RootKey>, Vec<u8>) {
         let root = self.root.read().expect("root lock");
         (root.key.clone(), root.check_bytes.clone())
     }

@@ -7,6 +7,7 @@
 //! batch names the exact bytes it replaces).
 
 mod audit;
+pub mod backup;
 mod events;
 mod keyring;
 mod ledger;
