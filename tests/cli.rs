@@ -4,7 +4,8 @@
 //! `rotate …` / `keys status|destroy` through a KEK, tenant and root key rotation,
 //! `tenant delete|restore|hold|release|status`, `watch` following revocations until the
 //! server stops, and `audit query|tail|export|verify` (online, and offline on a stopped
-//! server's store after one record was edited) with `[audit] retention` pruning.
+//! server's store after one record was edited) with `[audit] retention` pruning, and
+//! `backup` of a running server then `restore --check|--data-dir` offline, served again.
 //!
 //! Every test runs the real binary in its own temporary directory; servers listen on a free
 //! 127.0.0.1 port and are killed by a guard even when the test fails. Readiness is a client
@@ -2013,4 +2014,285 @@ fn audit_retention_is_validated_and_prunes_old_records_keeping_the_chain_verifia
         "{}",
         server.stderr_text()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backup and restore
+
+/// `credvault restore --from FROM --root-key-file KEY` and then `tail` (`--check`, or
+/// `--data-dir DIR`).
+fn restore(from: &Path, key: &Path, tail: &[&std::ffi::OsStr]) -> Output {
+    run(
+        credvault()
+            .args(["restore", "--from"])
+            .arg(from)
+            .arg("--root-key-file")
+            .arg(key)
+            .args(tail),
+        b"",
+    )
+}
+
+#[test]
+fn backup_and_restore_through_the_binary() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let mut server = Server::dev(dir, &[]);
+    let unseal = |server: &Server, id: &str| {
+        run(
+            server
+                .client("unseal")
+                .args(["--tenant", "acme", "--id", id]),
+            b"",
+        )
+    };
+
+    // Three secrets, one of them with two versions, binary bytes included.
+    let secrets: [(&str, &[u8]); 3] = [
+        ("gmail", b"SID=31d4d96e; HSID=\xff\xfe\x00\x80 end\n"),
+        ("openai", b"sk-test-4f1c2a9e8b7d6c5a"),
+        ("github", b"ghp_\x00\x01\x02 token"),
+    ];
+    run(
+        server
+            .client("seal")
+            .args(["--tenant", "acme", "--id", "gmail"]),
+        b"version 1, replaced by version 2",
+    )
+    .assert_success("seal gmail v1");
+    for (id, secret) in secrets {
+        run(
+            server.client("seal").args(["--tenant", "acme", "--id", id]),
+            secret,
+        )
+        .assert_success(id);
+    }
+
+    // The backup: written on the server's host, where the command says, owner only.
+    let backup_dir = dir.join("b");
+    let backup_file = backup_dir.join("credvault.backup");
+    let written = run(server.client("backup").arg(&backup_dir), b"");
+    let report = written.assert_success("backup").stdout_text();
+    let bytes = fs::metadata(&backup_file)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{report}", backup_file.display()))
+        .len();
+    assert!(
+        report.contains(&format!(
+            "backup written: {} ({bytes} bytes)",
+            backup_file.display()
+        )),
+        "{report}"
+    );
+    assert!(report.contains("root key v1"), "{report}");
+    assert_eq!(mode(&backup_file), PRIVATE_MODE);
+    assert_eq!(
+        fs::read_dir(&backup_dir).unwrap().count(),
+        1,
+        "only the backup file is left in {}",
+        backup_dir.display()
+    );
+    // `records N (+M written while it ran)`, to be found again when it is read back.
+    let records = report
+        .lines()
+        .find_map(|line| {
+            let line = line.trim();
+            line.starts_with("records ")
+                .then(|| line.split_once(", root key").map_or(line, |(head, _)| head))
+        })
+        .unwrap_or_else(|| panic!("no `records` line: {report}"))
+        .to_owned();
+    assert!(records.ends_with("written while it ran)"), "{records}");
+
+    // Again into the same directory, named relatively this time: refused, the file unchanged.
+    let backup_bytes = fs::read(&backup_file).unwrap();
+    let refused = run(server.client("backup").arg("b").current_dir(dir), b"");
+    refused.assert_failure("backup into a non-empty directory");
+    assert!(
+        refused.stderr.contains("BACKUP_DIRECTORY_NOT_EMPTY"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        refused.stderr.contains(&backup_dir.display().to_string()),
+        "the relative directory was not made absolute: {}",
+        refused.stderr
+    );
+    assert!(refused.stdout.is_empty(), "{}", refused.stdout_text());
+    assert_eq!(fs::read(&backup_file).unwrap(), backup_bytes);
+
+    // Written after the backup: not in it.
+    run(
+        server
+            .client("seal")
+            .args(["--tenant", "acme", "--id", "later"]),
+        b"sealed after the backup",
+    )
+    .assert_success("seal after the backup");
+    assert!(server.terminate().success(), "{}", server.stderr_text());
+    drop(server);
+
+    // --check: intact, the same counts, and nothing written.
+    let root_key = dir.join("data/root.key");
+    let entries = || {
+        let mut paths: Vec<PathBuf> = [dir, backup_dir.as_path()]
+            .into_iter()
+            .flat_map(|d| fs::read_dir(d).unwrap().map(|e| e.unwrap().path()))
+            .collect();
+        paths.sort();
+        paths
+    };
+    let before = entries();
+    let checked = restore(&backup_dir, &root_key, &["--check".as_ref()]);
+    let check = checked.assert_success("restore --check").stdout_text();
+    assert!(
+        check.contains(&format!(
+            "backup intact: {} ({bytes} bytes",
+            backup_file.display()
+        )),
+        "{check}"
+    );
+    assert!(check.contains(&records), "{check} lacks {records:?}");
+    assert_eq!(before, entries(), "restore --check wrote something");
+
+    // Restore into a new data directory: the audit chain of the result verifies.
+    let restored = dir.join("restored");
+    let output = restore(
+        &backup_file,
+        &root_key,
+        &["--data-dir".as_ref(), restored.as_os_str()],
+    );
+    let text = output.assert_success("restore --data-dir").stdout_text();
+    assert!(
+        text.contains(&format!("restored: {}", backup_file.display())),
+        "{text}"
+    );
+    assert!(text.contains(&records), "{text} lacks {records:?}");
+    assert!(
+        text.contains(&format!("into {}", restored.display())),
+        "{text}"
+    );
+    let audited: u64 = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("audit chain ok: "))
+        .and_then(|rest| rest.strip_suffix(" records"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no `audit chain ok: N records`: {text}"));
+    assert!(
+        audited >= 4,
+        "{audited} audit records for four seals: {text}"
+    );
+    assert!(restored.join("db").exists(), "{}", restored.display());
+
+    // Restoring again into the same, now non-empty, directory is refused.
+    let again = restore(
+        &backup_file,
+        &root_key,
+        &["--data-dir".as_ref(), restored.as_os_str()],
+    );
+    again.assert_failure("restore into a non-empty directory");
+    assert!(again.stderr.contains("not empty"), "{}", again.stderr);
+
+    // A server on the restored store: every secret as sealed, and nothing written after.
+    let config = dir.join("restored.toml");
+    let quoted = |path: PathBuf| format!("{:?}", path.display().to_string());
+    fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\n\
+             data_dir = {}\n\
+             root_key_file = {}\n\
+             policy_file = {}\n\
+             \n\
+             [tls]\n\
+             cert = {}\n\
+             key = {}\n\
+             client_ca = {}\n",
+            quoted(restored.clone()),
+            quoted(root_key.clone()),
+            quoted(dir.join("data/policy.toml")),
+            quoted(dir.join("certs/server.pem")),
+            quoted(dir.join("certs/server.key")),
+            quoted(dir.join("certs/ca.pem")),
+        ),
+    )
+    .unwrap();
+    let mut server = Server::start(dir, |port| {
+        let mut command = credvault();
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}")]);
+        command
+    });
+    for (id, secret) in secrets {
+        let unsealed = unseal(&server, id);
+        assert_eq!(
+            unsealed.assert_success(id).stdout,
+            secret,
+            "{id} after the restore"
+        );
+    }
+    let first = run(
+        server
+            .client("unseal")
+            .args(["--tenant", "acme", "--id", "gmail", "--version", "1"]),
+        b"",
+    );
+    assert_eq!(
+        first.assert_success("gmail v1").stdout,
+        b"version 1, replaced by version 2"
+    );
+    let missing = unseal(&server, "later");
+    missing.assert_failure("unseal of a secret sealed after the backup");
+    assert!(missing.stderr.contains("NOT_FOUND"), "{}", missing.stderr);
+    assert!(missing.stdout.is_empty(), "{}", missing.stdout_text());
+    let listed = run(server.client("list").args(["--tenant", "acme"]), b"");
+    let list = listed
+        .assert_success("list after the restore")
+        .stdout_text();
+    assert_eq!(list.lines().count(), secrets.len(), "{list}");
+    assert!(server.terminate().success(), "{}", server.stderr_text());
+    drop(server);
+
+    // One byte flipped in the middle of a copy: refused, no data directory left.
+    let damaged = dir.join("damaged.backup");
+    let mut copy = backup_bytes.clone();
+    let middle = copy.len() / 2;
+    copy[middle] ^= 0x01;
+    fs::write(&damaged, &copy).unwrap();
+    let bad = dir.join("bad");
+    let refused = restore(
+        &damaged,
+        &root_key,
+        &["--data-dir".as_ref(), bad.as_os_str()],
+    );
+    refused.assert_failure("restore of a damaged backup");
+    assert!(
+        refused.stderr.contains("not an intact credvault backup"),
+        "{}",
+        refused.stderr
+    );
+    assert!(refused.stdout.is_empty(), "{}", refused.stdout_text());
+    assert!(!bad.exists(), "{} left behind", bad.display());
+    let refused = restore(&damaged, &root_key, &["--check".as_ref()]);
+    refused.assert_failure("restore --check of a damaged backup");
+    assert!(
+        refused.stderr.contains("not an intact credvault backup"),
+        "{}",
+        refused.stderr
+    );
+
+    // Another root key does not open it: the message names the version it needs.
+    let other_key = dir.join("other.key");
+    run(credvault().arg("keygen").arg("--out").arg(&other_key), b"").assert_success("keygen");
+    let wrong = dir.join("wrong");
+    let refused = restore(
+        &backup_dir,
+        &other_key,
+        &["--data-dir".as_ref(), wrong.as_os_str()],
+    );
+    refused.assert_failure("restore under another root key");
+    assert!(refused.stderr.contains("root key v1"), "{}", refused.stderr);
+    assert!(!wrong.exists(), "{} left behind", wrong.display());
 }
