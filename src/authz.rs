@@ -43,11 +43,12 @@ pub enum Rpc {
     QueryAudit,
     VerifyAudit,
     Backup,
+    GetServerStatus,
 }
 
 impl Rpc {
     /// Every RPC, Vault service first, in declaration order.
-    pub const ALL: [Rpc; 19] = [
+    pub const ALL: [Rpc; 20] = [
         Rpc::Seal,
         Rpc::Unseal,
         Rpc::GetMetadata,
@@ -67,6 +68,7 @@ impl Rpc {
         Rpc::QueryAudit,
         Rpc::VerifyAudit,
         Rpc::Backup,
+        Rpc::GetServerStatus,
     ];
 
     /// The RPC's name as in the proto file and in policy files, e.g. `"Seal"`.
@@ -91,6 +93,7 @@ impl Rpc {
             Rpc::QueryAudit => "QueryAudit",
             Rpc::VerifyAudit => "VerifyAudit",
             Rpc::Backup => "Backup",
+            Rpc::GetServerStatus => "GetServerStatus",
         }
     }
 
@@ -163,6 +166,7 @@ const ADMIN: &[Rpc] = &[
     Rpc::QueryAudit,
     Rpc::VerifyAudit,
     Rpc::Backup,
+    Rpc::GetServerStatus,
 ];
 
 /// The RPCs of a built-in role, or `None` if `name` is not one.

@@ -15,7 +15,7 @@ use credvault::crypto::SymmetricKey;
 use credvault::error::Error;
 use credvault::store::{
     Batch, CommitFuture, ExportCounts, ExportError, ExportSink, Op, Row, Rows, SledStore, Store,
-    StoreError,
+    StoreError, StoreHealth,
 };
 use credvault::vault::{Caller, Kind, Vault, VaultOptions};
 
@@ -50,6 +50,9 @@ impl Store for RefusingAudit {
     }
     fn export(&self, sink: &mut ExportSink<'_>) -> Result<ExportCounts, ExportError> {
         self.inner.export(sink)
+    }
+    fn health(&self) -> StoreHealth {
+        self.inner.health()
     }
 }
 

@@ -569,6 +569,10 @@ async fn call(rpc: Rpc, channel: &Channel, tenant: &str) -> Result<(), tonic::St
             })
             .await
             .map(drop),
+        Rpc::GetServerStatus => admin
+            .get_server_status(pb::GetServerStatusRequest {})
+            .await
+            .map(drop),
     }
 }
 
@@ -580,7 +584,8 @@ fn policy_tenant(rpc: Rpc, tenant: &str) -> Option<&str> {
         | Rpc::RotateRootKey
         | Rpc::GetRotationJob
         | Rpc::VerifyAudit
-        | Rpc::Backup => None,
+        | Rpc::Backup
+        | Rpc::GetServerStatus => None,
         _ => Some(tenant),
     }
 }
@@ -1624,4 +1629,70 @@ async fn a_health_watch_does_not_hold_up_shutdown() {
     .await
     .expect("shutdown waited on the health watch streams");
     ended.expect("server::run returns Ok");
+}
+
+// ---------------------------------------------------------------------------
+// Server status
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_status_shows_the_keys_the_logs_and_the_store() {
+    let server = TestServer::start().await;
+    let admin = server.admin(&server.pki.role("admin")).await;
+    let status = || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get_server_status(pb::GetServerStatusRequest {})
+                .await
+                .expect("status")
+                .into_inner()
+        }
+    };
+    let first = status().await;
+    assert_eq!(first.version, env!("CARGO_PKG_VERSION"));
+    assert!(
+        first.started_at_ms > 0 && first.started_at_ms <= first.now_ms,
+        "{first:?}"
+    );
+    assert_eq!((first.root_key_version, first.primary_kek_version), (1, 1));
+    assert!(first.root_key_created_at_ms > 0 && first.root_key_created_at_ms <= first.now_ms);
+    assert!(first.primary_kek_created_at_ms >= first.root_key_created_at_ms);
+    assert!(first.store_writable);
+    assert!(first.store_bytes > 0, "{first:?}");
+    assert_eq!(first.rotation_jobs_running, 0);
+
+    let mut settings = server.vault(&server.pki.role("settings")).await;
+    settings
+        .seal(seal_request(TENANT_A, "c", CredentialKind::ApiKey, b"s"))
+        .await
+        .expect("seal");
+    settings
+        .revoke(pb::RevokeRequest {
+            tenant_id: TENANT_A.into(),
+            credential_id: "c".into(),
+            reason: "status test".into(),
+        })
+        .await
+        .expect("revoke");
+    let second = status().await;
+    assert_eq!(second.last_event_sequence, first.last_event_sequence + 1);
+    // This call's own record comes after: the first status, the seal and the revoke.
+    assert_eq!(second.last_audit_sequence, first.last_audit_sequence + 3);
+    assert_eq!(second.primary_kek_encryptions, 1, "the tenant's first DEK");
+
+    admin
+        .clone()
+        .rotate_kek(pb::RotateKekRequest {})
+        .await
+        .expect("rotate");
+    let third = status().await;
+    assert_eq!(third.primary_kek_version, 2);
+    assert!(third.primary_kek_created_at_ms >= second.primary_kek_created_at_ms);
+
+    let denied = server
+        .admin(&server.pki.role("executor"))
+        .await
+        .get_server_status(pb::GetServerStatusRequest {})
+        .await;
+    expect_status(denied, Code::PermissionDenied, "PERMISSION_DENIED");
 }

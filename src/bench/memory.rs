@@ -177,7 +177,7 @@ pub async fn run_child(phase: Child, dir: &Path, params: &Params) -> anyhow::Res
             (report.rss, report.peak_rss) = resident()?;
             let vault = Arc::into_inner(vault).context("the fill still holds the vault")?;
             drop(vault); // closes the store: final checkpoint, log deleted
-            report.disk_bytes = dir_bytes(&store_dir)?;
+            report.disk_bytes = crate::store::dir_bytes(&store_dir)?;
         }
         Child::Read => {
             let started = Instant::now();
@@ -304,20 +304,6 @@ fn resident() -> anyhow::Result<(u64, u64)> {
 }
 
 /// Bytes in the files under `dir`, recursively.
-fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        total += if meta.is_dir() {
-            dir_bytes(&entry.path())?
-        } else {
-            meta.len()
-        };
-    }
-    Ok(total)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,14 +313,5 @@ mod tests {
         let (rss, peak) = resident().expect("Linux /proc");
         assert!(rss > 0, "a running process has resident pages");
         assert!(peak >= rss, "peak {peak} below current {rss}");
-    }
-
-    #[test]
-    fn dir_bytes_adds_up_files_in_subdirectories() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("a"), [0u8; 100]).expect("write");
-        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
-        std::fs::write(dir.path().join("sub/b"), [0u8; 23]).expect("write");
-        assert_eq!(dir_bytes(dir.path()).expect("walk"), 123);
     }
 }

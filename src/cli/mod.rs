@@ -8,6 +8,7 @@ pub mod client;
 pub mod keys;
 pub mod rotate;
 pub mod serve;
+pub mod status;
 pub mod tenant;
 pub mod watch;
 
@@ -50,6 +51,9 @@ pub enum Command {
     /// Restore a backup, offline, into a new data directory (after checking the whole
     /// file and then the audit chain); `--check` only checks the backup.
     Restore(backup::RestoreArgs),
+    /// The server at a glance: version and uptime, root key and primary KEK ages, rotation
+    /// jobs, the logs' ends, the store (exit 2 when it refuses writes).
+    Status(status::StatusArgs),
     /// Rotate a key layer (`kek`, `tenant ID`, `root`) or follow a rotation job (`status ID`).
     Rotate(rotate::RotateArgs),
     /// Write a new random root key (base64, mode 0600). Refuses to overwrite.
@@ -76,6 +80,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(args) => audit::run(args),
         Command::Backup(args) => backup::backup(args),
         Command::Restore(args) => backup::restore(args),
+        Command::Status(args) => status::run(args),
         Command::Keygen { out } => {
             credvault::crypto::root::generate_file(&out)?;
             println!(

@@ -376,6 +376,38 @@ impl pb::admin_server::Admin for AdminService {
             .await
     }
 
+    async fn get_server_status(
+        &self,
+        req: Request<pb::GetServerStatusRequest>,
+    ) -> Result<Response<pb::ServerStatus>, Status> {
+        let caller = self.0.authorise(&req, Rpc::GetServerStatus, None).await?;
+        let who = who(&caller.identity, Rpc::GetServerStatus, &req);
+        let vault = self.0.vault.clone();
+        let result = tokio::task::spawn_blocking(move || vault.status())
+            .await
+            .map_err(|_| Status::internal("status task failed"))?;
+        log("GetServerStatus", &caller.identity, "", outcome(&result));
+        let started_at_ms = self.0.started_at_ms;
+        let response = result.map_err(Status::from).map(|status| {
+            Response::new(pb::ServerStatus {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                started_at_ms,
+                now_ms: status.now_ms,
+                root_key_version: status.root.version,
+                root_key_created_at_ms: status.root.created_at_ms,
+                primary_kek_version: status.primary_kek.version,
+                primary_kek_created_at_ms: status.primary_kek.created_at_ms,
+                primary_kek_encryptions: status.primary_kek.encryptions,
+                rotation_jobs_running: status.rotation_jobs_running as u32,
+                last_event_sequence: status.last_event_sequence,
+                last_audit_sequence: status.last_audit_sequence,
+                store_writable: status.store.writable,
+                store_bytes: status.store.bytes_on_disk.unwrap_or(0),
+            })
+        });
+        self.0.audit_status(&who, "", response, false).await
+    }
+
     async fn backup(
         &self,
         req: Request<pb::BackupRequest>,

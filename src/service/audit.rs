@@ -46,6 +46,7 @@ no_credential!(
     pb::QueryAuditRequest,
     pb::VerifyAuditRequest,
     pb::BackupRequest,
+    pb::GetServerStatusRequest,
 );
 
 impl AuditTarget for pb::SealRequest {

@@ -127,6 +127,8 @@ pub(crate) struct Shared {
     pub streams: StreamShutdown,
     /// See [`Limits::watch_keepalive`].
     pub watch_keepalive: Duration,
+    /// When the service was built (ms since the Unix epoch).
+    pub started_at_ms: u64,
 }
 
 /// Tells the server's long-lived streams (`WatchRevocations`) that it is
@@ -357,6 +359,9 @@ pub fn router_with(
         in_flight: Arc::new(InFlight::new(limits.concurrency_per_caller)),
         streams: streams.clone(),
         watch_keepalive: limits.watch_keepalive,
+        started_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
     };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)

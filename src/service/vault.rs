@@ -608,6 +608,7 @@ mod tests {
             in_flight: Arc::new(crate::service::InFlight::new(512)),
             streams: StreamShutdown::new(),
             watch_keepalive: keepalive,
+            started_at_ms: 0,
         }
     }
 

@@ -18,7 +18,7 @@ mod wal;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use self::sled::{Durability, ImportError, SledStore, StoreOptions};
+pub use self::sled::{Durability, ImportError, SledStore, StoreOptions, dir_bytes};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +162,16 @@ pub enum ExportError {
 /// Where an export goes, item by item.
 pub type ExportSink<'a> = dyn FnMut(Exported<'_>) -> std::io::Result<()> + 'a;
 
+/// How the store is doing, for `credvault status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// False once a write, sync or checkpoint failed: every later write is
+    /// refused (the server log says why).
+    pub writable: bool,
+    /// Bytes the backend's files use, if it can tell.
+    pub bytes_on_disk: Option<u64>,
+}
+
 /// A key and its value.
 pub type Row = (Vec<u8>, Vec<u8>);
 /// Key-value pairs, in key order.
@@ -199,4 +209,7 @@ pub trait Store: Send + Sync + 'static {
     /// as it stood at some moment of the export, then the final value of
     /// every record written meanwhile ([`Exported`]). One export at a time.
     fn export(&self, sink: &mut ExportSink<'_>) -> Result<ExportCounts, ExportError>;
+
+    /// Whether writes are still taken, and the size on disk.
+    fn health(&self) -> StoreHealth;
 }

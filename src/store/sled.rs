@@ -41,7 +41,7 @@ use super::pages;
 use super::wal::{self, Wal};
 use super::{
     Batch, CommitFuture, ExportCounts, ExportError, ExportSink, Exported, Op, Row, Rows, Store,
-    StoreError,
+    StoreError, StoreHealth,
 };
 
 /// How writes are made durable.
@@ -165,6 +165,8 @@ pub struct SledStore {
     queue: Option<mpsc::Sender<(Batch, Reply)>>,
     committer: Option<JoinHandle<()>>,
     failure: Failure,
+    /// The data directory.
+    path: PathBuf,
 }
 
 /// Why [`SledStore::import`] failed. The directory is then left as it was
@@ -256,6 +258,7 @@ impl SledStore {
             queue: Some(queue),
             committer: Some(handle),
             failure: store_failure,
+            path: options.path.clone(),
         })
     }
 
@@ -441,9 +444,9 @@ impl SledStore {
         self.landed.read().expect("landed lock")
     }
 
-    /// Bytes sled reports on disk.
+    /// Bytes the data directory's files use: sled's, its blobs and the log.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        self.db.size_on_disk().map_err(backend)
+        dir_bytes(&self.path).map_err(backend)
     }
 }
 
@@ -454,6 +457,21 @@ impl Drop for SledStore {
             let _ = handle.join();
         }
     }
+}
+
+/// The sizes of the files under `dir`, subdirectories included.
+pub fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
 }
 
 /// sled's tree at `options.path`, flushed only when the store says so.
@@ -1366,6 +1384,13 @@ impl Store for SledStore {
         }
         Ok(counts)
     }
+
+    fn health(&self) -> StoreHealth {
+        StoreHealth {
+            writable: self.failure.get().is_none(),
+            bytes_on_disk: self.size_on_disk().ok(),
+        }
+    }
 }
 
 /// The smallest key greater than every key that starts with `prefix` (`None`
@@ -2081,6 +2106,31 @@ mod tests {
         let (items, counts) = export_all(store, |_| {}).unwrap();
         assert_eq!(counts.changes, 0, "nothing wrote meanwhile");
         items.into_iter().map(|(k, v)| (k, v.unwrap())).collect()
+    }
+
+    #[test]
+    fn dir_bytes_adds_up_files_in_subdirectories() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("a"), [0u8; 100]).expect("write");
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        std::fs::write(dir.path().join("sub/b"), [0u8; 23]).expect("write");
+        assert_eq!(dir_bytes(dir.path()).expect("walk"), 123);
+    }
+
+    #[tokio::test]
+    async fn health_reports_the_size_and_a_failed_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = holding(dir.path(), Durability::GroupCommit, &["k"], &[7; 4096]).await;
+        let health = store.health();
+        assert!(health.writable);
+        assert!(health.bytes_on_disk.unwrap() > 4096, "{health:?}");
+        store.failure.set("a test", "injected");
+        assert!(!store.health().writable);
+        let refused = store.commit(Batch::default()).await;
+        assert!(
+            matches!(refused, Err(StoreError::Poisoned(_))),
+            "{refused:?}"
+        );
     }
 
     #[tokio::test]

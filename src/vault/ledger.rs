@@ -95,25 +95,7 @@ impl Vault {
     /// depends on a count (destroying a version) must check it in its own batch.
     pub fn key_status(&self, tenant: Option<&str>) -> Result<KeyStatus> {
         let store = &*self.store;
-        let check: RootCheck = records::decode(
-            &store
-                .get(layout::ROOT_CHECK)?
-                .ok_or_else(|| Error::Corrupt("the root check value is missing".into()))?,
-        )?;
-        let mut keks = Vec::new();
-        for (key, bytes) in store.scan(&layout::kek_prefix(), None, usize::MAX)? {
-            let record: KekRecord = records::decode(&bytes)?;
-            let version = versioned(&key, record.version, "KEK")?;
-            keks.push(KekStatus {
-                version,
-                state: record.state(),
-                created_at_ms: record.created_at_ms,
-                retired_at_ms: nonzero(record.retired_at_ms),
-                destroyed_at_ms: nonzero(record.destroyed_at_ms),
-                encryptions: counter(store, &layout::kek_counter(version))?,
-                wrapped_deks: counter(store, &layout::kek_refs(version))?,
-            });
-        }
+        let (root, keks) = self.root_and_keks()?;
         let tenants = match tenant {
             Some(tenant) => {
                 validate::tenant_id(tenant)?;
@@ -144,18 +126,40 @@ impl Vault {
                 });
             }
         }
-        Ok(KeyStatus {
-            root: RootKeyStatus {
-                version: check.root_version,
-                created_at_ms: check.created_at_ms,
-                wrapped_keks: keks
-                    .iter()
-                    .filter(|k| k.state != KeyState::Destroyed)
-                    .count() as u64,
-            },
-            keks,
-            deks,
-        })
+        Ok(KeyStatus { root, keks, deks })
+    }
+
+    /// The root key and every KEK version, from their records and counters.
+    pub(super) fn root_and_keks(&self) -> Result<(RootKeyStatus, Vec<KekStatus>)> {
+        let store = &*self.store;
+        let check: RootCheck = records::decode(
+            &store
+                .get(layout::ROOT_CHECK)?
+                .ok_or_else(|| Error::Corrupt("the root check value is missing".into()))?,
+        )?;
+        let mut keks = Vec::new();
+        for (key, bytes) in store.scan(&layout::kek_prefix(), None, usize::MAX)? {
+            let record: KekRecord = records::decode(&bytes)?;
+            let version = versioned(&key, record.version, "KEK")?;
+            keks.push(KekStatus {
+                version,
+                state: record.state(),
+                created_at_ms: record.created_at_ms,
+                retired_at_ms: nonzero(record.retired_at_ms),
+                destroyed_at_ms: nonzero(record.destroyed_at_ms),
+                encryptions: counter(store, &layout::kek_counter(version))?,
+                wrapped_deks: counter(store, &layout::kek_refs(version))?,
+            });
+        }
+        let root = RootKeyStatus {
+            version: check.root_version,
+            created_at_ms: check.created_at_ms,
+            wrapped_keks: keks
+                .iter()
+                .filter(|k| k.state != KeyState::Destroyed)
+                .count() as u64,
+        };
+        Ok((root, keks))
     }
 }
 

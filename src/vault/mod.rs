@@ -13,6 +13,7 @@ mod keyring;
 mod ledger;
 mod lifecycle;
 mod rotation;
+mod status;
 pub mod validate;
 
 pub use crate::store::records::JobKind;
@@ -21,6 +22,7 @@ pub use events::{Event, EventPage};
 pub use ledger::{DekStatus, KekStatus, KeyStatus, RootKeyStatus};
 pub use lifecycle::{DeletionReceipt, TenantStatus};
 pub use rotation::{JobState, KeyLayer, RotationJob, RotationOptions};
+pub use status::VaultStatus;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

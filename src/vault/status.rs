@@ -1,0 +1,56 @@
+//! The vault at a glance, for `credvault status` (Admin `GetServerStatus`).
+
+use super::{JobState, KekStatus, RootKeyStatus, Vault};
+use crate::error::{Error, Result};
+use crate::store::{StoreHealth, layout};
+
+/// What an operator checks first: key ages, unfinished rotations, the logs'
+/// ends, whether the store still takes writes.
+#[derive(Debug, Clone)]
+pub struct VaultStatus {
+    pub root: RootKeyStatus,
+    pub primary_kek: KekStatus,
+    /// Rotation jobs not yet done.
+    pub rotation_jobs_running: u64,
+    /// The newest revocation event and audit record (0: none).
+    pub last_event_sequence: u64,
+    pub last_audit_sequence: u64,
+    pub store: StoreHealth,
+    /// The vault's clock when the status was read.
+    pub now_ms: u64,
+}
+
+impl Vault {
+    /// The status, read from the store (blocking: a few point reads and the
+    /// KEK and job records).
+    pub fn status(&self) -> Result<VaultStatus> {
+        let (root, keks) = self.root_and_keks()?;
+        let primary = self.keys.primary_kek_version()?;
+        let primary_kek = keks
+            .into_iter()
+            .find(|k| k.version == primary)
+            .ok_or_else(|| Error::Corrupt(format!("the primary KEK v{primary} has no record")))?;
+        let rotation_jobs_running = self
+            .rotation_jobs()?
+            .iter()
+            .filter(|job| job.state == JobState::Running)
+            .count() as u64;
+        let last_audit_sequence = match self.store.last(layout::AUDIT)? {
+            Some((key, _)) => key
+                .get(layout::AUDIT.len()..)
+                .and_then(|seq| seq.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| Error::Corrupt("an audit key without a sequence".into()))?,
+            None => 0,
+        };
+        Ok(VaultStatus {
+            root,
+            primary_kek,
+            rotation_jobs_running,
+            last_event_sequence: self.last_event_sequence(),
+            last_audit_sequence,
+            store: self.store.health(),
+            now_ms: self.clock.now_ms(),
+        })
+    }
+}
