@@ -652,9 +652,9 @@ mod tests {
 
     #[test]
     fn rpc_names_round_trip() {
-        assert_eq!(Rpc::ALL.len(), 19);
+        assert_eq!(Rpc::ALL.len(), 20);
         let names: BTreeSet<_> = Rpc::ALL.iter().map(|rpc| rpc.name()).collect();
-        assert_eq!(names.len(), 19, "names are distinct");
+        assert_eq!(names.len(), 20, "names are distinct");
         for rpc in Rpc::ALL {
             assert_eq!(rpc.name().parse::<Rpc>(), Ok(rpc));
             assert_eq!(format!("{rpc:?}"), rpc.name());
@@ -668,7 +668,7 @@ mod tests {
     #[test]
     fn admin_rpcs_are_the_admin_service() {
         let admin: Vec<Rpc> = Rpc::ALL.into_iter().filter(|rpc| rpc.is_admin()).collect();
-        assert_eq!(admin.len(), 9);
+        assert_eq!(admin.len(), 10);
         // The admin role: every Admin RPC, and GetTenantStatus of the Vault service.
         let role: Vec<Rpc> = std::iter::once(Rpc::GetTenantStatus).chain(admin).collect();
         assert_eq!(role, ADMIN);
@@ -677,6 +677,7 @@ mod tests {
         assert!(!Rpc::GetTenantStatus.is_admin());
         assert!(Rpc::RotateKek.is_admin());
         assert!(Rpc::Backup.is_admin());
+        assert!(Rpc::GetServerStatus.is_admin());
     }
 
     /// What each built-in role may call, written out independently of the
@@ -723,8 +724,8 @@ mod tests {
                 }
             }
         }
-        // 4 + 1 + 9 + 10 allowed RPCs, each with and without a tenant.
-        assert_eq!(allowed, 2 * 24);
+        // 4 + 1 + 9 + 11 allowed RPCs, each with and without a tenant.
+        assert_eq!(allowed, 2 * 25);
     }
 
     #[test]
