@@ -241,6 +241,7 @@ async fn every_outcome_is_recorded_exactly_once_in_order() {
     admin
         .get_key_status(pb::GetKeyStatusRequest {
             tenant_id: TENANT_A.into(),
+            ..Default::default()
         })
         .await
         .expect("GetKeyStatus");

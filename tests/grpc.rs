@@ -534,7 +534,10 @@ async fn call(rpc: Rpc, channel: &Channel, tenant: &str) -> Result<(), tonic::St
             .await
             .map(drop),
         Rpc::GetKeyStatus => admin
-            .get_key_status(pb::GetKeyStatusRequest { tenant_id })
+            .get_key_status(pb::GetKeyStatusRequest {
+                tenant_id,
+                ..Default::default()
+            })
             .await
             .map(drop),
         Rpc::DestroyKeyVersion => admin
@@ -1695,4 +1698,56 @@ async fn server_status_shows_the_keys_the_logs_and_the_store() {
         .get_server_status(pb::GetServerStatusRequest {})
         .await;
     expect_status(denied, Code::PermissionDenied, "PERMISSION_DENIED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_status_comes_in_pages_that_add_up() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin(&server.pki.role("admin")).await;
+    let mut settings = server.vault(&server.pki.role("settings")).await;
+    for tenant in ["t1", "t2", "t3"] {
+        settings
+            .seal(seal_request(tenant, "c", CredentialKind::ApiKey, b"s"))
+            .await
+            .expect("seal");
+    }
+    let whole = admin
+        .get_key_status(pb::GetKeyStatusRequest::default())
+        .await
+        .expect("key status")
+        .into_inner();
+    assert_eq!(whole.next_page_token, "", "one page by default");
+    let layers: Vec<&str> = whole.versions.iter().map(|v| v.layer.as_str()).collect();
+    assert_eq!(layers, ["root", "kek", "dek", "dek", "dek"]);
+
+    let mut rows = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = admin
+            .get_key_status(pb::GetKeyStatusRequest {
+                page_size: 1,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("page")
+            .into_inner();
+        pages += 1;
+        rows.extend(page.versions);
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(rows, whole.versions);
+
+    let bad = admin
+        .get_key_status(pb::GetKeyStatusRequest {
+            page_token: "t1".into(),
+            ..Default::default()
+        })
+        .await;
+    expect_status(bad, Code::InvalidArgument, "INVALID_PAGE_TOKEN");
 }

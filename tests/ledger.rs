@@ -710,3 +710,73 @@ async fn the_counts_live_in_the_store_and_an_old_store_gets_them_counted_once() 
     let tenants: BTreeSet<_> = status.deks.iter().map(|d| d.tenant.clone()).collect();
     assert_eq!(tenants, BTreeSet::from([tenant(0), tenant(1)]));
 }
+
+/// Pages of the key status, however small, add up to the whole of it: the
+/// root and KEK rows once, on the first page, then every DEK row once, in
+/// order; a malformed or foreign token is refused.
+#[tokio::test]
+async fn key_status_pages_add_up_to_the_whole_ledger() {
+    let tv = TestVault::new(VaultOptions::default()).await;
+    for tenant in ["acme", "beta", "cyan", "delta", "echo"] {
+        tv.seal(tenant, "c", Kind::ApiKey, b"s").await;
+    }
+    for tenant in ["beta", "delta"] {
+        tv.vault().rotate_tenant_key(tenant, false).await.unwrap();
+    }
+    tv.vault().rotate_kek().await.unwrap();
+    let vault = tv.vault();
+    let whole = vault.key_status(None).unwrap();
+    assert_eq!(whole.deks.len(), 7);
+    assert_eq!(whole.keks.len(), 2);
+
+    for page_size in [1, 2, 3, 7, 8, 1000] {
+        let mut pages = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = vault
+                .key_status_page(None, page_size, token.as_deref())
+                .unwrap();
+            assert!(page.deks.len() <= page_size);
+            assert_eq!(
+                page.head.is_some(),
+                pages.is_empty(),
+                "head on the first page only"
+            );
+            token = page.next_page_token.clone();
+            pages.push(page);
+            if token.is_none() {
+                break;
+            }
+            assert!(pages.len() <= 8, "page size {page_size}: no end");
+        }
+        let (root, keks) = pages[0].head.clone().unwrap();
+        assert_eq!((root, keks), (whole.root.clone(), whole.keks.clone()));
+        let deks: Vec<DekStatus> = pages.iter().flat_map(|p| p.deks.clone()).collect();
+        assert_eq!(deks, whole.deks, "page size {page_size}");
+        assert_eq!(
+            pages.len(),
+            7usize.div_ceil(page_size).max(1),
+            "page size {page_size}"
+        );
+    }
+    // One tenant's pages.
+    let first = vault.key_status_page(Some("delta"), 1, None).unwrap();
+    assert_eq!(first.next_page_token.as_deref(), Some("delta/1"));
+    let second = vault
+        .key_status_page(Some("delta"), 1, Some("delta/1"))
+        .unwrap();
+    assert_eq!(
+        (second.deks[0].tenant.as_str(), second.deks[0].version),
+        ("delta", 2)
+    );
+    assert_eq!(second.next_page_token, None);
+    for bad in ["", "delta", "delta/x", "del ta/1", "delta/1/2", "acme/1"] {
+        assert!(
+            matches!(
+                vault.key_status_page(Some("delta"), 1, Some(bad)),
+                Err(Error::Invalid(Invalid::PageToken))
+            ),
+            "{bad:?}"
+        );
+    }
+}

@@ -121,6 +121,7 @@ async fn key_status(admin: &mut Admin, tenant: &str) -> Vec<pb::KeyVersionStatus
     admin
         .get_key_status(pb::GetKeyStatusRequest {
             tenant_id: tenant.to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("GetKeyStatus {tenant:?}: {s:?}"))

@@ -75,6 +75,31 @@ pub(super) async fn admin(
     Ok(AdminClient::new(conn.channel(DevRole::Admin).await?).max_decoding_message_size(usize::MAX))
 }
 
+/// Every row of the key status of `tenant` (empty: the whole vault), page
+/// after page.
+pub(super) async fn key_status(
+    client: &mut AdminClient<tonic::transport::Channel>,
+    tenant: &str,
+) -> anyhow::Result<pb::KeyStatus> {
+    let mut all = pb::KeyStatus::default();
+    loop {
+        let page = client
+            .get_key_status(pb::GetKeyStatusRequest {
+                tenant_id: tenant.to_owned(),
+                page_size: 10_000,
+                page_token: std::mem::take(&mut all.next_page_token),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        all.versions.extend(page.versions);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        all.next_page_token = page.next_page_token;
+    }
+}
+
 /// The root key from `--root-key-file` or `--root-key-env` (one of them given).
 pub(super) fn load_root(
     file: Option<PathBuf>,
@@ -97,15 +122,8 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
 async fn execute(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Status { conn, tenant, json } => {
-            let request = pb::GetKeyStatusRequest {
-                tenant_id: tenant.unwrap_or_default(),
-            };
-            let status = admin(&conn)
-                .await?
-                .get_key_status(request)
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let mut client = admin(&conn).await?;
+            let status = key_status(&mut client, &tenant.unwrap_or_default()).await?;
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
@@ -335,6 +353,7 @@ mod tests {
                 row("dek", "acme", 3, "active", T0 + 86_400_000, 7, 5),
                 row("dek", "globex", 1, "active", T0 + 86_400_000, 1, 1),
             ],
+            ..Default::default()
         };
         let now = T0 + 2 * 86_400_000;
         let text = table(&status, now);

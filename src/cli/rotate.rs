@@ -183,11 +183,7 @@ async fn rotate_all_tenants(
     reencrypt: bool,
     wait: bool,
 ) -> anyhow::Result<()> {
-    let status = client
-        .get_key_status(pb::GetKeyStatusRequest::default())
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let status = super::keys::key_status(client, "").await?;
     let tenants: std::collections::BTreeSet<String> = status
         .versions
         .into_iter()

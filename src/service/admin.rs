@@ -195,6 +195,8 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::GetKeyStatusRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
         let wanted = tenant(&req.get_ref().tenant_id).map(str::to_owned);
+        let page_size = req.get_ref().page_size as usize;
+        let token = Some(req.get_ref().page_token.clone()).filter(|t| !t.is_empty());
         let caller = self
             .0
             .authorise(&req, Rpc::GetKeyStatus, wanted.as_deref())
@@ -206,13 +208,15 @@ impl pb::admin_server::Admin for AdminService {
             // off the async workers.
             let vault = self.0.vault.clone();
             let query = wanted.clone();
-            let result = tokio::task::spawn_blocking(move || vault.key_status(query.as_deref()))
-                .await
-                .map_err(|_| Status::internal("key status task failed"))?;
+            let result = tokio::task::spawn_blocking(move || {
+                vault.key_status_page(query.as_deref(), page_size, token.as_deref())
+            })
+            .await
+            .map_err(|_| Status::internal("key status task failed"))?;
             let tenant = wanted.as_deref().unwrap_or("");
             log("GetKeyStatus", &caller.identity, tenant, outcome(&result));
             match result {
-                Ok(status) => Ok(Response::new(convert::key_status(status))),
+                Ok(page) => Ok(Response::new(convert::key_status_page(page))),
                 Err(error) => Err(tenant_error(error, tenant)),
             }
         }

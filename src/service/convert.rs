@@ -4,8 +4,8 @@ use super::pb;
 use crate::error::{Error, Invalid};
 use crate::store::records::EventKind;
 use crate::vault::{
-    DeletionReceipt, Event, JobState, KeyStatus, Kind, Metadata, Revocation, RotationJob,
-    TenantStatus,
+    DekStatus, DeletionReceipt, Event, JobState, KeyStatus, KeyStatusPage, Kind, Metadata,
+    Revocation, RotationJob, TenantStatus,
 };
 
 pub fn kind_to_pb(kind: Kind) -> pb::CredentialKind {
@@ -85,7 +85,32 @@ pub fn key_status(status: KeyStatus) -> pb::KeyStatus {
         retired_at_ms: k.retired_at_ms.unwrap_or(0),
         destroyed_at_ms: k.destroyed_at_ms.unwrap_or(0),
     });
-    let deks = status.deks.into_iter().map(|d| pb::KeyVersionStatus {
+    let deks = status.deks.into_iter().map(dek_row);
+    pb::KeyStatus {
+        versions: std::iter::once(root).chain(keks).chain(deks).collect(),
+        next_page_token: String::new(),
+    }
+}
+
+/// A page of [`key_status`]: the root and KEK rows on the first page only.
+pub fn key_status_page(page: KeyStatusPage) -> pb::KeyStatus {
+    let mut status = match page.head {
+        Some((root, keks)) => key_status(KeyStatus {
+            root,
+            keks,
+            deks: page.deks,
+        }),
+        None => pb::KeyStatus {
+            versions: page.deks.into_iter().map(dek_row).collect(),
+            next_page_token: String::new(),
+        },
+    };
+    status.next_page_token = page.next_page_token.unwrap_or_default();
+    status
+}
+
+fn dek_row(d: DekStatus) -> pb::KeyVersionStatus {
+    pb::KeyVersionStatus {
         layer: "dek".into(),
         tenant_id: d.tenant,
         version: d.version,
@@ -96,9 +121,6 @@ pub fn key_status(status: KeyStatus) -> pb::KeyStatus {
         kek_version: d.kek_version,
         retired_at_ms: d.retired_at_ms.unwrap_or(0),
         destroyed_at_ms: d.destroyed_at_ms.unwrap_or(0),
-    });
-    pb::KeyStatus {
-        versions: std::iter::once(root).chain(keks).chain(deks).collect(),
     }
 }
 

@@ -123,6 +123,11 @@ pub fn tenant(tenant: &str) -> Vec<u8> {
     key(&[b"t", tenant.as_bytes()])
 }
 
+/// Every tenant's DEK records.
+pub fn dek_table_prefix() -> Vec<u8> {
+    b"d\0".to_vec()
+}
+
 pub fn dek_prefix(tenant: &str) -> Vec<u8> {
     key(&[b"d", tenant.as_bytes(), b""])
 }

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Invalid, Result};
 use crate::store::records::{self, DekRecord, KekRecord, KeyState, RootCheck, VersionRecord};
 use crate::store::{Batch, Store, layout};
 
@@ -37,6 +37,19 @@ pub struct RootKeyStatus {
     pub created_at_ms: u64,
     /// KEK versions it wraps (those not destroyed).
     pub wrapped_keks: u64,
+}
+
+/// Default and largest number of DEK rows in a page of [`Vault::key_status_page`].
+pub const DEFAULT_KEY_STATUS_PAGE: usize = 1000;
+pub const MAX_KEY_STATUS_PAGE: usize = 10_000;
+
+/// A page of the usage ledger and the token of the next one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatusPage {
+    /// The root key and the KEKs: on the first page only.
+    pub head: Option<(RootKeyStatus, Vec<KekStatus>)>,
+    pub deks: Vec<DekStatus>,
+    pub next_page_token: Option<String>,
 }
 
 /// One KEK version.
@@ -96,37 +109,96 @@ impl Vault {
     pub fn key_status(&self, tenant: Option<&str>) -> Result<KeyStatus> {
         let store = &*self.store;
         let (root, keks) = self.root_and_keks()?;
-        let tenants = match tenant {
+        let (deks, _) = self.dek_rows(store, tenant, None, usize::MAX)?;
+        Ok(KeyStatus { root, keks, deks })
+    }
+
+    /// One page of [`Vault::key_status`], for callers with a message size
+    /// limit: the root key and KEK rows on the first page (no token), then up
+    /// to `page_size` DEK rows (0: the default, at most
+    /// [`MAX_KEY_STATUS_PAGE`]) by tenant and version, after `page_token`
+    /// (`{tenant}/{version}` of the last row of the page before).
+    pub fn key_status_page(
+        &self,
+        tenant: Option<&str>,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<KeyStatusPage> {
+        let after = page_token
+            .map(|token| {
+                let (t, v) = token.split_once('/').ok_or(Invalid::PageToken)?;
+                validate::tenant_id(t).map_err(|_| Invalid::PageToken)?;
+                let v: u32 = v.parse().map_err(|_| Invalid::PageToken)?;
+                match tenant {
+                    Some(tenant) if tenant != t => Err(Invalid::PageToken),
+                    _ => Ok((t.to_owned(), v)),
+                }
+            })
+            .transpose()?;
+        let page_size = match page_size {
+            0 => DEFAULT_KEY_STATUS_PAGE,
+            n => n.min(MAX_KEY_STATUS_PAGE),
+        };
+        let head = match after {
+            None => Some(self.root_and_keks()?),
+            Some(_) => None,
+        };
+        let (deks, more) = self.dek_rows(&*self.store, tenant, after.as_ref(), page_size)?;
+        let next_page_token = match deks.last() {
+            Some(last) if more => Some(format!("{}/{}", last.tenant, last.version)),
+            _ => None,
+        };
+        Ok(KeyStatusPage {
+            head,
+            deks,
+            next_page_token,
+        })
+    }
+
+    /// Up to `limit` DEK rows of `tenant` (else of every tenant) after
+    /// `after`, and whether there are more.
+    fn dek_rows(
+        &self,
+        store: &dyn Store,
+        tenant: Option<&str>,
+        after: Option<&(String, u32)>,
+        limit: usize,
+    ) -> Result<(Vec<DekStatus>, bool)> {
+        let prefix = match tenant {
             Some(tenant) => {
                 validate::tenant_id(tenant)?;
                 if store.get(&layout::tenant(tenant))?.is_none() {
                     return Err(Error::NotFound);
                 }
-                vec![tenant.to_owned()]
+                layout::dek_prefix(tenant)
             }
-            None => tenant_ids(store)?,
+            None => layout::dek_table_prefix(),
         };
-        let mut deks = Vec::new();
-        for tenant in tenants {
-            let encryptions = counters(store, &layout::dek_counter_prefix(&tenant))?;
-            let protected = counters(store, &layout::dek_refs_prefix(&tenant))?;
-            for (key, bytes) in store.scan(&layout::dek_prefix(&tenant), None, usize::MAX)? {
-                let record: DekRecord = records::decode(&bytes)?;
-                let version = versioned(&key, record.version, "data key")?;
-                deks.push(DekStatus {
-                    tenant: tenant.clone(),
-                    version,
-                    kek_version: record.kek_version,
-                    state: record.state(),
-                    created_at_ms: record.created_at_ms,
-                    retired_at_ms: nonzero(record.retired_at_ms),
-                    destroyed_at_ms: nonzero(record.destroyed_at_ms),
-                    encryptions: encryptions.get(&version).copied().unwrap_or(0),
-                    protected_versions: protected.get(&version).copied().unwrap_or(0),
-                });
-            }
+        let cursor = after.map(|(t, v)| layout::dek(t, *v));
+        let rows = store.scan(&prefix, cursor.as_deref(), limit.saturating_add(1))?;
+        let more = rows.len() > limit;
+        let mut deks = Vec::with_capacity(rows.len().min(limit));
+        for (key, bytes) in rows.into_iter().take(limit) {
+            let record: DekRecord = records::decode(&bytes)?;
+            let version = versioned(&key, record.version, "data key")?;
+            let tenant = key
+                .get(2..key.len().saturating_sub(5))
+                .and_then(|t| std::str::from_utf8(t).ok())
+                .ok_or_else(|| Error::Corrupt("a data key record without its tenant".into()))?
+                .to_owned();
+            deks.push(DekStatus {
+                encryptions: counter(store, &layout::dek_counter(&tenant, version))?,
+                protected_versions: counter(store, &layout::dek_refs(&tenant, version))?,
+                tenant,
+                version,
+                kek_version: record.kek_version,
+                state: record.state(),
+                created_at_ms: record.created_at_ms,
+                retired_at_ms: nonzero(record.retired_at_ms),
+                destroyed_at_ms: nonzero(record.destroyed_at_ms),
+            });
         }
-        Ok(KeyStatus { root, keks, deks })
+        Ok((deks, more))
     }
 
     /// The root key and every KEK version, from their records and counters.
@@ -250,18 +322,4 @@ pub(crate) fn counter(store: &dyn Store, key: &[u8]) -> Result<u64> {
         .get(key)?
         .and_then(|b| layout::decode_counter(&b))
         .unwrap_or(0))
-}
-
-/// The counters under `prefix`, by the version that ends their key.
-fn counters(store: &dyn Store, prefix: &[u8]) -> Result<BTreeMap<u32, u64>> {
-    Ok(store
-        .scan(prefix, None, usize::MAX)?
-        .into_iter()
-        .filter_map(|(key, value)| {
-            Some((
-                layout::trailing_version(&key)?,
-                layout::decode_counter(&value)?,
-            ))
-        })
-        .collect())
 }

@@ -19,7 +19,10 @@ pub mod validate;
 pub use crate::store::records::JobKind;
 pub use audit::Caller;
 pub use events::{Event, EventPage};
-pub use ledger::{DekStatus, KekStatus, KeyStatus, RootKeyStatus};
+pub use ledger::{
+    DEFAULT_KEY_STATUS_PAGE, DekStatus, KekStatus, KeyStatus, KeyStatusPage, MAX_KEY_STATUS_PAGE,
+    RootKeyStatus,
+};
 pub use lifecycle::{DeletionReceipt, TenantStatus};
 pub use rotation::{JobState, KeyLayer, RotationJob, RotationOptions};
 pub use status::VaultStatus;
