@@ -88,6 +88,8 @@ const CHECKPOINT_BYTES: u64 = 64 << 20;
 const APPLY_QUEUE: usize = 4;
 /// Rows a scan reads under one hold of the read lock.
 const SCAN_CHUNK: usize = 256;
+/// Most bytes of keys and values an export reads under one hold of the read lock.
+const EXPORT_CHUNK_BYTES: usize = 4 << 20;
 /// The log's directory, inside the data directory.
 const WAL_DIR: &str = "wal";
 
@@ -1356,12 +1358,16 @@ impl Store for SledStore {
         loop {
             // A chunk under the read lock, written out after it is released:
             // the sink's disk writes must not hold up the sync thread.
+            // At most SCAN_CHUNK rows or EXPORT_CHUNK_BYTES (secrets may be large).
             let mut rows: Rows = Vec::with_capacity(SCAN_CHUNK);
+            let mut bytes = 0;
             let landed = self.read_lock();
             self.for_each_from(&landed, b"", start.as_ref().map(Vec::as_slice), |k, v| {
                 rows.push((k.to_vec(), v.to_vec()));
-                rows.len() < SCAN_CHUNK
+                bytes += k.len() + v.len();
+                rows.len() < SCAN_CHUNK && bytes < EXPORT_CHUNK_BYTES
             })?;
+            let full = rows.len() == SCAN_CHUNK || bytes >= EXPORT_CHUNK_BYTES;
             drop(landed);
             for (key, value) in &rows {
                 if key.as_slice() != WAL_GROUP {
@@ -1370,7 +1376,7 @@ impl Store for SledStore {
                 }
             }
             match rows.pop() {
-                Some((key, _)) if rows.len() + 1 == SCAN_CHUNK => start = Bound::Excluded(key),
+                Some((key, _)) if full => start = Bound::Excluded(key),
                 _ => break,
             }
         }
@@ -2165,6 +2171,25 @@ mod tests {
         // A second import into the now non-empty directory is refused.
         let again = SledStore::import(&restored, std::iter::empty());
         assert!(matches!(again, Err(ImportError::NotEmpty(_))), "{again:?}");
+    }
+
+    #[tokio::test]
+    async fn an_export_of_large_values_reads_them_all_in_byte_bounded_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::GroupCommit);
+        let big = |n: usize| vec![n as u8; 1 << 20];
+        for n in 0..11 {
+            let mut batch = Batch::default();
+            batch.put(format!("b\0{n:02}").into_bytes(), big(n));
+            store.commit(batch).await.unwrap();
+        }
+        let rows = all_rows(&store);
+        let big_rows: Vec<_> = rows.iter().filter(|(k, _)| k.starts_with(b"b\0")).collect();
+        assert_eq!(big_rows.len(), 11, "more than two chunks of 4 MiB");
+        for (n, (key, value)) in big_rows.iter().enumerate() {
+            assert_eq!(key, &format!("b\0{n:02}").into_bytes());
+            assert!(value == &big(n), "row {n}");
+        }
     }
 
     /// Writers keep changing pairs of keys (always equal within a batch),
