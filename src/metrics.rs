@@ -61,6 +61,8 @@ pub struct Metrics {
     pub store_failed: Gauge,
     pub tls_handshake_failures: Counter,
     pub revocation_watchers: Gauge,
+    pub root_key_created: Gauge,
+    pub primary_kek_created: Gauge,
 }
 
 fn call_seconds() -> Histogram {
@@ -114,6 +116,18 @@ impl Metrics {
             "WatchRevocations streams open now",
             revocation_watchers.clone(),
         );
+        let root_key_created = Gauge::default();
+        registry.register(
+            "root_key_created_timestamp_seconds",
+            "When the root key in use was put in place (Unix time; refreshed every background round)",
+            root_key_created.clone(),
+        );
+        let primary_kek_created = Gauge::default();
+        registry.register(
+            "primary_kek_created_timestamp_seconds",
+            "When the primary key-encryption key was made (Unix time; refreshed every background round)",
+            primary_kek_created.clone(),
+        );
         Self {
             registry,
             grpc_calls,
@@ -123,6 +137,8 @@ impl Metrics {
             store_failed,
             tls_handshake_failures,
             revocation_watchers,
+            root_key_created,
+            primary_kek_created,
         }
     }
 
@@ -346,6 +362,8 @@ mod tests {
             ("credvault_store_failed", "gauge"),
             ("credvault_tls_handshake_failures", "counter"),
             ("credvault_revocation_watchers", "gauge"),
+            ("credvault_root_key_created_timestamp_seconds", "gauge"),
+            ("credvault_primary_kek_created_timestamp_seconds", "gauge"),
         ] {
             let line = format!("# TYPE {name} {kind}");
             assert!(text.contains(&line), "{line} missing:\n{text}");

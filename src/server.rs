@@ -232,6 +232,22 @@ async fn background_task(vault: Arc<Vault>, check_interval: Duration, retention:
                 }
             }
         }
+        match vault.status() {
+            Ok(status) => {
+                let metrics = crate::metrics::global();
+                let seconds = |ms: u64| i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+                metrics
+                    .root_key_created
+                    .set(seconds(status.root.created_at_ms));
+                metrics
+                    .primary_kek_created
+                    .set(seconds(status.primary_kek.created_at_ms));
+            }
+            Err(error) => {
+                tracing::error!(%error, reason = error.reason(), "reading the key status failed; retrying later");
+                failed = true;
+            }
+        }
         if failed {
             // A persistent failure must not spin, however often jobs start.
             tokio::time::sleep(FAILURE_PAUSE.min(check_interval)).await;

@@ -151,4 +151,30 @@ async fn calls_commits_and_syncs_are_counted_and_no_customer_name_is_exported() 
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(left, Some(0.0), "the watch ended when its client left");
+
+    // The key ages, from the background round that runs at start: the root
+    // key and KEK v1 were made when the store was, moments ago.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let mut created = (None, None);
+    for _ in 0..500 {
+        let text = get(metrics, "/metrics").await.1;
+        created = (
+            sample(&text, "credvault_root_key_created_timestamp_seconds"),
+            sample(&text, "credvault_primary_kek_created_timestamp_seconds"),
+        );
+        if created.0 > Some(0.0) && created.1 > Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for (name, at) in [("root key", created.0), ("primary KEK", created.1)] {
+        let at = at.unwrap_or_else(|| panic!("{name}: no gauge"));
+        assert!(
+            at > now - 120.0 && at <= now,
+            "{name} created at {at}, now {now}"
+        );
+    }
 }
