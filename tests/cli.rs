@@ -631,7 +631,18 @@ fn serve_setup(dir: &Path) -> String {
     )
     .assert_success("keygen");
     fs::write(dir.join("policy.toml"), credvault::authz::DEV_POLICY_TOML).unwrap();
-    let at = |name: &str| format!("{:?}", dir.join(name).display().to_string());
+    serve_config(
+        &dir.join("store"),
+        &dir.join("root.key"),
+        &dir.join("policy.toml"),
+        &dir.join("certs"),
+    )
+}
+
+/// The text of a `serve` config over these files (the server's certificate, key and the
+/// client CA from `certs`, as `certs init` writes them).
+fn serve_config(data_dir: &Path, root_key: &Path, policy: &Path, certs: &Path) -> String {
+    let quoted = |path: &Path| format!("{:?}", path.display().to_string());
     format!(
         "listen = \"127.0.0.1:0\"\n\
          data_dir = {}\n\
@@ -642,12 +653,12 @@ fn serve_setup(dir: &Path) -> String {
          cert = {}\n\
          key = {}\n\
          client_ca = {}\n",
-        at("store"),
-        at("root.key"),
-        at("policy.toml"),
-        at("certs/server.pem"),
-        at("certs/server.key"),
-        at("certs/ca.pem"),
+        quoted(data_dir),
+        quoted(root_key),
+        quoted(policy),
+        quoted(&certs.join("server.pem")),
+        quoted(&certs.join("server.key")),
+        quoted(&certs.join("ca.pem")),
     )
 }
 
@@ -2194,25 +2205,13 @@ fn backup_and_restore_through_the_binary() {
 
     // A server on the restored store: every secret as sealed, and nothing written after.
     let config = dir.join("restored.toml");
-    let quoted = |path: PathBuf| format!("{:?}", path.display().to_string());
     fs::write(
         &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\n\
-             data_dir = {}\n\
-             root_key_file = {}\n\
-             policy_file = {}\n\
-             \n\
-             [tls]\n\
-             cert = {}\n\
-             key = {}\n\
-             client_ca = {}\n",
-            quoted(restored.clone()),
-            quoted(root_key.clone()),
-            quoted(dir.join("data/policy.toml")),
-            quoted(dir.join("certs/server.pem")),
-            quoted(dir.join("certs/server.key")),
-            quoted(dir.join("certs/ca.pem")),
+        serve_config(
+            &restored,
+            &root_key,
+            &dir.join("data/policy.toml"),
+            &dir.join("certs"),
         ),
     )
     .unwrap();
