@@ -3,6 +3,7 @@
 //! one run on one machine. Timing lives here, never in tests.
 
 pub mod audit;
+pub mod backup;
 pub mod grpc;
 pub mod memory;
 pub mod rotation;

@@ -18,6 +18,9 @@ pub enum Scenario {
     /// Resident memory of a vault holding 100,000 and 1,000,000 credentials
     /// (each phase in a child process).
     Memory,
+    /// Online backup in-process: audited unseal without and during backups,
+    /// then verify, restore and a check of the restored store.
+    Backup,
 }
 
 #[derive(Debug, Args)]
@@ -40,10 +43,11 @@ pub struct BenchArgs {
     /// Seconds each timed measurement runs [default: 3 for store, 5 for grpc
     /// and audit;
     /// rotation: unseal at rest before each loaded job, 3; memory: random
-    /// unseals after reading every credential, 5].
+    /// unseals after reading every credential, 5; backup: least time of the
+    /// unseal rows without and during backups, 5].
     #[arg(long)]
     seconds: Option<f64>,
-    /// grpc, audit: calls kept in flight.
+    /// grpc, audit: calls kept in flight; backup: tasks calling unseal_as.
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
     /// grpc, audit: client connections the calls in flight are spread over.
@@ -163,6 +167,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             };
             let results = runtime.block_on(credvault::bench::audit::run(&params))?;
             results.finish(&params.out)?;
+        }
+        Scenario::Backup => {
+            let params = credvault::bench::backup::Params {
+                credentials: args.credentials.unwrap_or(100_000),
+                tenants: args.tenants.unwrap_or(1_000),
+                seconds: args.seconds.unwrap_or(5.0),
+                tasks: args.in_flight,
+                sample: 1_000,
+                cache_bytes: cache_mb << 20,
+                out: args
+                    .out
+                    .unwrap_or_else(|| "bench-results/backup.json".into()),
+            };
+            let results = runtime.block_on(credvault::bench::backup::run(&params))?;
+            results.finish(&params.out)?;
+            results.passed()?;
         }
         Scenario::Memory => {
             let params = credvault::bench::memory::Params {
