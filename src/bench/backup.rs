@@ -689,6 +689,7 @@ async fn windows(
             changes: 0,
             root_version: 0,
             created_at_ms: 0,
+            consistent_at_ms: 0,
         },
         records_at_least: 0,
         records_at_most: 0,
@@ -786,8 +787,8 @@ fn sample(n: u64, k: u64) -> Vec<u64> {
 }
 
 fn same_contents(a: &BackupSummary, b: &BackupSummary) -> bool {
-    (a.bytes, a.rows, a.changes, a.root_version, a.created_at_ms)
-        == (b.bytes, b.rows, b.changes, b.root_version, b.created_at_ms)
+    (a.bytes, a.rows, a.changes, a.root_version) == (b.bytes, b.rows, b.changes, b.root_version)
+        && (a.created_at_ms, a.consistent_at_ms) == (b.created_at_ms, b.consistent_at_ms)
 }
 
 fn contents(s: &BackupSummary) -> String {

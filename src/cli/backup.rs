@@ -63,11 +63,11 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
             .into_inner();
         println!("backup written: {} ({} bytes)", written.file, written.bytes);
         println!(
-            "  records {} (+{} written while it ran), root key v{}, taken {}",
+            "  records {} (+{} written while it ran), root key v{}, the store as of {} UTC",
             written.records,
             written.changes,
             written.root_version,
-            utc(written.created_at_ms)
+            utc_seconds(written.consistent_at_ms)
         );
         println!(
             "  it opens only with root key v{}: keep that key as long as this backup",
@@ -100,19 +100,24 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "  everything written after {} is not in it: revoke, delete and rotate again what \
+        "  nothing written after {} UTC is in it: revoke, delete and rotate again what \
          changed since (docs/operations.md, Backups)",
-        utc(restored.created_at_ms)
+        utc_seconds(restored.consistent_at_ms)
     );
     Ok(())
 }
 
+/// `YYYY-MM-DD HH:MM:SS` (UTC): a backup's moment to the second.
+fn utc_seconds(ms: u64) -> String {
+    format!("{}:{:02}", utc(ms), ms / 1000 % 60)
+}
+
 fn print_summary(what: &str, summary: &BackupSummary) {
     println!(
-        "{what}: {} ({} bytes, taken {}, root key v{})",
+        "{what}: {} ({} bytes, the store as of {} UTC, root key v{})",
         summary.file.display(),
         summary.bytes,
-        utc(summary.created_at_ms),
+        utc_seconds(summary.consistent_at_ms),
         summary.root_version
     );
     println!(

@@ -433,6 +433,7 @@ impl pb::admin_server::Admin for AdminService {
                 changes: summary.changes,
                 root_version: summary.root_version,
                 created_at_ms: summary.created_at_ms,
+                consistent_at_ms: summary.consistent_at_ms,
             })
         });
         let audited = self.0.audit_status(&who, "", response, false).await;

@@ -59,6 +59,8 @@ pub struct BackupSummary {
     pub root_version: u32,
     /// When it was started (ms since the Unix epoch).
     pub created_at_ms: u64,
+    /// When its scan ended: the moment whose state it holds.
+    pub consistent_at_ms: u64,
 }
 
 /// Why a backup or restore failed. Nothing is left behind: a partial file or
@@ -184,11 +186,12 @@ impl Vault {
                 ExportError::Store(e) => BackupError::Store(e),
                 ExportError::Sink(e) => write_error(e),
             })?;
+        let consistent_at_ms = self.clock.now_ms();
         if root_check.as_deref() != Some(check.as_slice()) {
             return Err(BackupError::RootRotated);
         }
         let file = out
-            .finish(counts.rows, counts.changes)
+            .finish(counts.rows, counts.changes, consistent_at_ms)
             .map_err(write_error)?;
         file.sync_all().map_err(write_error)?;
         let bytes = file.metadata().map_err(write_error)?.len();
@@ -213,6 +216,7 @@ impl Vault {
             changes: counts.changes,
             root_version: root.version(),
             created_at_ms,
+            consistent_at_ms,
         })
     }
 }
@@ -286,10 +290,11 @@ impl MacWriter {
     }
 
     /// The end frame and the MAC; returns the flushed file.
-    fn finish(mut self, rows: u64, changes: u64) -> std::io::Result<File> {
+    fn finish(mut self, rows: u64, changes: u64, consistent_at_ms: u64) -> std::io::Result<File> {
         self.put(&[END])?;
         self.put(&rows.to_be_bytes())?;
         self.put(&changes.to_be_bytes())?;
+        self.put(&consistent_at_ms.to_be_bytes())?;
         let tag = self.mac.clone().sign();
         self.out.write_all(tag.as_ref())?;
         self.out.into_inner().map_err(|e| e.into_error())
@@ -326,6 +331,7 @@ struct MacReader {
     failed: Option<BackupError>,
     root_version: u32,
     created_at_ms: u64,
+    consistent_at_ms: u64,
 }
 
 impl MacReader {
@@ -386,6 +392,7 @@ impl MacReader {
             failed: None,
             root_version,
             created_at_ms,
+            consistent_at_ms: 0,
         })
     }
 
@@ -441,6 +448,7 @@ impl MacReader {
                 if (rows, changes) != (self.rows, self.changes) {
                     return Err("its counts do not match its records".into());
                 }
+                self.consistent_at_ms = self.u64()?;
                 let mut tag = [0u8; MAC_LEN];
                 self.input
                     .read_exact(&mut tag)
@@ -471,6 +479,7 @@ impl MacReader {
             changes: self.changes,
             root_version: self.root_version,
             created_at_ms: self.created_at_ms,
+            consistent_at_ms: self.consistent_at_ms,
         }
     }
 }
