@@ -50,7 +50,7 @@ use tokio::sync::Notify;
 
 use super::grpc::{self, Call, Server};
 use super::store::{credential_of, tenant_of};
-use super::{Bar, Report, Row};
+use super::{Bar, CpuSample, Report, Row};
 use crate::audit::AuditLog;
 use crate::authz::Policy;
 use crate::pki::DevRole;
@@ -439,7 +439,7 @@ async fn unseal_rows(
             eprintln!("round {}/{}: {}…", round + 1, params.rounds, rows[k]);
             let before = CpuSample::now();
             let m = grpc::load(Call::Unseal, &served[k].channels, &shape, warmup, slice).await?;
-            windows[k].add(&CpuSample::now().since(&before));
+            windows[k].add(&cpu_since(&CpuSample::now(), &before));
             let total = &mut totals[k];
             total.0 += m.ops;
             total.1 += m.elapsed;
@@ -738,7 +738,7 @@ async fn revocations(
         tokio::time::sleep(REVOKE_GAP).await;
     }
     let elapsed = started.elapsed();
-    let mut w = CpuSample::now().since(&before);
+    let mut w = cpu_since(&CpuSample::now(), &before);
     w.phase = format!("revocations ({} watchers)", watchers);
     cpu.push(w);
     let _ = done.send(true);
@@ -804,63 +804,17 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// CPU counters at one moment, in seconds.
-struct CpuSample {
-    at: Instant,
-    machine_busy: f64,
-    machine_total: f64,
-    process: f64,
-}
-
-impl CpuSample {
-    const TICK: f64 = 0.01;
-
-    fn now() -> Self {
-        let (machine_busy, machine_total) = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|stat| {
-                let ticks: Vec<f64> = stat
-                    .lines()
-                    .next()?
-                    .split_whitespace()
-                    .skip(1)
-                    .filter_map(|t| t.parse().ok())
-                    .collect();
-                let total: f64 = ticks.iter().take(8).sum();
-                let idle = ticks.get(3)? + ticks.get(4)?; // idle and iowait
-                Some(((total - idle) * Self::TICK, total * Self::TICK))
-            })
-            .unwrap_or_default();
-        let process = std::fs::read_to_string("/proc/self/stat")
-            .ok()
-            .and_then(|s| {
-                // The command name may hold spaces: count fields after its ')'.
-                let fields: Vec<&str> = s.get(s.rfind(')')? + 2..)?.split_whitespace().collect();
-                let utime: f64 = fields.get(11)?.parse().ok()?;
-                let stime: f64 = fields.get(12)?.parse().ok()?;
-                Some((utime + stime) * Self::TICK)
-            })
-            .unwrap_or_default();
-        Self {
-            at: Instant::now(),
-            machine_busy,
-            machine_total,
-            process,
-        }
+/// CPU used between two samples, as cores (see [`CpuWindow::average`]).
+fn cpu_since(now: &CpuSample, earlier: &CpuSample) -> CpuWindow {
+    CpuWindow {
+        phase: String::new(),
+        seconds: (now.at - earlier.at).as_secs_f64(),
+        machine_busy: now.machine_busy - earlier.machine_busy,
+        machine_cores: now.machine_total - earlier.machine_total,
+        process: now.process - earlier.process,
+        others: (now.machine_busy - earlier.machine_busy) - (now.process - earlier.process),
     }
-
-    /// CPU seconds used since `earlier` (not yet per second: see [`CpuWindow::average`]).
-    fn since(&self, earlier: &Self) -> CpuWindow {
-        CpuWindow {
-            phase: String::new(),
-            seconds: (self.at - earlier.at).as_secs_f64(),
-            machine_busy: self.machine_busy - earlier.machine_busy,
-            machine_cores: self.machine_total - earlier.machine_total,
-            process: self.process - earlier.process,
-            others: (self.machine_busy - earlier.machine_busy) - (self.process - earlier.process),
-        }
-        .average()
-    }
+    .average()
 }
 
 impl CpuWindow {

@@ -36,7 +36,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use super::store::{credential_of, tenant_of};
-use super::{Bar, Report, Row};
+use super::{Bar, CpuSample, Report, Row};
 use crate::clock::SystemClock;
 use crate::crypto::SymmetricKey;
 use crate::store::{Durability, SledStore, StoreOptions};
@@ -710,7 +710,7 @@ async fn windows(
             tokio::time::sleep(Duration::from_secs_f64(length)).await;
             w.no_backup_seconds += started.elapsed().as_secs_f64();
             load.set(BETWEEN);
-            w.cpu[0].add(&CpuSample::now().since(&before));
+            w.cpu[0].add(&cpu_since(&CpuSample::now(), &before));
             w.no_backup_windows += 1;
             continue;
         }
@@ -727,7 +727,7 @@ async fn windows(
             let (summary, seconds) = take_backup(vault, &directory).await?;
             load.set(BETWEEN);
             let at_most = base_records + load.counters.started.load(Ordering::SeqCst);
-            w.cpu[1].add(&CpuSample::now().since(&before));
+            w.cpu[1].add(&cpu_since(&CpuSample::now(), &before));
             w.during_seconds += seconds;
             length += seconds;
             w.loaded
@@ -824,63 +824,17 @@ fn latency_of(row: &Row, sorted: &[Duration], windows: u32) -> Latency {
     }
 }
 
-/// CPU counters at one moment, in seconds.
-struct CpuSample {
-    at: Instant,
-    machine_busy: f64,
-    machine_total: f64,
-    process: f64,
-}
-
-impl CpuSample {
-    const TICK: f64 = 0.01;
-
-    fn now() -> Self {
-        let (machine_busy, machine_total) = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|stat| {
-                let ticks: Vec<f64> = stat
-                    .lines()
-                    .next()?
-                    .split_whitespace()
-                    .skip(1)
-                    .filter_map(|t| t.parse().ok())
-                    .collect();
-                let total: f64 = ticks.iter().take(8).sum();
-                let idle = ticks.get(3)? + ticks.get(4)?; // idle and iowait
-                Some(((total - idle) * Self::TICK, total * Self::TICK))
-            })
-            .unwrap_or_default();
-        let process = std::fs::read_to_string("/proc/self/stat")
-            .ok()
-            .and_then(|s| {
-                // The command name may hold spaces: count fields after its ')'.
-                let fields: Vec<&str> = s.get(s.rfind(')')? + 2..)?.split_whitespace().collect();
-                let utime: f64 = fields.get(11)?.parse().ok()?;
-                let stime: f64 = fields.get(12)?.parse().ok()?;
-                Some((utime + stime) * Self::TICK)
-            })
-            .unwrap_or_default();
-        Self {
-            at: Instant::now(),
-            machine_busy,
-            machine_total,
-            process,
-        }
-    }
-
-    /// CPU seconds used since `earlier` (totals, not rates).
-    fn since(&self, earlier: &Self) -> CpuWindow {
-        let busy = self.machine_busy - earlier.machine_busy;
-        let process = self.process - earlier.process;
-        CpuWindow {
-            row: String::new(),
-            seconds: (self.at - earlier.at).as_secs_f64(),
-            machine_busy: busy,
-            machine_cores: self.machine_total - earlier.machine_total,
-            process,
-            others: busy - process,
-        }
+/// CPU seconds used between two samples (totals, not rates).
+fn cpu_since(now: &CpuSample, earlier: &CpuSample) -> CpuWindow {
+    let busy = now.machine_busy - earlier.machine_busy;
+    let process = now.process - earlier.process;
+    CpuWindow {
+        row: String::new(),
+        seconds: (now.at - earlier.at).as_secs_f64(),
+        machine_busy: busy,
+        machine_cores: now.machine_total - earlier.machine_total,
+        process,
+        others: busy - process,
     }
 }
 

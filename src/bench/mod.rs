@@ -14,6 +14,54 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+/// CPU counters at one moment, in seconds (from `/proc`, 10 ms ticks).
+pub(crate) struct CpuSample {
+    pub at: std::time::Instant,
+    /// The machine's busy and total CPU time, all cores.
+    pub machine_busy: f64,
+    pub machine_total: f64,
+    /// This process's user and system time.
+    pub process: f64,
+}
+
+impl CpuSample {
+    const TICK: f64 = 0.01;
+
+    pub fn now() -> Self {
+        let (machine_busy, machine_total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                let ticks: Vec<f64> = stat
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|t| t.parse().ok())
+                    .collect();
+                let total: f64 = ticks.iter().take(8).sum();
+                let idle = ticks.get(3)? + ticks.get(4)?; // idle and iowait
+                Some(((total - idle) * Self::TICK, total * Self::TICK))
+            })
+            .unwrap_or_default();
+        let process = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                // The command name may hold spaces: count fields after its ')'.
+                let fields: Vec<&str> = s.get(s.rfind(')')? + 2..)?.split_whitespace().collect();
+                let utime: f64 = fields.get(11)?.parse().ok()?;
+                let stime: f64 = fields.get(12)?.parse().ok()?;
+                Some((utime + stime) * Self::TICK)
+            })
+            .unwrap_or_default();
+        Self {
+            at: std::time::Instant::now(),
+            machine_busy,
+            machine_total,
+            process,
+        }
+    }
+}
+
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
