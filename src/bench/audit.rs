@@ -50,7 +50,7 @@ use tokio::sync::Notify;
 
 use super::grpc::{self, Call, Server};
 use super::store::{credential_of, tenant_of};
-use super::{Bar, CpuSample, Report, Row};
+use super::{Bar, CpuSample, CpuWindow, Report, Row};
 use crate::audit::AuditLog;
 use crate::authz::Policy;
 use crate::pki::DevRole;
@@ -167,20 +167,6 @@ pub struct RevocationStats {
     pub earliest_before_return_us: f64,
     /// Slowest pair, from Revoke returning, in µs.
     pub max_us: f64,
-}
-
-/// CPU use over a phase, in cores (CPU seconds per second), from /proc (10 ms
-/// ticks).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct CpuWindow {
-    pub phase: String,
-    pub seconds: f64,
-    pub machine_busy: f64,
-    pub machine_cores: f64,
-    /// This process: servers and clients.
-    pub process: f64,
-    /// Every other process on the machine.
-    pub others: f64,
 }
 
 impl Results {
@@ -439,7 +425,7 @@ async fn unseal_rows(
             eprintln!("round {}/{}: {}…", round + 1, params.rounds, rows[k]);
             let before = CpuSample::now();
             let m = grpc::load(Call::Unseal, &served[k].channels, &shape, warmup, slice).await?;
-            windows[k].add(&cpu_since(&CpuSample::now(), &before));
+            windows[k].add(&CpuSample::now().since(&before));
             let total = &mut totals[k];
             total.0 += m.ops;
             total.1 += m.elapsed;
@@ -738,9 +724,9 @@ async fn revocations(
         tokio::time::sleep(REVOKE_GAP).await;
     }
     let elapsed = started.elapsed();
-    let mut w = cpu_since(&CpuSample::now(), &before);
+    let mut w = CpuSample::now().since(&before);
     w.phase = format!("revocations ({} watchers)", watchers);
-    cpu.push(w);
+    cpu.push(w.average());
     let _ = done.send(true);
 
     let mut from_returned = Vec::with_capacity(n * watchers);
@@ -802,40 +788,4 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.trim().to_owned())
         .unwrap_or_default()
-}
-
-/// CPU used between two samples, as cores (see [`CpuWindow::average`]).
-fn cpu_since(now: &CpuSample, earlier: &CpuSample) -> CpuWindow {
-    CpuWindow {
-        phase: String::new(),
-        seconds: (now.at - earlier.at).as_secs_f64(),
-        machine_busy: now.machine_busy - earlier.machine_busy,
-        machine_cores: now.machine_total - earlier.machine_total,
-        process: now.process - earlier.process,
-        others: (now.machine_busy - earlier.machine_busy) - (now.process - earlier.process),
-    }
-    .average()
-}
-
-impl CpuWindow {
-    /// Adds another window's CPU seconds (`self` holds totals, not rates).
-    fn add(&mut self, other: &CpuWindow) {
-        self.seconds += other.seconds;
-        self.machine_busy += other.machine_busy * other.seconds;
-        self.machine_cores += other.machine_cores * other.seconds;
-        self.process += other.process * other.seconds;
-        self.others += other.others * other.seconds;
-    }
-
-    /// Totals over `seconds` → cores.
-    fn average(self) -> CpuWindow {
-        let s = self.seconds.max(f64::MIN_POSITIVE);
-        CpuWindow {
-            machine_busy: self.machine_busy / s,
-            machine_cores: self.machine_cores / s,
-            process: self.process / s,
-            others: self.others / s,
-            ..self
-        }
-    }
 }

@@ -36,7 +36,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use super::store::{credential_of, tenant_of};
-use super::{Bar, CpuSample, Report, Row};
+use super::{Bar, CpuSample, CpuWindow, Report, Row};
 use crate::clock::SystemClock;
 use crate::crypto::SymmetricKey;
 use crate::store::{Durability, SledStore, StoreOptions};
@@ -132,20 +132,6 @@ pub struct Latency {
     pub max_us: f64,
 }
 
-/// CPU over one kind of window, in cores (CPU seconds per second), from
-/// /proc (10 ms ticks).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct CpuWindow {
-    pub row: String,
-    pub seconds: f64,
-    pub machine_busy: f64,
-    pub machine_cores: f64,
-    /// This process: load, store, backup.
-    pub process: f64,
-    /// Every other process on the machine.
-    pub others: f64,
-}
-
 /// A correctness check; any failure fails the run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -223,7 +209,7 @@ impl Results {
         for c in &self.cpu {
             println!(
                 "cpu, {}: {:.1} s, process {:.2} cores, others {:.2}, machine busy {:.2} of {:.0}",
-                c.row, c.seconds, c.process, c.others, c.machine_busy, c.machine_cores
+                c.phase, c.seconds, c.process, c.others, c.machine_busy, c.machine_cores
             );
         }
         let others = self.cpu.iter().map(|c| c.others).fold(0.0, f64::max);
@@ -710,7 +696,7 @@ async fn windows(
             tokio::time::sleep(Duration::from_secs_f64(length)).await;
             w.no_backup_seconds += started.elapsed().as_secs_f64();
             load.set(BETWEEN);
-            w.cpu[0].add(&cpu_since(&CpuSample::now(), &before));
+            w.cpu[0].add(&CpuSample::now().since(&before));
             w.no_backup_windows += 1;
             continue;
         }
@@ -727,7 +713,7 @@ async fn windows(
             let (summary, seconds) = take_backup(vault, &directory).await?;
             load.set(BETWEEN);
             let at_most = base_records + load.counters.started.load(Ordering::SeqCst);
-            w.cpu[1].add(&cpu_since(&CpuSample::now(), &before));
+            w.cpu[1].add(&CpuSample::now().since(&before));
             w.during_seconds += seconds;
             length += seconds;
             w.loaded
@@ -744,8 +730,8 @@ async fn windows(
         std::fs::remove_dir_all(old)?;
     }
     anyhow::ensure!(last_dir.is_some(), "no backup ran under load");
-    w.cpu[0].row = NO_BACKUP_ROW.into();
-    w.cpu[1].row = DURING_BACKUP_ROW.into();
+    w.cpu[0].phase = NO_BACKUP_ROW.into();
+    w.cpu[1].phase = DURING_BACKUP_ROW.into();
     Ok(w)
 }
 
@@ -821,43 +807,6 @@ fn latency_of(row: &Row, sorted: &[Duration], windows: u32) -> Latency {
         p99_us: row.p99_us,
         p999_us: row.p999_us,
         max_us: sorted.iter().max().map_or(0.0, |d| d.as_secs_f64() * 1e6),
-    }
-}
-
-/// CPU seconds used between two samples (totals, not rates).
-fn cpu_since(now: &CpuSample, earlier: &CpuSample) -> CpuWindow {
-    let busy = now.machine_busy - earlier.machine_busy;
-    let process = now.process - earlier.process;
-    CpuWindow {
-        row: String::new(),
-        seconds: (now.at - earlier.at).as_secs_f64(),
-        machine_busy: busy,
-        machine_cores: now.machine_total - earlier.machine_total,
-        process,
-        others: busy - process,
-    }
-}
-
-impl CpuWindow {
-    /// Adds another window's CPU seconds (both hold totals).
-    fn add(&mut self, other: &CpuWindow) {
-        self.seconds += other.seconds;
-        self.machine_busy += other.machine_busy;
-        self.machine_cores += other.machine_cores;
-        self.process += other.process;
-        self.others += other.others;
-    }
-
-    /// Totals → cores.
-    fn average(self) -> CpuWindow {
-        let s = self.seconds.max(f64::MIN_POSITIVE);
-        CpuWindow {
-            machine_busy: self.machine_busy / s,
-            machine_cores: self.machine_cores / s,
-            process: self.process / s,
-            others: self.others / s,
-            ..self
-        }
     }
 }
 

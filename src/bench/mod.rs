@@ -62,6 +62,60 @@ impl CpuSample {
     }
 }
 
+impl CpuSample {
+    /// The CPU seconds used between `earlier` and this sample (totals; see
+    /// [`CpuWindow::average`]).
+    pub fn since(&self, earlier: &Self) -> CpuWindow {
+        let busy = self.machine_busy - earlier.machine_busy;
+        let process = self.process - earlier.process;
+        CpuWindow {
+            phase: String::new(),
+            seconds: (self.at - earlier.at).as_secs_f64(),
+            machine_busy: busy,
+            machine_cores: self.machine_total - earlier.machine_total,
+            process,
+            others: busy - process,
+        }
+    }
+}
+
+/// CPU use over a phase: CPU seconds (totals) until [`CpuWindow::average`]
+/// turns them into cores (CPU seconds per second).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CpuWindow {
+    pub phase: String,
+    pub seconds: f64,
+    pub machine_busy: f64,
+    pub machine_cores: f64,
+    /// This process.
+    pub process: f64,
+    /// Every other process on the machine.
+    pub others: f64,
+}
+
+impl CpuWindow {
+    /// Adds another window's totals.
+    pub fn add(&mut self, other: &CpuWindow) {
+        self.seconds += other.seconds;
+        self.machine_busy += other.machine_busy;
+        self.machine_cores += other.machine_cores;
+        self.process += other.process;
+        self.others += other.others;
+    }
+
+    /// Totals over `seconds` → cores.
+    pub fn average(self) -> CpuWindow {
+        let s = self.seconds.max(f64::MIN_POSITIVE);
+        CpuWindow {
+            machine_busy: self.machine_busy / s,
+            machine_cores: self.machine_cores / s,
+            process: self.process / s,
+            others: self.others / s,
+            ..self
+        }
+    }
+}
+
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
