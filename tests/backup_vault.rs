@@ -41,17 +41,18 @@ fn a_backup_overtaken_by_a_root_rotation_is_refused_and_every_other_restores() {
         let new_root = *SymmetricKey::generate().expose_bytes();
         let dir = tmp.path().join(format!("b{attempt}"));
         let vault: &Vault = tv.vault();
-        let (backup, rotated) = std::thread::scope(|s| {
-            let backup = s.spawn(|| vault.backup(&dir));
-            // Odd attempts rotate long after the backup is done; even ones
-            // while its scan runs, a little later each time.
-            std::thread::sleep(match attempt % 2 {
-                1 => Duration::from_millis(300),
-                _ => Duration::from_micros(500 * (attempt / 2 % 20)),
-            });
-            let rotated = rt.block_on(vault.rotate_root_key(key(&new_root)));
-            (backup.join().unwrap(), rotated)
-        });
+        let rotate = || rt.block_on(vault.rotate_root_key(key(&new_root)));
+        // Odd attempts rotate once the backup has returned; even ones while
+        // its scan runs, a little later each time.
+        let (backup, rotated) = match attempt % 2 {
+            1 => (vault.backup(&dir), rotate()),
+            _ => std::thread::scope(|s| {
+                let backup = s.spawn(|| vault.backup(&dir));
+                std::thread::sleep(Duration::from_micros(500 * (attempt / 2 % 20)));
+                let rotated = rotate();
+                (backup.join().unwrap(), rotated)
+            }),
+        };
         rotated.unwrap();
         roots.push(new_root);
         match backup {
