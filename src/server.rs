@@ -232,16 +232,12 @@ async fn background_task(vault: Arc<Vault>, check_interval: Duration, retention:
                 }
             }
         }
-        match vault.status() {
-            Ok(status) => {
+        match vault.root_and_primary_kek() {
+            Ok((root, kek)) => {
                 let metrics = crate::metrics::global();
                 let seconds = |ms: u64| i64::try_from(ms / 1000).unwrap_or(i64::MAX);
-                metrics
-                    .root_key_created
-                    .set(seconds(status.root.created_at_ms));
-                metrics
-                    .primary_kek_created
-                    .set(seconds(status.primary_kek.created_at_ms));
+                metrics.root_key_created.set(seconds(root.created_at_ms));
+                metrics.primary_kek_created.set(seconds(kek.created_at_ms));
             }
             Err(error) => {
                 tracing::error!(%error, reason = error.reason(), "reading the key status failed; retrying later");

@@ -21,15 +21,22 @@ pub struct VaultStatus {
 }
 
 impl Vault {
-    /// The status, read from the store (blocking: a few point reads and the
-    /// KEK and job records).
-    pub fn status(&self) -> Result<VaultStatus> {
+    /// The root key and the primary KEK (their ages are what the rotation
+    /// schedules and the backup erasure schedule follow).
+    pub fn root_and_primary_kek(&self) -> Result<(RootKeyStatus, KekStatus)> {
         let (root, keks) = self.root_and_keks()?;
         let primary = self.keys.primary_kek_version()?;
         let primary_kek = keks
             .into_iter()
             .find(|k| k.version == primary)
             .ok_or_else(|| Error::Corrupt(format!("the primary KEK v{primary} has no record")))?;
+        Ok((root, primary_kek))
+    }
+
+    /// The status, read from the store (blocking: a few point reads and the
+    /// KEK and job records).
+    pub fn status(&self) -> Result<VaultStatus> {
+        let (root, primary_kek) = self.root_and_primary_kek()?;
         let rotation_jobs_running = self
             .rotation_jobs()?
             .iter()
