@@ -359,9 +359,7 @@ pub fn router_with(
         in_flight: Arc::new(InFlight::new(limits.concurrency_per_caller)),
         streams: streams.clone(),
         watch_keepalive: limits.watch_keepalive,
-        started_at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        started_at_ms: crate::clock::Clock::now_ms(&crate::clock::SystemClock),
     };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
