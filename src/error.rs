@@ -242,9 +242,11 @@ impl From<Error> for tonic::Status {
                 use crate::vault::backup::BackupError as B;
                 match e {
                     B::RelativeDirectory => Code::InvalidArgument,
-                    B::DirectoryNotEmpty(_) | B::TargetNotEmpty(_) => Code::FailedPrecondition,
+                    B::DirectoryNotEmpty(_)
+                    | B::TargetNotEmpty(_)
+                    | B::Damaged { .. }
+                    | B::WrongRootKey { .. } => Code::FailedPrecondition,
                     B::Busy | B::RootRotated => Code::Aborted,
-                    B::Damaged { .. } | B::WrongRootKey { .. } => Code::FailedPrecondition,
                     B::Write { .. } | B::Read { .. } => Code::Internal,
                     B::Store(_) => Code::Unavailable,
                 }
