@@ -806,7 +806,7 @@ fn latency_of(row: &Row, sorted: &[Duration], windows: u32) -> Latency {
         p50_us: row.p50_us,
         p99_us: row.p99_us,
         p999_us: row.p999_us,
-        max_us: sorted.iter().max().map_or(0.0, |d| d.as_secs_f64() * 1e6),
+        max_us: sorted.last().map_or(0.0, |d| d.as_secs_f64() * 1e6),
     }
 }
 
