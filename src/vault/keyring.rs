@@ -79,6 +79,19 @@ impl TenantKeys {
 struct Root {
     key: Arc<RootKey>,
     check_bytes: Vec<u8>,
+    /// The next root key while its rotation commits: from just before the
+    /// commit until it is installed as `key`, the store may hold KEKs wrapped
+    /// under either, and a KEK reload picks by the version the wrap names.
+    pending: Option<Arc<RootKey>>,
+}
+
+impl Root {
+    /// The root key of `version`: the installed one or the one being installed.
+    fn by_version(&self, version: u32) -> Option<&Arc<RootKey>> {
+        std::iter::once(&self.key)
+            .chain(&self.pending)
+            .find(|key| key.version() == version)
+    }
 }
 
 /// Extra changes a rotation commits in its own batch (a job record), given the
@@ -92,6 +105,9 @@ pub(crate) struct KeyRing {
     root: RwLock<Root>,
     keks: RwLock<BTreeMap<u32, Loaded<Kek>>>,
     tenants: RwLock<HashMap<String, Arc<TenantKeys>>>,
+    /// Held for the whole of a root rotation, so that at most one new root key
+    /// is pending at a time.
+    root_rotation: tokio::sync::Mutex<()>,
     /// Moves on every invalidation; a ring read before a move is not cached.
     generation: AtomicU64,
     /// The audit log's HMAC key (random, sealed by the root key in the store).
@@ -126,6 +142,11 @@ impl KeyRing {
         }
         let root = RootKey::new(check.root_version, root);
         let audit_key = load_audit_key(&*store, &root, &check_bytes).await?;
+        let root = Root {
+            key: Arc::new(root),
+            check_bytes,
+            pending: None,
+        };
         let keks = load_keks(&*store, &root, &BTreeMap::new())?;
         if primary(&keks).is_none() {
             return Err(Error::Corrupt("no active key-encryption key".into()));
@@ -133,12 +154,10 @@ impl KeyRing {
         Ok(Self {
             store,
             clock,
-            root: RwLock::new(Root {
-                key: Arc::new(root),
-                check_bytes,
-            }),
+            root: RwLock::new(root),
             keks: RwLock::new(keks),
             tenants: RwLock::default(),
+            root_rotation: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
             audit_key,
             rotate_after: rotate_after.max(1),
@@ -408,10 +427,25 @@ impl KeyRing {
     /// reloads that read before and after a rotation, then installed their
     /// rings in the other order, left the new KEK out while DEKs wrapped
     /// under it were already committed ("data key names a missing KEK").
+    ///
+    /// The root keys are read under that lock too, together with the one a
+    /// root rotation is committing: a reload that took the root key before a
+    /// new one was installed met KEKs wrapped under the new one and failed
+    /// with `Corrupt` ("KEK vN does not open under the root key").
     pub fn reload_keks(&self) -> Result<()> {
-        let (root, _) = self.root();
         let mut keks = self.keks.write().expect("kek lock");
+        let root = self.root.read().expect("root lock");
         *keks = load_keks(&*self.store, &root, &keks)?;
+        Ok(())
+    }
+
+    /// [`KeyRing::reload_keks`] that unwraps every KEK again (tests: the
+    /// widest exposure to a root key changing underneath).
+    #[cfg(test)]
+    fn reload_keks_from_scratch(&self) -> Result<()> {
+        let mut keks = self.keks.write().expect("kek lock");
+        let root = self.root.read().expect("root lock");
+        *keks = load_keks(&*self.store, &root, &BTreeMap::new())?;
         Ok(())
     }
 
@@ -542,16 +576,39 @@ impl KeyRing {
         new_root: SymmetricKey,
         along: &(dyn Fn(&mut Batch, u32, u64) + Sync),
     ) -> Result<(u32, u64)> {
+        // Root keys change only here, so the root read now stays current
+        // while this is held.
+        let _rotation = self.root_rotation.lock().await;
+        let (root, root_bytes) = self.root();
+        let check: RootCheck = records::decode(&root_bytes)?;
+        if opens_check(&new_root, &check) || opens_retired(&*self.store, &new_root)? {
+            return Err(Error::SameRootKey);
+        }
+        let version = root
+            .version()
+            .checked_add(1)
+            .ok_or_else(|| Error::Corrupt("root key version overflow".into()))?;
+        let new_root = Arc::new(RootKey::new(version, new_root));
+        let result = self
+            .commit_root_rotation(&root, &root_bytes, &new_root, along)
+            .await;
+        self.root.write().expect("root lock").pending = None;
+        result
+    }
+
+    /// The attempts of [`KeyRing::rotate_root`], from `root` to `new_root`.
+    async fn commit_root_rotation(
+        &self,
+        root: &RootKey,
+        root_bytes: &[u8],
+        new_root: &Arc<RootKey>,
+        along: &(dyn Fn(&mut Batch, u32, u64) + Sync),
+    ) -> Result<(u32, u64)> {
+        let version = new_root.version();
+        // Before the commit: a reload may meet the rewrapped KEKs from the
+        // moment the batch lands, a little before `commit` returns.
+        self.root.write().expect("root lock").pending = Some(new_root.clone());
         for _ in 0..MAX_ATTEMPTS {
-            let (root, root_bytes) = self.root();
-            let check: RootCheck = records::decode(&root_bytes)?;
-            if opens_check(&new_root, &check) || opens_retired(&*self.store, &new_root)? {
-                return Err(Error::SameRootKey);
-            }
-            let version = root
-                .version()
-                .checked_add(1)
-                .ok_or_else(|| Error::Corrupt("root key version overflow".into()))?;
             let mut batch = Batch::default();
             let mut rewrapped = 0;
             for (key, bytes) in self.store.scan(&layout::kek_prefix(), None, usize::MAX)? {
@@ -567,7 +624,7 @@ impl KeyRing {
                             record.version
                         ))
                     })?;
-                record.wrapped = envelope::seal(&new_root, version, &context, &material);
+                record.wrapped = envelope::seal(new_root.key(), version, &context, &material);
                 batch
                     .check(key.clone(), Some(bytes))
                     .put(key, record.encode_to_vec());
@@ -580,13 +637,13 @@ impl KeyRing {
                     })?;
                 batch.check(layout::AUDIT_KEY.to_vec(), Some(bytes)).put(
                     layout::AUDIT_KEY.to_vec(),
-                    envelope::seal(&new_root, version, &Context::audit_key(), &material),
+                    envelope::seal(new_root.key(), version, &Context::audit_key(), &material),
                 );
             }
             let new_check = RootCheck {
                 root_version: version,
                 check: envelope::seal(
-                    &new_root,
+                    new_root.key(),
                     version,
                     &Context::root_check(),
                     ROOT_CHECK_PLAINTEXT,
@@ -595,15 +652,16 @@ impl KeyRing {
             }
             .encode_to_vec();
             batch
-                .check(layout::ROOT_CHECK.to_vec(), Some(root_bytes.clone()))
+                .check(layout::ROOT_CHECK.to_vec(), Some(root_bytes.to_vec()))
                 .put(layout::ROOT_CHECK.to_vec(), new_check.clone())
-                .put(layout::retired_root(root.version()), root_bytes);
+                .put(layout::retired_root(root.version()), root_bytes.to_vec());
             along(&mut batch, version, rewrapped);
             match self.store.commit(batch).await {
                 Ok(_) => {
                     *self.root.write().expect("root lock") = Root {
-                        key: Arc::new(RootKey::new(version, new_root)),
+                        key: new_root.clone(),
                         check_bytes: new_check,
+                        pending: None,
                     };
                     self.reload_keks()?;
                     tracing::info!(
@@ -628,10 +686,11 @@ impl KeyRing {
 }
 
 /// Loads the KEK ring from the store, unwrapping each live version under the
-/// root key (or reusing the unwrapped key from `known`).
+/// root key its wrap names, the installed one or the one being installed (or
+/// reusing the unwrapped key from `known`).
 fn load_keks(
     store: &dyn Store,
-    root: &RootKey,
+    root: &Root,
     known: &BTreeMap<u32, Loaded<Kek>>,
 ) -> Result<BTreeMap<u32, Loaded<Kek>>> {
     let mut keks = BTreeMap::new();
@@ -645,13 +704,13 @@ fn load_keks(
             (KeyState::Destroyed, _) => None,
             (_, Some(known)) => Some(known),
             (_, None) => {
+                let unopened =
+                    || Error::Corrupt(format!("KEK v{version} does not open under the root key"));
+                let wrapped_by = envelope::key_version(&record.wrapped).map_err(|_| unopened())?;
+                let root = root.by_version(wrapped_by).ok_or_else(unopened)?;
                 let material =
                     envelope::open(root.key(), &Context::kek_wrap(version), &record.wrapped)
-                        .map_err(|_| {
-                            Error::Corrupt(format!(
-                                "KEK v{version} does not open under the root key"
-                            ))
-                        })?;
+                        .map_err(|_| unopened())?;
                 Some(Arc::new(Kek::new(version, to_key(&material)?)))
             }
         };
@@ -775,5 +834,64 @@ mod tests {
             reloader.join().expect("reloader");
         }
         assert_eq!(rotated.len(), 60, "every rotation took effect");
+    }
+
+    /// Regression: a reload racing a root rotation and a KEK rotation must
+    /// never fail. A reload that took the root key just before a new root was
+    /// installed met KEKs wrapped under the new one and reported `Corrupt`
+    /// ("KEK vN does not open under the root key"). Threads reload in a loop
+    /// (with a fresh ring as `known`, so every KEK is unwrapped again) while
+    /// root and KEK rotations alternate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reloads_racing_root_rotations_never_fail() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(&StoreOptions::new(dir.path())).expect("store"));
+        let ring = Arc::new(
+            KeyRing::open(
+                store,
+                Arc::new(SystemClock),
+                SymmetricKey::generate(),
+                1 << 30,
+            )
+            .await
+            .expect("ring"),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let reloaders: Vec<_> = (0..3)
+            .map(|_| {
+                let (ring, stop) = (ring.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut failures = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Err(error) = ring.reload_keks_from_scratch() {
+                            failures.push(error.to_string());
+                        }
+                        std::thread::yield_now();
+                    }
+                    failures
+                })
+            })
+            .collect();
+        for _ in 0..25 {
+            ring.rotate_root(SymmetricKey::generate(), &|_, _, _| {})
+                .await
+                .expect("rotate root");
+            let from = ring.primary_kek_version().expect("primary");
+            ring.rotate_kek(from, &|_, _| {}).await.expect("rotate KEK");
+        }
+        stop.store(true, Ordering::Relaxed);
+        let failures: Vec<String> = reloaders
+            .into_iter()
+            .flat_map(|r| r.join().expect("reloader"))
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{} reloads failed, first: {:?}",
+            failures.len(),
+            failures.first()
+        );
+        assert_eq!(ring.root_version(), 26, "every root rotation took effect");
+        assert_eq!(ring.primary_kek_version().expect("primary"), 26);
     }
 }
