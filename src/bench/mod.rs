@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod backup;
 pub mod grpc;
+pub mod journal;
 pub mod memory;
 pub mod rotation;
 pub mod store;
