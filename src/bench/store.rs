@@ -1,9 +1,13 @@
 //! `credvault bench store`: the sealed store in-process, no gRPC.
 //!
 //! 1. raw AES-256-GCM open of a 2 KiB payload (one thread) — the crypto ceiling;
-//! 2. unseal of a 2 KiB secret from a warm store of N credentials (one thread);
+//! 2. unseal of a 2 KiB secret from a warm store of N credentials (one thread),
+//!    taking turns with row 1 in [`SLICES`] slices;
 //! 3. durable seal with 1, 8 and 64 concurrent writers, with group commit and
-//!    with an fsync per write.
+//!    with an fsync per write. The writer counts take turns in [`SLICES`]
+//!    slices (order reversed every other round), so that the disk's latency,
+//!    which drifts by 2× within a minute on a shared VM, weighs on the
+//!    single-writer row and the 64-writer row alike.
 //!
 //! Bars: unseal ≥ 25 % of the raw-crypto rate; group-committed seal with 64
 //! writers ≥ 10× the single-writer rate.
@@ -38,6 +42,10 @@ pub struct Params {
 }
 
 const PAYLOAD: usize = 2048;
+/// Slices each durable-seal row's time is split into, taken in turns.
+const SLICES: u32 = 5;
+/// Writer counts of the durable-seal rows.
+const WRITERS: [usize; 3] = [1, 8, 64];
 
 /// The tenant of the `i`-th credential [`fill`] seals.
 pub fn tenant_of(i: u64, tenants: u64) -> String {
@@ -54,21 +62,7 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
     let mut report = Report::new("store");
     let budget = Duration::from_secs_f64(params.seconds);
 
-    // 1. Raw AES-256-GCM open, 2 KiB.
-    let key = SymmetricKey::generate();
-    let nonce = [7u8; aead::NONCE_LEN];
-    let sealed = aead::encrypt(&key, &nonce, b"aad", &[0x5a; PAYLOAD]);
-    let (ops, elapsed) = timed(budget, || {
-        std::hint::black_box(aead::decrypt(&key, &nonce, b"aad", &sealed).expect("opens"));
-    });
-    report.rows.push(Row::new(
-        "raw AES-256-GCM open 2 KiB (1 thread)",
-        ops,
-        elapsed,
-        None,
-    ));
-
-    // 2. Warm store of N credentials, then unseal.
+    // 1. Warm store of N credentials.
     let dir = tempfile::tempdir()?;
     let vault = Arc::new(
         open_vault(
@@ -81,13 +75,6 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
     let started = Instant::now();
     fill(&vault, params.credentials, params.tenants).await?;
     let fill_elapsed = started.elapsed();
-    report.rows.push(Row::new(
-        format!("fill: seal {} credentials, 64 writers", params.credentials),
-        params.credentials,
-        fill_elapsed,
-        None,
-    ));
-    let mut rng = rand::rng();
     // Warm: every credential read once (unmeasured), so that the measurement
     // sees the store as a server does after its first minute, not sled's
     // leaves as the fill left them.
@@ -97,26 +84,59 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
             .await?;
         std::hint::black_box(unsealed.secret.expose());
     }
+
+    // 2. Raw AES-256-GCM open of 2 KiB and unseal of 2 KiB from the warm
+    // store, taking turns in slices.
+    let key = SymmetricKey::generate();
+    let nonce = [7u8; aead::NONCE_LEN];
+    let sealed = aead::encrypt(&key, &nonce, b"aad", &[0x5a; PAYLOAD]);
+    let mut rng = rand::rng();
+    let (mut raw_ops, mut raw_elapsed) = (0u64, Duration::ZERO);
     let mut latencies = Vec::with_capacity(1 << 20);
-    let started = Instant::now();
-    let mut ops = 0u64;
-    while started.elapsed() < budget {
-        for _ in 0..256 {
-            let i = rng.random_range(0..params.credentials);
-            let t = Instant::now();
-            let unsealed = vault
-                .unseal(&tenant_of(i, params.tenants), &credential_of(i), None)
-                .await?;
-            latencies.push(t.elapsed());
-            std::hint::black_box(unsealed.secret.expose());
-            ops += 1;
+    let mut unseal_elapsed = Duration::ZERO;
+    for round in 0..SLICES {
+        for raw_turn in [round % 2 == 0, round % 2 != 0] {
+            if raw_turn {
+                let (ops, elapsed) = timed(budget / SLICES, || {
+                    std::hint::black_box(
+                        aead::decrypt(&key, &nonce, b"aad", &sealed).expect("opens"),
+                    );
+                });
+                raw_ops += ops;
+                raw_elapsed += elapsed;
+                continue;
+            }
+            let started = Instant::now();
+            while started.elapsed() < budget / SLICES {
+                for _ in 0..256 {
+                    let i = rng.random_range(0..params.credentials);
+                    let t = Instant::now();
+                    let unsealed = vault
+                        .unseal(&tenant_of(i, params.tenants), &credential_of(i), None)
+                        .await?;
+                    latencies.push(t.elapsed());
+                    std::hint::black_box(unsealed.secret.expose());
+                }
+            }
+            unseal_elapsed += started.elapsed();
         }
     }
-    let elapsed = started.elapsed();
+    report.rows.push(Row::new(
+        "raw AES-256-GCM open 2 KiB (1 thread)",
+        raw_ops,
+        raw_elapsed,
+        None,
+    ));
+    report.rows.push(Row::new(
+        format!("fill: seal {} credentials, 64 writers", params.credentials),
+        params.credentials,
+        fill_elapsed,
+        None,
+    ));
     report.rows.push(Row::new(
         "unseal 2 KiB, warm store (1 thread)",
-        ops,
-        elapsed,
+        latencies.len() as u64,
+        unseal_elapsed,
         Some(&mut latencies),
     ));
     drop(vault);
@@ -134,12 +154,29 @@ pub async fn run(params: &Params) -> anyhow::Result<Report> {
             )
             .await?,
         );
-        for writers in [1usize, 8, 64] {
-            let row = seal_load(&vault, writers, budget).await?;
-            report.rows.push(Row {
-                name: format!("durable seal 2 KiB, {label}, {writers} writers"),
-                ..row
-            });
+        let mut tallies: Vec<(u64, Duration, Vec<Duration>)> =
+            vec![(0, Duration::ZERO, Vec::new()); WRITERS.len()];
+        for round in 0..SLICES {
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..WRITERS.len()).collect()
+            } else {
+                (0..WRITERS.len()).rev().collect()
+            };
+            for i in order {
+                let (latencies, elapsed) = seal_load(&vault, WRITERS[i], budget / SLICES).await?;
+                let tally = &mut tallies[i];
+                tally.0 += latencies.len() as u64;
+                tally.1 += elapsed;
+                tally.2.extend(latencies);
+            }
+        }
+        for (writers, (ops, elapsed, mut latencies)) in WRITERS.into_iter().zip(tallies) {
+            report.rows.push(Row::new(
+                format!("durable seal 2 KiB, {label}, {writers} writers"),
+                ops,
+                elapsed,
+                Some(&mut latencies),
+            ));
         }
     }
 
@@ -228,8 +265,13 @@ pub async fn fill(vault: &Arc<Vault>, count: u64, tenants: u64) -> anyhow::Resul
     Ok(())
 }
 
-/// `writers` tasks seal new credentials for `budget`; returns the row.
-async fn seal_load(vault: &Arc<Vault>, writers: usize, budget: Duration) -> anyhow::Result<Row> {
+/// `writers` tasks seal new credentials for `budget`; returns every seal's
+/// latency and the time taken.
+async fn seal_load(
+    vault: &Arc<Vault>,
+    writers: usize,
+    budget: Duration,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
     static RUN: AtomicU64 = AtomicU64::new(0);
     let run = RUN.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
@@ -255,13 +297,7 @@ async fn seal_load(vault: &Arc<Vault>, writers: usize, budget: Duration) -> anyh
     for task in tasks {
         latencies.extend(task.await??);
     }
-    let elapsed = started.elapsed();
-    Ok(Row::new(
-        "",
-        latencies.len() as u64,
-        elapsed,
-        Some(&mut latencies),
-    ))
+    Ok((latencies, started.elapsed()))
 }
 
 /// Runs `op` in batches until `budget` has passed; returns (count, elapsed).
