@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::Deserialize;
 
@@ -259,6 +260,38 @@ struct Grant {
     tenants: Option<BTreeSet<String>>,
 }
 
+/// The policy in force, replaceable while the server runs (`SIGHUP`,
+/// [`crate::server::reload`]): every call is checked against the policy
+/// current when it is authorised, so a reload takes effect for the next call,
+/// on connections already open too.
+#[derive(Debug, Clone)]
+pub struct SharedPolicy(Arc<RwLock<Arc<Policy>>>);
+
+impl SharedPolicy {
+    pub fn new(policy: Policy) -> Self {
+        Arc::new(policy).into()
+    }
+
+    /// The policy in force now.
+    pub fn current(&self) -> Arc<Policy> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `policy` in force for every call authorised from now on.
+    pub fn replace(&self, policy: Policy) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
+    }
+}
+
+impl From<Arc<Policy>> for SharedPolicy {
+    fn from(policy: Arc<Policy>) -> Self {
+        Self(Arc::new(RwLock::new(policy)))
+    }
+}
+
 /// The file as written; turned into a [`Policy`] by [`Policy::from_toml`].
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -381,6 +414,11 @@ impl Policy {
             })
             .collect();
         Policy { grants }
+    }
+
+    /// How many grants it holds (for the log line of a reload).
+    pub fn grant_count(&self) -> usize {
+        self.grants.len()
     }
 
     /// Whether `identity` may call `rpc` on `tenant`. `tenant` is `None` for

@@ -63,6 +63,9 @@ pub struct Metrics {
     pub revocation_watchers: Gauge,
     pub root_key_created: Gauge,
     pub primary_kek_created: Gauge,
+    pub config_reloads: Counter,
+    pub config_reload_failures: Counter,
+    pub server_certificate_expiry: Gauge,
 }
 
 fn call_seconds() -> Histogram {
@@ -128,6 +131,24 @@ impl Metrics {
             "When the primary key-encryption key was made (Unix time; refreshed every background round)",
             primary_kek_created.clone(),
         );
+        let config_reloads = Counter::default();
+        registry.register(
+            "config_reloads",
+            "Reloads (SIGHUP) that put new TLS files and policy in force",
+            config_reloads.clone(),
+        );
+        let config_reload_failures = Counter::default();
+        registry.register(
+            "config_reload_failures",
+            "Reloads (SIGHUP) refused because a file did not load; the previous configuration stays in force",
+            config_reload_failures.clone(),
+        );
+        let server_certificate_expiry = Gauge::default();
+        registry.register(
+            "server_certificate_expiry_timestamp_seconds",
+            "When the server certificate in force expires (Unix time; set at start and at each reload)",
+            server_certificate_expiry.clone(),
+        );
         Self {
             registry,
             grpc_calls,
@@ -139,6 +160,9 @@ impl Metrics {
             revocation_watchers,
             root_key_created,
             primary_kek_created,
+            config_reloads,
+            config_reload_failures,
+            server_certificate_expiry,
         }
     }
 
@@ -364,6 +388,12 @@ mod tests {
             ("credvault_revocation_watchers", "gauge"),
             ("credvault_root_key_created_timestamp_seconds", "gauge"),
             ("credvault_primary_kek_created_timestamp_seconds", "gauge"),
+            ("credvault_config_reloads", "counter"),
+            ("credvault_config_reload_failures", "counter"),
+            (
+                "credvault_server_certificate_expiry_timestamp_seconds",
+                "gauge",
+            ),
         ] {
             let line = format!("# TYPE {name} {kind}");
             assert!(text.contains(&line), "{line} missing:\n{text}");

@@ -6,6 +6,9 @@
 //! NOT_SERVING → stop accepting, finish in-flight calls → close the store (its
 //! committer flushes whatever is queued).
 //!
+//! While it serves, `SIGHUP` reloads the TLS files and the policy ([`reload`]):
+//! all of them or, if any fails to load, none.
+//!
 //! The background task drives rotation jobs (resuming any a previous run left
 //! unfinished), checks the schedules, shreds the deleted tenants whose grace
 //! period is over (finishing any shred a previous run left unfinished) and
@@ -23,13 +26,13 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::audit::AuditError;
-use crate::authz::Policy;
+use crate::authz::{Policy, SharedPolicy};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::crypto::root;
 use crate::service::{self, pb};
 use crate::store::{SledStore, StoreOptions};
-use crate::tls::{self, ServerTlsFiles};
+use crate::tls::{self, ServerTls, ServerTlsFiles};
 use crate::vault::Vault;
 
 /// The names health reports on ("" is the whole server).
@@ -63,14 +66,9 @@ pub async fn run_with_metrics(
             anyhow::bail!("config field `root_key_file`: set root_key_file or root_key_env")
         }
     };
-    let policy = Policy::load(&config.policy_file)
-        .with_context(|| format!("policy file {}", config.policy_file.display()))?;
-    let tls = tls::server_config(&ServerTlsFiles {
-        cert: &config.tls.cert,
-        key: &config.tls.key,
-        client_ca: &config.tls.client_ca,
-        crl: config.tls.crl.as_deref(),
-    })?;
+    let policy = SharedPolicy::new(load_policy(config)?);
+    let tls = ServerTls::from(load_tls(config)?);
+    record_certificate_expiry(config);
     let store = SledStore::open(&StoreOptions {
         cache_capacity: config.cache_mb << 20,
         ..StoreOptions::new(&config.data_dir)
@@ -95,7 +93,7 @@ pub async fn run_with_metrics(
     let streams = service::StreamShutdown::new();
     let router = service::router_with(
         vault.clone(),
-        Arc::new(policy),
+        policy.clone(),
         &limits,
         health_service,
         &streams,
@@ -111,6 +109,7 @@ pub async fn run_with_metrics(
         },
     ));
     let stop_rotation = rotation.abort_handle();
+    let reloader = reload_on_hangup(config.clone(), tls.clone(), policy)?;
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(metrics) = metrics {
         if let Ok(at) = metrics.local_addr() {
@@ -126,6 +125,7 @@ pub async fn run_with_metrics(
         shutdown.await;
         tracing::info!("shutting down: draining in-flight calls");
         stop_rotation.abort();
+        reloader.abort();
         // Watch streams never end by themselves: end them, or the drain would
         // wait for their clients to leave.
         streams.begin();
@@ -152,6 +152,83 @@ pub async fn run_with_metrics(
     drop(vault); // closes the store once the last handler is gone
     tracing::info!("credvault stopped");
     Ok(())
+}
+
+fn load_policy(config: &Config) -> anyhow::Result<Policy> {
+    Policy::load(&config.policy_file)
+        .with_context(|| format!("policy file {}", config.policy_file.display()))
+}
+
+fn load_tls(config: &Config) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    Ok(tls::server_config(&ServerTlsFiles {
+        cert: &config.tls.cert,
+        key: &config.tls.key,
+        client_ca: &config.tls.client_ca,
+        crl: config.tls.crl.as_deref(),
+    })?)
+}
+
+/// Sets the certificate-expiry gauge from the server certificate file;
+/// returns the expiry (seconds since the Unix epoch).
+fn record_certificate_expiry(config: &Config) -> Option<i64> {
+    let expiry = tls::not_after(&config.tls.cert);
+    crate::metrics::global()
+        .server_certificate_expiry
+        .set(expiry.unwrap_or(0));
+    expiry
+}
+
+/// Reads the policy file and the TLS files named in `config` again (server
+/// certificate and key, client CA bundle, CRL) and, only if every one of them
+/// loads, puts them in force: each TLS handshake from then on uses the new
+/// certificate, CAs and CRL, and each call from then on is checked against
+/// the new policy, on connections already open too. Connections already open
+/// keep the handshake they made: a client whose certificate the new CRL
+/// revokes stays connected until it reconnects (deny its identity in the
+/// policy to cut it off at once). If anything fails to load, nothing changes
+/// and the error says which file. The rest of the configuration (paths,
+/// listen address, limits) is read only at start-up.
+pub fn reload(config: &Config, tls: &ServerTls, policy: &SharedPolicy) -> anyhow::Result<()> {
+    let new_policy = load_policy(config)?;
+    let new_tls = load_tls(config)?;
+    let grants = new_policy.grant_count();
+    policy.replace(new_policy);
+    tls.replace(new_tls);
+    let certificate_expires = record_certificate_expiry(config);
+    tracing::info!(
+        grants,
+        certificate_expires,
+        crl = config.tls.crl.is_some(),
+        "reloaded the TLS files and the policy"
+    );
+    Ok(())
+}
+
+/// Reloads ([`reload`]) on every `SIGHUP` until aborted.
+fn reload_on_hangup(
+    config: Config,
+    tls: ServerTls,
+    policy: SharedPolicy,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    Ok(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let metrics = crate::metrics::global();
+            match reload(&config, &tls, &policy) {
+                Ok(()) => {
+                    let _ = metrics.config_reloads.inc();
+                }
+                Err(error) => {
+                    let _ = metrics.config_reload_failures.inc();
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "reload refused: the previous TLS files and policy stay in force"
+                    );
+                }
+            }
+        }
+    }))
 }
 
 /// The pause after a failed round of the background task (at most the check interval).

@@ -6,7 +6,7 @@
 //! default before anything else touches rustls.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
@@ -62,11 +62,18 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error("private key file", path, e))
 }
 
+/// Reads the PEM CRLs of `path`. A file without one is refused: read as "no
+/// revocations", a damaged or misnamed file would quietly let every revoked
+/// certificate back in (a CA with nothing revoked still signs an empty CRL).
 fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    CertificateRevocationListDer::pem_file_iter(path)
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
         .map_err(|e| file_error("CRL file", path, e))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error("CRL file", path, e))
+        .map_err(|e| file_error("CRL file", path, e))?;
+    if crls.is_empty() {
+        return Err(file_error("CRL file", path, "no CRL found"));
+    }
+    Ok(crls)
 }
 
 fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
@@ -109,6 +116,41 @@ pub fn server_config(files: &ServerTlsFiles<'_>) -> Result<Arc<rustls::ServerCon
     Ok(Arc::new(config))
 }
 
+/// The server's TLS configuration, replaceable while the server runs
+/// (`SIGHUP`, [`crate::server::reload`]): each new handshake takes the one in
+/// force; connections already open keep the one they were made with.
+#[derive(Debug, Clone)]
+pub struct ServerTls(Arc<RwLock<Arc<rustls::ServerConfig>>>);
+
+impl ServerTls {
+    /// The configuration in force now.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `config` in force for every handshake from now on.
+    pub fn replace(&self, config: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = config;
+    }
+}
+
+impl From<Arc<rustls::ServerConfig>> for ServerTls {
+    fn from(config: Arc<rustls::ServerConfig>) -> Self {
+        Self(Arc::new(RwLock::new(config)))
+    }
+}
+
+/// When the first certificate of the PEM file at `path` expires, in seconds
+/// since the Unix epoch (for the expiry gauge; `None` if it cannot be read).
+pub fn not_after(path: &Path) -> Option<i64> {
+    let cert = load_certs(path).ok()?.into_iter().next()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
 /// A client configuration: trusts `ca`, presents `cert`/`key`, ALPN h2, TLS 1.3.
 pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::ClientConfig, TlsError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
@@ -119,4 +161,31 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::Clien
         .map_err(|e| file_error("client certificate/key", cert, e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::testing::TestCa;
+
+    #[test]
+    fn a_crl_file_without_a_crl_is_refused_and_an_empty_crl_loads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("crl.pem");
+        for junk in ["", "not a CRL\n"] {
+            std::fs::write(&path, junk).expect("write");
+            let error = load_crls(&path)
+                .expect_err("no CRL in the file")
+                .to_string();
+            assert!(
+                error.contains("CRL file")
+                    && error.contains("crl.pem")
+                    && error.contains("no CRL found"),
+                "{error}"
+            );
+        }
+        let no_serials: [&[u8]; 0] = [];
+        std::fs::write(&path, TestCa::new("test CA").crl_pem(&no_serials)).expect("write");
+        assert_eq!(load_crls(&path).expect("a CRL revoking nothing").len(), 1);
+    }
 }

@@ -26,9 +26,10 @@ use tonic::{Request, Status};
 use tower::layer::util::{Identity, Stack};
 
 use crate::authn::{self, Caller};
-use crate::authz::{Policy, Rpc};
+use crate::authz::{Rpc, SharedPolicy};
 use crate::error::status_with_reason;
 use crate::metrics::GrpcMetricsLayer;
+use crate::tls::ServerTls;
 use crate::vault::Vault;
 
 /// The router every server of credvault runs: tonic's, with the metrics layer.
@@ -119,7 +120,7 @@ impl Limits {
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub vault: Arc<Vault>,
-    pub policy: Arc<Policy>,
+    pub policy: SharedPolicy,
     callers: Arc<CallerCache>,
     /// Calls in flight per caller identity.
     in_flight: Arc<InFlight>,
@@ -276,27 +277,28 @@ impl Shared {
                 return Err(status);
             }
         };
-        let (code, reason, message) = if !self.policy.allows(&caller.identity, rpc, tenant) {
-            (
-                tonic::Code::PermissionDenied,
-                "PERMISSION_DENIED",
-                format!("the caller is not allowed to call {}", rpc.name()),
-            )
-        } else if self.in_flight.enter(&caller.identity) {
-            return Ok(Authorised {
-                identity: caller.identity,
-                in_flight: self.in_flight.clone(),
-            });
-        } else {
-            (
-                tonic::Code::ResourceExhausted,
-                "CALLER_CONCURRENCY",
-                format!(
-                    "this caller already has {} calls in flight; retry later",
-                    self.in_flight.limit
-                ),
-            )
-        };
+        let (code, reason, message) =
+            if !self.policy.current().allows(&caller.identity, rpc, tenant) {
+                (
+                    tonic::Code::PermissionDenied,
+                    "PERMISSION_DENIED",
+                    format!("the caller is not allowed to call {}", rpc.name()),
+                )
+            } else if self.in_flight.enter(&caller.identity) {
+                return Ok(Authorised {
+                    identity: caller.identity,
+                    in_flight: self.in_flight.clone(),
+                });
+            } else {
+                (
+                    tonic::Code::ResourceExhausted,
+                    "CALLER_CONCURRENCY",
+                    format!(
+                        "this caller already has {} calls in flight; retry later",
+                        self.in_flight.limit
+                    ),
+                )
+            };
         tracing::warn!(caller = %caller.identity, rpc = rpc.name(), tenant, outcome = reason, "call refused");
         self.audit_denial(req, &caller.identity, rpc, tenant, reason)
             .await;
@@ -326,7 +328,7 @@ impl Shared {
 /// that has watchers and shuts down gracefully should use [`router_with`].
 pub fn router(
     vault: Arc<Vault>,
-    policy: Arc<Policy>,
+    policy: impl Into<SharedPolicy>,
     limits: &Limits,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -345,7 +347,7 @@ pub fn router(
 /// is shutting down (call [`StreamShutdown::begin`] as the drain starts).
 pub fn router_with(
     vault: Arc<Vault>,
-    policy: Arc<Policy>,
+    policy: impl Into<SharedPolicy>,
     limits: &Limits,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -354,7 +356,7 @@ pub fn router_with(
 ) -> anyhow::Result<GrpcRouter> {
     let shared = Shared {
         vault,
-        policy,
+        policy: policy.into(),
         callers: Arc::default(),
         in_flight: Arc::new(InFlight::new(limits.concurrency_per_caller)),
         streams: streams.clone(),
@@ -461,11 +463,11 @@ pub fn server_builder(
 pub async fn serve(
     router: GrpcRouter,
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: impl Into<ServerTls>,
     handshake_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let (incoming, accept_loop) = tls_incoming(listener, TlsAcceptor::from(tls), handshake_timeout);
+    let (incoming, accept_loop) = tls_incoming(listener, tls.into(), handshake_timeout);
     // On shutdown, stop accepting at once (closing the listener), so that a
     // client connecting during the drain is refused instead of left waiting.
     let stop_accepting = accept_loop.abort_handle();
@@ -481,10 +483,11 @@ pub async fn serve(
 type Incoming = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
 
 /// Accepts TCP connections (TCP_NODELAY on: tonic does not set it on this
-/// path), completes each TLS handshake in its own task, and yields the streams.
+/// path), completes each TLS handshake in its own task with the TLS
+/// configuration in force when the connection arrived, and yields the streams.
 fn tls_incoming(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: ServerTls,
     handshake_timeout: Duration,
 ) -> (Incoming, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(256);
@@ -492,7 +495,7 @@ fn tls_incoming(
         loop {
             let (tcp, peer) = accept(&listener).await;
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx) = (TlsAcceptor::from(tls.current()), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {

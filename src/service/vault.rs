@@ -603,7 +603,7 @@ mod tests {
         .unwrap();
         Shared {
             vault: Arc::new(vault),
-            policy: Arc::new(Policy::dev_default()),
+            policy: Arc::new(Policy::dev_default()).into(),
             callers: Arc::default(),
             in_flight: Arc::new(crate::service::InFlight::new(512)),
             streams: StreamShutdown::new(),

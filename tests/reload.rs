@@ -1,0 +1,223 @@
+//! `SIGHUP` reloads the TLS files and the policy of a running server: a real
+//! server on 127.0.0.1 over mutual TLS 1.3, certificates and CRLs made in the
+//! test, and a real signal sent to this process.
+//!
+//! One test only: a `SIGHUP` reaches every server in the process, so the
+//! steps run in order in one server, and each waits for the reload counters
+//! (process-wide) to move by exactly one.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use credvault::authz::DEV_POLICY_TOML;
+use credvault::pki::testing::{TestCa, days_from_now};
+use credvault::service::pb::{self, CredentialKind};
+use tonic::Code;
+
+use support::{Pki, ServerOptions, TestServer, expect_status, seal_request, unseal_request};
+
+const TENANT: &str = "tenant-a";
+/// Not in the dev policy until the reload grants it the executor role.
+const PARTNER: &str = "spiffe://credvault/partner/agent-1";
+
+fn metadata_request() -> pb::GetMetadataRequest {
+    pb::GetMetadataRequest {
+        tenant_id: TENANT.into(),
+        credential_id: "gmail/alice".into(),
+        ..Default::default()
+    }
+}
+
+/// The reload and refused-reload counters.
+fn reloads() -> (u64, u64) {
+    let metrics = credvault::metrics::global();
+    (
+        metrics.config_reloads.get(),
+        metrics.config_reload_failures.get(),
+    )
+}
+
+/// Sends `SIGHUP` to this process and waits until the counters read `expect`.
+async fn hang_up(expect: (u64, u64)) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -HUP: {status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reloads() != expect {
+        assert!(
+            Instant::now() < deadline,
+            "reload counters {:?}, expected {expect:?}",
+            reloads()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_nothing() {
+    credvault::tls::install_default_provider();
+    let pki = Pki::new();
+    let partner = pki.uri(PARTNER);
+    let ingest = pki.role("ingest");
+    let to_revoke = pki.uri("spiffe://credvault/ingest/leaked");
+    let no_serials: [&[u8]; 0] = [];
+    let empty_crl = pki.ca.crl_pem(&no_serials);
+    let server = TestServer::start_with(pki, ServerOptions::default().crl(empty_crl)).await;
+    let dir = server.pki.dir().to_owned();
+    assert_eq!(reloads(), (0, 0), "no reload before the first SIGHUP");
+
+    let mut ingest_client = server.vault(&ingest).await;
+    ingest_client
+        .seal(seal_request(
+            TENANT,
+            "gmail/alice",
+            CredentialKind::CookieJar,
+            b"SID=1",
+        ))
+        .await
+        .expect("seal");
+    // Opened before any reload, kept open throughout.
+    let mut partner_client = server.vault(&partner).await;
+    let denied = partner_client
+        .unseal(unseal_request(TENANT, "gmail/alice"))
+        .await;
+    expect_status(denied, Code::PermissionDenied, "PERMISSION_DENIED");
+
+    // 1. A policy that does not parse: refused, nothing changes.
+    std::fs::write(dir.join("policy.toml"), "[[grant]\nidentity = ").expect("write policy");
+    hang_up((0, 1)).await;
+    let still_denied = partner_client
+        .unseal(unseal_request(TENANT, "gmail/alice"))
+        .await;
+    expect_status(still_denied, Code::PermissionDenied, "PERMISSION_DENIED");
+    ingest_client
+        .seal(seal_request(
+            TENANT,
+            "gmail/bob",
+            CredentialKind::CookieJar,
+            b"SID=2",
+        ))
+        .await
+        .expect("the old policy stays in force after a refused reload");
+
+    // 2. A good policy with a broken CRL beside it: refused as a whole, the
+    //    policy included.
+    let granted =
+        format!("{DEV_POLICY_TOML}\n[[grant]]\nidentity = \"{PARTNER}\"\nroles = [\"executor\"]\n");
+    std::fs::write(dir.join("policy.toml"), &granted).expect("write policy");
+    std::fs::write(dir.join("crl.pem"), "not a CRL").expect("write CRL");
+    hang_up((0, 2)).await;
+    let denied_again = partner_client
+        .unseal(unseal_request(TENANT, "gmail/alice"))
+        .await;
+    expect_status(denied_again, Code::PermissionDenied, "PERMISSION_DENIED");
+
+    // 3. The granted policy, a CRL revoking one client, and a renewed server
+    //    certificate from another CA, in one reload.
+    let renewed_ca = TestCa::new("renewed server CA");
+    let renewed_ca_file = dir.join("renewed-ca.pem");
+    std::fs::write(&renewed_ca_file, renewed_ca.cert_pem()).expect("write CA");
+    let trusts_renewed = |client: &support::ClientCert| {
+        credvault::tls::client_config(&renewed_ca_file, &client.cert, &client.key)
+            .expect("client config")
+    };
+    let mut before =
+        pb::vault_client::VaultClient::new(server.lazy_channel(trusts_renewed(&ingest)));
+    let refused = before
+        .get_metadata(metadata_request())
+        .await
+        .expect_err("the renewed certificate is not served before the reload");
+    assert_ne!(refused.code(), Code::Ok);
+    // Accepted before the CRL names it (ingest may not read metadata).
+    let revoked_before = server
+        .vault(&to_revoke)
+        .await
+        .get_metadata(metadata_request())
+        .await;
+    expect_status(revoked_before, Code::PermissionDenied, "PERMISSION_DENIED");
+
+    let expires = days_from_now(45);
+    let (cert, key) = renewed_ca.issue_server(days_from_now(-1), expires);
+    std::fs::write(&server.pki.server_cert, cert).expect("write server certificate");
+    std::fs::write(&server.pki.server_key, key).expect("write server key");
+    std::fs::write(
+        dir.join("crl.pem"),
+        server.pki.ca.crl_pem(&[to_revoke.serial()]),
+    )
+    .expect("write CRL");
+    hang_up((1, 2)).await;
+
+    // The policy: on the connection opened before the reload too.
+    let unsealed = partner_client
+        .unseal(unseal_request(TENANT, "gmail/alice"))
+        .await
+        .expect("the partner is an executor now")
+        .into_inner();
+    assert_eq!(unsealed.secret, b"SID=1");
+    // The certificate: new connections are served the renewed one …
+    let mut after =
+        pb::vault_client::VaultClient::new(server.lazy_channel(trusts_renewed(&ingest)));
+    after
+        .seal(seal_request(
+            TENANT,
+            "gmail/carol",
+            CredentialKind::CookieJar,
+            b"SID=3",
+        ))
+        .await
+        .expect("the renewed server certificate is served");
+    // … and a client trusting only the old CA no longer connects.
+    let mut old_trust =
+        pb::vault_client::VaultClient::new(server.lazy_channel(server.pki.client_config(&ingest)));
+    let status = old_trust
+        .seal(seal_request(
+            TENANT,
+            "gmail/dave",
+            CredentialKind::CookieJar,
+            b"SID=4",
+        ))
+        .await
+        .expect_err("the old server certificate is gone");
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::Unknown),
+        "{status:?}"
+    );
+    // The CRL: the revoked client cannot open a new connection.
+    let mut revoked =
+        pb::vault_client::VaultClient::new(server.lazy_channel(trusts_renewed(&to_revoke)));
+    let status = revoked
+        .get_metadata(metadata_request())
+        .await
+        .expect_err("a revoked certificate is refused after the reload");
+    assert!(
+        matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "{status:?}"
+    );
+    // Connections made before the reload keep their handshake.
+    ingest_client
+        .seal(seal_request(
+            TENANT,
+            "gmail/erin",
+            CredentialKind::CookieJar,
+            b"SID=5",
+        ))
+        .await
+        .expect("an open connection survives the reload");
+
+    // The expiry gauge follows the certificate in force.
+    let expected = expires
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_secs() as i64;
+    let gauge = credvault::metrics::global().server_certificate_expiry.get();
+    assert!(
+        (gauge - expected).abs() <= 1,
+        "expiry gauge {gauge}, certificate expires at {expected}"
+    );
+}
