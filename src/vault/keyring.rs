@@ -789,15 +789,11 @@ mod tests {
     use crate::clock::SystemClock;
     use crate::store::{SledStore, StoreOptions};
 
-    /// Regression: concurrent reloads must never put back a ring older than
-    /// one already installed. Threads reload in a loop while KEKs rotate;
-    /// after each rotation returns, its KEK must stay loaded.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reloads_racing_rotations_never_lose_a_kek() {
-        let dir = tempfile::tempdir().expect("temp dir");
+    /// A ring over a new store in `dir`.
+    async fn ring_in(dir: &std::path::Path) -> Arc<KeyRing> {
         let store: Arc<dyn Store> =
-            Arc::new(SledStore::open(&StoreOptions::new(dir.path())).expect("store"));
-        let ring = Arc::new(
+            Arc::new(SledStore::open(&StoreOptions::new(dir)).expect("store"));
+        Arc::new(
             KeyRing::open(
                 store,
                 Arc::new(SystemClock),
@@ -806,19 +802,57 @@ mod tests {
             )
             .await
             .expect("ring"),
-        );
-        let stop = Arc::new(AtomicBool::new(false));
-        let reloaders: Vec<_> = (0..3)
+        )
+    }
+
+    /// Three threads calling `reload` on `ring` in a loop until `stop`; each
+    /// returns the errors it met.
+    fn reloaders(
+        ring: &Arc<KeyRing>,
+        stop: &Arc<AtomicBool>,
+        reload: fn(&KeyRing) -> Result<()>,
+    ) -> Vec<std::thread::JoinHandle<Vec<String>>> {
+        (0..3)
             .map(|_| {
                 let (ring, stop) = (ring.clone(), stop.clone());
                 std::thread::spawn(move || {
+                    let mut failures = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
-                        ring.reload_keks().expect("reload");
+                        if let Err(error) = reload(&ring) {
+                            failures.push(error.to_string());
+                        }
                         std::thread::yield_now();
                     }
+                    failures
                 })
             })
+            .collect()
+    }
+
+    /// Stops the reloaders and asserts that none of their reloads failed.
+    fn no_reload_failed(stop: &AtomicBool, reloaders: Vec<std::thread::JoinHandle<Vec<String>>>) {
+        stop.store(true, Ordering::Relaxed);
+        let failures: Vec<String> = reloaders
+            .into_iter()
+            .flat_map(|r| r.join().expect("reloader"))
             .collect();
+        assert!(
+            failures.is_empty(),
+            "{} reloads failed, first: {:?}",
+            failures.len(),
+            failures.first()
+        );
+    }
+
+    /// Regression: concurrent reloads must never put back a ring older than
+    /// one already installed. Threads reload in a loop while KEKs rotate;
+    /// after each rotation returns, its KEK must stay loaded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reloads_racing_rotations_never_lose_a_kek() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ring = ring_in(dir.path()).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let reloaders = reloaders(&ring, &stop, KeyRing::reload_keks);
         let mut rotated = Vec::new();
         for _ in 0..60 {
             let from = ring.primary_kek_version().expect("primary");
@@ -829,10 +863,7 @@ mod tests {
                 assert!(ring.kek(version).is_some(), "KEK v{version} went missing");
             }
         }
-        stop.store(true, Ordering::Relaxed);
-        for reloader in reloaders {
-            reloader.join().expect("reloader");
-        }
+        no_reload_failed(&stop, reloaders);
         assert_eq!(rotated.len(), 60, "every rotation took effect");
     }
 
@@ -845,34 +876,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reloads_racing_root_rotations_never_fail() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store: Arc<dyn Store> =
-            Arc::new(SledStore::open(&StoreOptions::new(dir.path())).expect("store"));
-        let ring = Arc::new(
-            KeyRing::open(
-                store,
-                Arc::new(SystemClock),
-                SymmetricKey::generate(),
-                1 << 30,
-            )
-            .await
-            .expect("ring"),
-        );
+        let ring = ring_in(dir.path()).await;
         let stop = Arc::new(AtomicBool::new(false));
-        let reloaders: Vec<_> = (0..3)
-            .map(|_| {
-                let (ring, stop) = (ring.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    let mut failures = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        if let Err(error) = ring.reload_keks_from_scratch() {
-                            failures.push(error.to_string());
-                        }
-                        std::thread::yield_now();
-                    }
-                    failures
-                })
-            })
-            .collect();
+        let reloaders = reloaders(&ring, &stop, KeyRing::reload_keks_from_scratch);
         for _ in 0..25 {
             ring.rotate_root(SymmetricKey::generate(), &|_, _, _| {})
                 .await
@@ -880,17 +886,7 @@ mod tests {
             let from = ring.primary_kek_version().expect("primary");
             ring.rotate_kek(from, &|_, _| {}).await.expect("rotate KEK");
         }
-        stop.store(true, Ordering::Relaxed);
-        let failures: Vec<String> = reloaders
-            .into_iter()
-            .flat_map(|r| r.join().expect("reloader"))
-            .collect();
-        assert!(
-            failures.is_empty(),
-            "{} reloads failed, first: {:?}",
-            failures.len(),
-            failures.first()
-        );
+        no_reload_failed(&stop, reloaders);
         assert_eq!(ring.root_version(), 26, "every root rotation took effect");
         assert_eq!(ring.primary_kek_version().expect("primary"), 26);
     }
