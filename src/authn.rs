@@ -1,7 +1,9 @@
 //! Caller identity from the verified client certificate.
 //!
 //! rustls has already checked the chain, the dates and the revocation list by the time a
-//! request arrives; this module only reads the name the certificate gives its holder. The
+//! request arrives; this module only reads the name the certificate gives its holder, and
+//! which certificate it is ([`CertificateId`]), so that a CRL reloaded while the connection
+//! is open is checked on each call (`service`, `authz::SharedPolicy`). The
 //! identity is the first URI SAN (e.g. `spiffe://credvault/executor/runner-7`), else the first
 //! DNS SAN, else the subject common name: the order SPIFFE and most service meshes use.
 
@@ -14,6 +16,16 @@ use x509_parser::prelude::FromDer;
 pub struct Caller {
     /// The identity string used by the policy and the audit log.
     pub identity: String,
+    /// Which certificate it presented, as a CRL names it.
+    pub certificate: CertificateId,
+}
+
+/// A certificate as a CRL names it: its issuer's name (DER) and its serial
+/// number (the DER INTEGER's contents).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CertificateId {
+    pub issuer: Vec<u8>,
+    pub serial: Vec<u8>,
 }
 
 /// Why no caller could be read from a client certificate. Messages describe the problem and
@@ -76,6 +88,10 @@ pub fn caller_from_cert(leaf_der: &[u8]) -> Result<Caller, AuthnError> {
     }
     Ok(Caller {
         identity: identity.to_owned(),
+        certificate: CertificateId {
+            issuer: cert.issuer().as_raw().to_vec(),
+            serial: cert.raw_serial().to_vec(),
+        },
     })
 }
 

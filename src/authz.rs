@@ -10,7 +10,7 @@
 //! nothing and knows nothing about gRPC: the service turns a `false` into
 //! PERMISSION_DENIED naming the RPC, and audits it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -18,6 +18,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::Deserialize;
 
+use crate::authn::CertificateId;
 use crate::vault::validate;
 
 /// Every RPC the server answers, by service.
@@ -260,35 +261,58 @@ struct Grant {
     tenants: Option<BTreeSet<String>>,
 }
 
-/// The policy in force, replaceable while the server runs (`SIGHUP`,
-/// [`crate::server::reload`]): every call is checked against the policy
-/// current when it is authorised, so a reload takes effect for the next call,
-/// on connections already open too.
+/// The policy in force and the client certificates the CRL revokes,
+/// replaceable while the server runs (`SIGHUP`, [`crate::server::reload`]):
+/// every call is checked against those current when it is authorised, so a
+/// reload takes effect for the next call, on connections already open too.
 #[derive(Debug, Clone)]
-pub struct SharedPolicy(Arc<RwLock<Arc<Policy>>>);
+pub struct SharedPolicy(Arc<RwLock<InForce>>);
+
+#[derive(Debug)]
+struct InForce {
+    policy: Arc<Policy>,
+    revoked: Arc<HashSet<CertificateId>>,
+}
 
 impl SharedPolicy {
-    pub fn new(policy: Policy) -> Self {
-        Arc::new(policy).into()
+    /// `policy`, with the certificates `revoked` refused on every call.
+    pub fn new(policy: Policy, revoked: HashSet<CertificateId>) -> Self {
+        Self(Arc::new(RwLock::new(InForce {
+            policy: Arc::new(policy),
+            revoked: Arc::new(revoked),
+        })))
     }
 
     /// The policy in force now.
     pub fn current(&self) -> Arc<Policy> {
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.read().policy.clone()
     }
 
-    /// Puts `policy` in force for every call authorised from now on.
-    pub fn replace(&self, policy: Policy) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
+    /// Whether the CRL in force revokes `certificate`.
+    pub fn is_revoked(&self, certificate: &CertificateId) -> bool {
+        self.read().revoked.contains(certificate)
+    }
+
+    /// Puts `policy` and `revoked` in force for every call authorised from now on.
+    pub fn replace(&self, policy: Policy, revoked: HashSet<CertificateId>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = InForce {
+            policy: Arc::new(policy),
+            revoked: Arc::new(revoked),
+        };
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, InForce> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl From<Arc<Policy>> for SharedPolicy {
+    /// `policy`, with no certificate revoked beyond what TLS refuses.
     fn from(policy: Arc<Policy>) -> Self {
-        Self(Arc::new(RwLock::new(policy)))
+        Self(Arc::new(RwLock::new(InForce {
+            policy,
+            revoked: Arc::default(),
+        })))
     }
 }
 

@@ -18,6 +18,7 @@
 //! Stopping it between two awaits is safe: each job, shred and prune batch is
 //! one atomic write, and the next start resumes from the last one.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::audit::AuditError;
+use crate::authn::CertificateId;
 use crate::authz::{Policy, SharedPolicy};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -66,7 +68,7 @@ pub async fn run_with_metrics(
             anyhow::bail!("config field `root_key_file`: set root_key_file or root_key_env")
         }
     };
-    let policy = SharedPolicy::new(load_policy(config)?);
+    let policy = SharedPolicy::new(load_policy(config)?, load_revoked(config)?);
     let tls = ServerTls::from(load_tls(config)?);
     record_certificate_expiry(config);
     let store = SledStore::open(&StoreOptions {
@@ -159,6 +161,14 @@ fn load_policy(config: &Config) -> anyhow::Result<Policy> {
         .with_context(|| format!("policy file {}", config.policy_file.display()))
 }
 
+/// The client certificates the CRL revokes (none without a CRL).
+fn load_revoked(config: &Config) -> anyhow::Result<HashSet<CertificateId>> {
+    Ok(match &config.tls.crl {
+        Some(crl) => tls::revoked_certificates(crl)?,
+        None => HashSet::new(),
+    })
+}
+
 fn load_tls(config: &Config) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     Ok(tls::server_config(&ServerTlsFiles {
         cert: &config.tls.cert,
@@ -181,24 +191,23 @@ fn record_certificate_expiry(config: &Config) -> Option<i64> {
 /// Reads the policy file and the TLS files named in `config` again (server
 /// certificate and key, client CA bundle, CRL) and, only if every one of them
 /// loads, puts them in force: each TLS handshake from then on uses the new
-/// certificate, CAs and CRL, and each call from then on is checked against
-/// the new policy, on connections already open too. Connections already open
-/// keep the handshake they made: a client whose certificate the new CRL
-/// revokes stays connected until it reconnects (deny its identity in the
-/// policy to cut it off at once). If anything fails to load, nothing changes
-/// and the error says which file. The rest of the configuration (paths,
-/// listen address, limits) is read only at start-up.
+/// certificate, CAs and CRL, and each call from then on, on connections
+/// already open too, is checked against the new policy and refused if the new
+/// CRL revokes the certificate its connection was made with. If anything
+/// fails to load, nothing changes and the error says which file. The rest of
+/// the configuration (paths, listen address, limits) is read only at start-up.
 pub fn reload(config: &Config, tls: &ServerTls, policy: &SharedPolicy) -> anyhow::Result<()> {
     let new_policy = load_policy(config)?;
+    let revoked = load_revoked(config)?;
     let new_tls = load_tls(config)?;
-    let grants = new_policy.grant_count();
-    policy.replace(new_policy);
+    let (grants, revoked_count) = (new_policy.grant_count(), revoked.len());
+    policy.replace(new_policy, revoked);
     tls.replace(new_tls);
     let certificate_expires = record_certificate_expiry(config);
     tracing::info!(
         grants,
         certificate_expires,
-        crl = config.tls.crl.is_some(),
+        revoked = revoked_count,
         "reloaded the TLS files and the policy"
     );
     Ok(())

@@ -5,6 +5,7 @@
 //! Only the ring provider is used; `main` also installs it as the process
 //! default before anything else touches rustls.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -13,6 +14,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use x509_parser::prelude::FromDer;
+
+use crate::authn::CertificateId;
 
 /// A TLS configuration could not be built. Names the file, never key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +120,25 @@ pub fn server_config(files: &ServerTlsFiles<'_>) -> Result<Arc<rustls::ServerCon
     Ok(Arc::new(config))
 }
 
+/// The certificates the CRLs of `path` revoke, by issuer and serial number,
+/// so that a certificate revoked while its connection is open is refused on
+/// its next call (rustls checks the CRL only at the handshake).
+pub fn revoked_certificates(path: &Path) -> Result<HashSet<CertificateId>, TlsError> {
+    let mut revoked = HashSet::new();
+    for der in load_crls(path)? {
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+            .map_err(|e| file_error("CRL file", path, e))?;
+        let issuer = crl.issuer().as_raw().to_vec();
+        for entry in crl.iter_revoked_certificates() {
+            revoked.insert(CertificateId {
+                issuer: issuer.clone(),
+                serial: entry.raw_serial().to_vec(),
+            });
+        }
+    }
+    Ok(revoked)
+}
+
 /// The server's TLS configuration, replaceable while the server runs
 /// (`SIGHUP`, [`crate::server::reload`]): each new handshake takes the one in
 /// force; connections already open keep the one they were made with.
@@ -166,7 +189,8 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<rustls::Clien
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::testing::TestCa;
+    use crate::authn::caller_from_cert;
+    use crate::pki::testing::{ClientIdentity, TestCa, days_from_now};
 
     #[test]
     fn a_crl_file_without_a_crl_is_refused_and_an_empty_crl_loads() {
@@ -187,5 +211,36 @@ mod tests {
         let no_serials: [&[u8]; 0] = [];
         std::fs::write(&path, TestCa::new("test CA").crl_pem(&no_serials)).expect("write");
         assert_eq!(load_crls(&path).expect("a CRL revoking nothing").len(), 1);
+        assert!(revoked_certificates(&path).expect("read").is_empty());
+    }
+
+    /// The revoked set names a certificate exactly as the caller read from
+    /// its connection does (issuer and serial), and no other.
+    #[test]
+    fn the_revoked_set_matches_the_callers_certificate_id() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("crl.pem");
+        let (ca, other_ca) = (TestCa::new("test CA"), TestCa::new("other CA"));
+        let validity = (days_from_now(-1), days_from_now(30));
+        let issue = |ca: &TestCa, uri: &str| {
+            let (pem, _) = ca.issue_client(ClientIdentity::Uri(uri.into()), validity.0, validity.1);
+            CertificateDer::from_pem_slice(pem.as_bytes()).expect("PEM")
+        };
+        let revoked = issue(&ca, "spiffe://credvault/executor/leaked");
+        let kept = issue(&ca, "spiffe://credvault/executor/kept");
+        std::fs::write(&path, ca.crl_pem(&[serial_of_der(&revoked)])).expect("write");
+        let set = revoked_certificates(&path).expect("read");
+        let id = |der: &CertificateDer<'_>| caller_from_cert(der).expect("caller").certificate;
+        assert_eq!(set.len(), 1);
+        assert!(set.contains(&id(&revoked)));
+        assert!(!set.contains(&id(&kept)));
+        // The same serial from another issuer is another certificate.
+        let mut elsewhere = id(&issue(&other_ca, "spiffe://credvault/executor/x"));
+        elsewhere.serial = id(&revoked).serial;
+        assert!(!set.contains(&elsewhere));
+    }
+
+    fn serial_of_der(der: &CertificateDer<'_>) -> Vec<u8> {
+        caller_from_cert(der).expect("caller").certificate.serial
     }
 }

@@ -131,13 +131,17 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
         .await
         .expect_err("the renewed certificate is not served before the reload");
     assert_ne!(refused.code(), Code::Ok);
-    // Accepted before the CRL names it (ingest may not read metadata).
-    let revoked_before = server
-        .vault(&to_revoke)
+    // Accepted before the CRL names it, on a connection kept open.
+    let mut revoked_open = server.vault(&to_revoke).await;
+    revoked_open
+        .seal(seal_request(
+            TENANT,
+            "leaked/1",
+            CredentialKind::ApiKey,
+            b"k1",
+        ))
         .await
-        .get_metadata(metadata_request())
-        .await;
-    expect_status(revoked_before, Code::PermissionDenied, "PERMISSION_DENIED");
+        .expect("not revoked yet");
 
     let expires = days_from_now(45);
     let (cert, key) = renewed_ca.issue_server(days_from_now(-1), expires);
@@ -199,7 +203,17 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
         ),
         "{status:?}"
     );
-    // Connections made before the reload keep their handshake.
+    // … and its connection opened before the reload is refused from its next call.
+    let status = revoked_open
+        .seal(seal_request(
+            TENANT,
+            "leaked/2",
+            CredentialKind::ApiKey,
+            b"k2",
+        ))
+        .await;
+    expect_status(status, Code::Unauthenticated, "CERTIFICATE_REVOKED");
+    // Other connections made before the reload keep their handshake.
     ingest_client
         .seal(seal_request(
             TENANT,

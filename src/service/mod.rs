@@ -277,28 +277,33 @@ impl Shared {
                 return Err(status);
             }
         };
-        let (code, reason, message) =
-            if !self.policy.current().allows(&caller.identity, rpc, tenant) {
-                (
-                    tonic::Code::PermissionDenied,
-                    "PERMISSION_DENIED",
-                    format!("the caller is not allowed to call {}", rpc.name()),
-                )
-            } else if self.in_flight.enter(&caller.identity) {
-                return Ok(Authorised {
-                    identity: caller.identity,
-                    in_flight: self.in_flight.clone(),
-                });
-            } else {
-                (
-                    tonic::Code::ResourceExhausted,
-                    "CALLER_CONCURRENCY",
-                    format!(
-                        "this caller already has {} calls in flight; retry later",
-                        self.in_flight.limit
-                    ),
-                )
-            };
+        let (code, reason, message) = if self.policy.is_revoked(&caller.certificate) {
+            (
+                tonic::Code::Unauthenticated,
+                "CERTIFICATE_REVOKED",
+                "the client certificate has been revoked".to_owned(),
+            )
+        } else if !self.policy.current().allows(&caller.identity, rpc, tenant) {
+            (
+                tonic::Code::PermissionDenied,
+                "PERMISSION_DENIED",
+                format!("the caller is not allowed to call {}", rpc.name()),
+            )
+        } else if self.in_flight.enter(&caller.identity) {
+            return Ok(Authorised {
+                identity: caller.identity,
+                in_flight: self.in_flight.clone(),
+            });
+        } else {
+            (
+                tonic::Code::ResourceExhausted,
+                "CALLER_CONCURRENCY",
+                format!(
+                    "this caller already has {} calls in flight; retry later",
+                    self.in_flight.limit
+                ),
+            )
+        };
         tracing::warn!(caller = %caller.identity, rpc = rpc.name(), tenant, outcome = reason, "call refused");
         self.audit_denial(req, &caller.identity, rpc, tenant, reason)
             .await;
