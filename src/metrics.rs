@@ -66,6 +66,7 @@ pub struct Metrics {
     pub config_reloads: Counter,
     pub config_reload_failures: Counter,
     pub server_certificate_expiry: Gauge,
+    pub crl_next_update: Gauge,
 }
 
 fn call_seconds() -> Histogram {
@@ -149,6 +150,12 @@ impl Metrics {
             "When the server certificate in force expires (Unix time; set at start and at each reload)",
             server_certificate_expiry.clone(),
         );
+        let crl_next_update = Gauge::default();
+        registry.register(
+            "crl_next_update_timestamp_seconds",
+            "When the CRL in force says a newer one is due (Unix time; 0 without a CRL; set at start and at each reload)",
+            crl_next_update.clone(),
+        );
         Self {
             registry,
             grpc_calls,
@@ -163,6 +170,7 @@ impl Metrics {
             config_reloads,
             config_reload_failures,
             server_certificate_expiry,
+            crl_next_update,
         }
     }
 
@@ -394,6 +402,7 @@ mod tests {
                 "credvault_server_certificate_expiry_timestamp_seconds",
                 "gauge",
             ),
+            ("credvault_crl_next_update_timestamp_seconds", "gauge"),
         ] {
             let line = format!("# TYPE {name} {kind}");
             assert!(text.contains(&line), "{line} missing:\n{text}");

@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::crypto::root;
 use crate::service::{self, pb};
 use crate::store::{SledStore, StoreOptions};
-use crate::tls::{self, ServerTls, ServerTlsFiles};
+use crate::tls::{self, Revocations, ServerTls, ServerTlsFiles};
 use crate::vault::Vault;
 
 /// The names health reports on ("" is the whole server).
@@ -68,7 +68,10 @@ pub async fn run_with_metrics(
             anyhow::bail!("config field `root_key_file`: set root_key_file or root_key_env")
         }
     };
-    let policy = SharedPolicy::new(load_policy(config)?, load_revoked(config)?);
+    let policy = SharedPolicy::new(
+        load_policy(config)?,
+        revoked_certificates(load_revocations(config)?),
+    );
     let tls = ServerTls::from(load_tls(config)?);
     record_certificate_expiry(config);
     let store = SledStore::open(&StoreOptions {
@@ -161,12 +164,21 @@ fn load_policy(config: &Config) -> anyhow::Result<Policy> {
         .with_context(|| format!("policy file {}", config.policy_file.display()))
 }
 
-/// The client certificates the CRL revokes (none without a CRL).
-fn load_revoked(config: &Config) -> anyhow::Result<HashSet<CertificateId>> {
+/// What the CRL says (nothing without a CRL).
+fn load_revocations(config: &Config) -> anyhow::Result<Revocations> {
     Ok(match &config.tls.crl {
-        Some(crl) => tls::revoked_certificates(crl)?,
-        None => HashSet::new(),
+        Some(crl) => tls::revocations(crl)?,
+        None => Revocations::default(),
     })
+}
+
+/// The client certificates the CRL revokes, once the gauge of its next
+/// update is set.
+fn revoked_certificates(revocations: Revocations) -> HashSet<CertificateId> {
+    crate::metrics::global()
+        .crl_next_update
+        .set(revocations.next_update.unwrap_or(0));
+    revocations.certificates
 }
 
 fn load_tls(config: &Config) -> anyhow::Result<Arc<rustls::ServerConfig>> {
@@ -198,10 +210,10 @@ fn record_certificate_expiry(config: &Config) -> Option<i64> {
 /// the configuration (paths, listen address, limits) is read only at start-up.
 pub fn reload(config: &Config, tls: &ServerTls, policy: &SharedPolicy) -> anyhow::Result<()> {
     let new_policy = load_policy(config)?;
-    let revoked = load_revoked(config)?;
+    let revocations = load_revocations(config)?;
     let new_tls = load_tls(config)?;
-    let (grants, revoked_count) = (new_policy.grant_count(), revoked.len());
-    policy.replace(new_policy, revoked);
+    let (grants, revoked_count) = (new_policy.grant_count(), revocations.certificates.len());
+    policy.replace(new_policy, revoked_certificates(revocations));
     tls.replace(new_tls);
     let certificate_expires = record_certificate_expiry(config);
     tracing::info!(

@@ -120,23 +120,38 @@ pub fn server_config(files: &ServerTlsFiles<'_>) -> Result<Arc<rustls::ServerCon
     Ok(Arc::new(config))
 }
 
-/// The certificates the CRLs of `path` revoke, by issuer and serial number,
-/// so that a certificate revoked while its connection is open is refused on
-/// its next call (rustls checks the CRL only at the handshake).
-pub fn revoked_certificates(path: &Path) -> Result<HashSet<CertificateId>, TlsError> {
-    let mut revoked = HashSet::new();
+/// What the CRLs of a file say.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    /// The certificates they revoke, by issuer and serial number, so that a
+    /// certificate revoked while its connection is open is refused on its
+    /// next call (rustls checks the CRL only at the handshake).
+    pub certificates: HashSet<CertificateId>,
+    /// The earliest "next update" among them (seconds since the Unix epoch):
+    /// the CA promises a fresh CRL by then, so a file still older afterwards
+    /// is stale.
+    pub next_update: Option<i64>,
+}
+
+/// Reads the CRLs of `path` ([`Revocations`]).
+pub fn revocations(path: &Path) -> Result<Revocations, TlsError> {
+    let mut revocations = Revocations::default();
     for der in load_crls(path)? {
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
             .map_err(|e| file_error("CRL file", path, e))?;
         let issuer = crl.issuer().as_raw().to_vec();
         for entry in crl.iter_revoked_certificates() {
-            revoked.insert(CertificateId {
+            revocations.certificates.insert(CertificateId {
                 issuer: issuer.clone(),
                 serial: entry.raw_serial().to_vec(),
             });
         }
+        if let Some(next) = crl.next_update() {
+            let next = next.timestamp();
+            revocations.next_update = Some(revocations.next_update.map_or(next, |n| n.min(next)));
+        }
     }
-    Ok(revoked)
+    Ok(revocations)
 }
 
 /// The server's TLS configuration, replaceable while the server runs
@@ -211,7 +226,15 @@ mod tests {
         let no_serials: [&[u8]; 0] = [];
         std::fs::write(&path, TestCa::new("test CA").crl_pem(&no_serials)).expect("write");
         assert_eq!(load_crls(&path).expect("a CRL revoking nothing").len(), 1);
-        assert!(revoked_certificates(&path).expect("read").is_empty());
+        let read = revocations(&path).expect("read");
+        assert!(read.certificates.is_empty());
+        // TestCa's CRLs promise the next one in 30 days.
+        let in_30_days = days_from_now(30)
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_secs() as i64;
+        let next = read.next_update.expect("next update");
+        assert!((next - in_30_days).abs() < 120, "{next} vs {in_30_days}");
     }
 
     /// The revoked set names a certificate exactly as the caller read from
@@ -229,7 +252,7 @@ mod tests {
         let revoked = issue(&ca, "spiffe://credvault/executor/leaked");
         let kept = issue(&ca, "spiffe://credvault/executor/kept");
         std::fs::write(&path, ca.crl_pem(&[serial_of_der(&revoked)])).expect("write");
-        let set = revoked_certificates(&path).expect("read");
+        let set = revocations(&path).expect("read").certificates;
         let id = |der: &CertificateDer<'_>| caller_from_cert(der).expect("caller").certificate;
         assert_eq!(set.len(), 1);
         assert!(set.contains(&id(&revoked)));

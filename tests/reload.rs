@@ -234,4 +234,11 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
         (gauge - expected).abs() <= 1,
         "expiry gauge {gauge}, certificate expires at {expected}"
     );
+    // So does the CRL's next update (the test CA promises one in 30 days).
+    let due = days_from_now(30)
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_secs() as i64;
+    let gauge = credvault::metrics::global().crl_next_update.get();
+    assert!((gauge - due).abs() < 120, "CRL gauge {gauge}, due {due}");
 }
