@@ -61,6 +61,10 @@ pub async fn run_with_metrics(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // First, so that a SIGHUP during start-up (a store replaying its log can
+    // take seconds) is a reload once serving, not the signal's default: exit.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
     let root_key = match (&config.root_key_file, &config.root_key_env) {
         (Some(path), _) => root::load_file(path)?,
         (None, Some(var)) => root::load_env(var)?,
@@ -104,7 +108,8 @@ pub async fn run_with_metrics(
         &streams,
     )?;
     let listen = listener.local_addr()?;
-    // Started once nothing can fail before the serve loop, which stops it.
+    // Started once nothing can fail before the serve loop, which stops them.
+    let reloader = reload_on_hangup(hangups, config.clone(), tls.clone(), policy);
     let rotation = tokio::spawn(background_task(
         vault.clone(),
         config.check_interval(),
@@ -114,7 +119,6 @@ pub async fn run_with_metrics(
         },
     ));
     let stop_rotation = rotation.abort_handle();
-    let reloader = reload_on_hangup(config.clone(), tls.clone(), policy)?;
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(metrics) = metrics {
         if let Ok(at) = metrics.local_addr() {
@@ -152,6 +156,7 @@ pub async fn run_with_metrics(
     drop(stop_metrics);
     // Also when serving failed: the task must let go of the vault.
     rotation.abort();
+    reloader.abort();
     let _ = rotation.await; // cancelled: its vault handle is dropped
     served?;
     drop(vault); // closes the store once the last handler is gone
@@ -227,13 +232,12 @@ pub fn reload(config: &Config, tls: &ServerTls, policy: &SharedPolicy) -> anyhow
 
 /// Reloads ([`reload`]) on every `SIGHUP` until aborted.
 fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
     config: Config,
     tls: ServerTls,
     policy: SharedPolicy,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
-    Ok(tokio::spawn(async move {
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             let metrics = crate::metrics::global();
             match reload(&config, &tls, &policy) {
@@ -249,7 +253,7 @@ fn reload_on_hangup(
                 }
             }
         }
-    }))
+    })
 }
 
 /// The pause after a failed round of the background task (at most the check interval).
