@@ -40,11 +40,8 @@ fn reloads() -> (u64, u64) {
 
 /// Sends `SIGHUP` to this process and waits until the counters read `expect`.
 async fn hang_up(expect: (u64, u64)) {
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -HUP: {status}");
+    rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::HUP)
+        .expect("SIGHUP to this process");
     let deadline = Instant::now() + Duration::from_secs(10);
     while reloads() != expect {
         assert!(
