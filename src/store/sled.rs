@@ -290,6 +290,14 @@ impl SledStore {
         }
         db.flush().map_err(backend)?;
         SyncFiles::open(path)?.sync().map_err(StoreError::Backend)?;
+        drop(db);
+        if !wait_until_released(path, RELEASE_WAIT)? {
+            return Err(backend(format!(
+                "{} is still locked after the store was closed",
+                path.display()
+            ))
+            .into());
+        }
         Ok(written)
     }
 
@@ -477,7 +485,43 @@ pub fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
 }
 
 /// sled's tree at `options.path`, flushed only when the store says so.
+/// How long an import waits for its tree to be released.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+/// How long opening a store waits for a tree this process closed a moment ago.
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits up to `wait` until nothing holds sled's lock on the `db` file in
+/// `path` (an exclusive `flock`); returns whether it is free (true also when
+/// there is no tree yet). sled lets go of it only when the last of its
+/// threads drops the file, a moment after the `Db` is dropped, so a store
+/// opened right after it was closed (a restore, then the check of what it
+/// restored) could find it still locked: seen once in CI, under load.
+fn wait_until_released(path: &Path, wait: Duration) -> Result<bool, StoreError> {
+    let db = path.join("db");
+    let file = match File::open(&db) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(backend(format!("{}: {e}", db.display()))),
+    };
+    let deadline = Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return file.unlock().map(|()| true).map_err(backend),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(backend(format!("{}: {e}", db.display())));
+            }
+        }
+    }
+}
+
+/// Opens sled's tree. A tree still locked (another process serving it) is
+/// given [`REOPEN_WAIT`] to be released, then left to sled to refuse.
 fn open_tree(options: &StoreOptions) -> Result<sled::Db, StoreError> {
+    wait_until_released(&options.path, REOPEN_WAIT)?;
     sled::Config::new()
         .path(&options.path)
         .cache_capacity(options.cache_capacity)
@@ -2171,6 +2215,25 @@ mod tests {
         // A second import into the now non-empty directory is refused.
         let again = SledStore::import(&restored, std::iter::empty());
         assert!(matches!(again, Err(ImportError::NotEmpty(_))), "{again:?}");
+    }
+
+    /// Regression: a restore checks what it restored by opening it at once,
+    /// which failed once in CI on sled's lock ("could not acquire lock"):
+    /// sled lets go of its `db` file a moment after the `Db` is dropped.
+    #[test]
+    fn an_import_has_released_its_store_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..30 {
+            let options = StoreOptions::new(dir.path().join(format!("r{round}")));
+            let rows =
+                (0..200u32).map(|n| Ok((format!("s\0{n:04}").into_bytes(), Some(vec![7; 300]))));
+            assert_eq!(SledStore::import(&options, rows).unwrap(), 200);
+            let db = File::open(options.path.join("db")).unwrap();
+            assert!(
+                db.try_lock().is_ok(),
+                "round {round}: the imported store is still locked"
+            );
+        }
     }
 
     #[tokio::test]
