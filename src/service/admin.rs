@@ -151,43 +151,19 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RotationJob>, Status> {
         let caller = self.0.authorise(&req, Rpc::RotateRootKey, None).await?;
         let who = who(&caller.identity, Rpc::RotateRootKey, &req);
-        let audit_tenant = String::new();
-        let result: Result<Response<pb::RotationJob>, Status> = async move {
-            let path = std::path::PathBuf::from(req.into_inner().new_root_key_file);
-            if path.as_os_str().is_empty() {
-                log("RotateRootKey", &caller.identity, "", ROOT_KEY_UNAVAILABLE);
-                return Err(root_key_unavailable(
-                    "new_root_key_file is empty: give the path, on the server, of the new root key \
-                     file (credvault keygen --out FILE)"
-                        .into(),
-                ));
-            }
-            // The file is read by the server process: a slow disk must not hold
-            // an async worker.
-            let loaded = tokio::task::spawn_blocking(move || root::load_file(&path))
-                .await
-                .map_err(|_| Status::internal("root key task failed"))?;
-            let new_root = match loaded {
-                Ok(key) => key,
-                Err(error) => {
-                    // The error names the file and the problem, never key bytes.
-                    log("RotateRootKey", &caller.identity, "", ROOT_KEY_UNAVAILABLE);
-                    return Err(root_key_unavailable(format!(
-                        "the new root key cannot be used, nothing was changed: {error}"
-                    )));
-                }
-            };
-            let result = self.0.vault.rotate_root_key(new_root).await;
-            match &result {
-                Ok(job) => {
-                    tracing::info!(rpc = "RotateRootKey", caller = %caller.identity, tenant = "", outcome = "ok", job = %job.id, root_key_version = job.target_version, "root key rotated: only the new root key opens the store from now on")
-                }
-                Err(error) => log("RotateRootKey", &caller.identity, "", error.reason()),
-            }
-            Ok(Response::new(convert::rotation_job(result?)))
-        }
-        .await;
-        self.0.audit_status(&who, &audit_tenant, result, true).await
+        let file = req.into_inner().new_root_key_file;
+        // In its own task, so that a client going away cannot cancel it
+        // between its commit and the new root key's install in memory (the
+        // store would then need a key this process no longer holds) or before
+        // its audit record.
+        let shared = self.0.clone();
+        let rotation = async move {
+            let result = rotate_root_from_file(&shared.vault, &caller.identity, file).await;
+            shared.audit_status(&who, "", result, true).await
+        };
+        tokio::spawn(rotation)
+            .await
+            .map_err(|_| Status::internal("the root key rotation task failed"))?
     }
 
     async fn get_key_status(
@@ -462,6 +438,47 @@ fn audit_record(entry: AuditEntry) -> pb::AuditRecord {
         outcome: r.outcome,
         mac: r.mac,
     }
+}
+
+/// RotateRootKey's work for `identity`: loads the new root key from `file`
+/// (a path on the server), rotates to it and logs the outcome.
+async fn rotate_root_from_file(
+    vault: &crate::vault::Vault,
+    identity: &str,
+    file: String,
+) -> Result<Response<pb::RotationJob>, Status> {
+    let path = std::path::PathBuf::from(file);
+    if path.as_os_str().is_empty() {
+        log("RotateRootKey", identity, "", ROOT_KEY_UNAVAILABLE);
+        return Err(root_key_unavailable(
+            "new_root_key_file is empty: give the path, on the server, of the new root key \
+         file (credvault keygen --out FILE)"
+                .into(),
+        ));
+    }
+    // The file is read by the server process: a slow disk must not hold
+    // an async worker.
+    let loaded = tokio::task::spawn_blocking(move || root::load_file(&path))
+        .await
+        .map_err(|_| Status::internal("root key task failed"))?;
+    let new_root = match loaded {
+        Ok(key) => key,
+        Err(error) => {
+            // The error names the file and the problem, never key bytes.
+            log("RotateRootKey", identity, "", ROOT_KEY_UNAVAILABLE);
+            return Err(root_key_unavailable(format!(
+                "the new root key cannot be used, nothing was changed: {error}"
+            )));
+        }
+    };
+    let result = vault.rotate_root_key(new_root).await;
+    match &result {
+        Ok(job) => {
+            tracing::info!(rpc = "RotateRootKey", caller = %identity, tenant = "", outcome = "ok", job = %job.id, root_key_version = job.target_version, "root key rotated: only the new root key opens the store from now on")
+        }
+        Err(error) => log("RotateRootKey", identity, "", error.reason()),
+    }
+    Ok(Response::new(convert::rotation_job(result?)))
 }
 
 #[cfg(test)]
