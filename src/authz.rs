@@ -18,7 +18,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::Deserialize;
 
-use crate::authn::CertificateId;
+use crate::authn::{Caller, CertificateId};
 use crate::vault::validate;
 
 /// Every RPC the server answers, by service.
@@ -283,14 +283,17 @@ impl SharedPolicy {
         })))
     }
 
-    /// The policy in force now.
-    pub fn current(&self) -> Arc<Policy> {
-        self.read().policy.clone()
-    }
-
-    /// Whether the CRL in force revokes `certificate`.
-    pub fn is_revoked(&self, certificate: &CertificateId) -> bool {
-        self.read().revoked.contains(certificate)
+    /// Whether `caller` may call `rpc` on `tenant` ([`Policy::allows`]) under
+    /// what is in force now, its certificate checked against the CRL first.
+    pub fn admits(&self, caller: &Caller, rpc: Rpc, tenant: Option<&str>) -> Admission {
+        let in_force = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        if in_force.revoked.contains(&caller.certificate) {
+            Admission::Revoked
+        } else if in_force.policy.allows(&caller.identity, rpc, tenant) {
+            Admission::Allowed
+        } else {
+            Admission::Denied
+        }
     }
 
     /// Puts `policy` and `revoked` in force for every call authorised from now on.
@@ -300,10 +303,16 @@ impl SharedPolicy {
             revoked: Arc::new(revoked),
         };
     }
+}
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, InForce> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner)
-    }
+/// What [`SharedPolicy::admits`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Allowed,
+    /// The policy does not allow the call.
+    Denied,
+    /// The CRL in force revokes the caller's certificate.
+    Revoked,
 }
 
 impl From<Arc<Policy>> for SharedPolicy {
@@ -868,6 +877,44 @@ mod tests {
         assert!(!policy.allows(ops, Rpc::QueryAudit, None));
         assert!(!policy.allows(ops, Rpc::RotateKek, None));
         assert!(!policy.allows(ops, Rpc::Backup, None));
+    }
+
+    #[test]
+    fn admits_checks_the_crl_first_then_the_policy_and_takes_replacements() {
+        let caller = |identity: &str, serial: u8| Caller {
+            identity: identity.into(),
+            certificate: CertificateId {
+                issuer: b"ca".to_vec(),
+                serial: vec![serial],
+            },
+        };
+        let executor = caller("spiffe://credvault/executor/a", 1);
+        let leaked = caller("spiffe://credvault/executor/b", 2);
+        let stranger = caller("spiffe://elsewhere/x", 3);
+        let shared = SharedPolicy::new(
+            Policy::dev_default(),
+            HashSet::from([leaked.certificate.clone()]),
+        );
+        let admits = |c: &Caller| shared.admits(c, Rpc::Unseal, Some("t"));
+        assert_eq!(admits(&executor), Admission::Allowed);
+        assert_eq!(
+            admits(&leaked),
+            Admission::Revoked,
+            "allowed by policy, revoked by CRL"
+        );
+        assert_eq!(admits(&stranger), Admission::Denied);
+
+        shared.replace(Policy::from_toml("").expect("empty policy"), HashSet::new());
+        assert_eq!(
+            admits(&executor),
+            Admission::Denied,
+            "the new policy is in force"
+        );
+        assert_eq!(
+            admits(&leaked),
+            Admission::Denied,
+            "the new CRL is in force"
+        );
     }
 
     #[test]

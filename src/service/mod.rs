@@ -26,7 +26,7 @@ use tonic::{Request, Status};
 use tower::layer::util::{Identity, Stack};
 
 use crate::authn::{self, Caller};
-use crate::authz::{Rpc, SharedPolicy};
+use crate::authz::{Admission, Rpc, SharedPolicy};
 use crate::error::status_with_reason;
 use crate::metrics::GrpcMetricsLayer;
 use crate::tls::ServerTls;
@@ -277,13 +277,14 @@ impl Shared {
                 return Err(status);
             }
         };
-        let (code, reason, message) = if self.policy.is_revoked(&caller.certificate) {
+        let admission = self.policy.admits(&caller, rpc, tenant);
+        let (code, reason, message) = if admission == Admission::Revoked {
             (
                 tonic::Code::Unauthenticated,
                 "CERTIFICATE_REVOKED",
                 "the client certificate has been revoked".to_owned(),
             )
-        } else if !self.policy.current().allows(&caller.identity, rpc, tenant) {
+        } else if admission == Admission::Denied {
             (
                 tonic::Code::PermissionDenied,
                 "PERMISSION_DENIED",
