@@ -18,7 +18,6 @@
 //! Stopping it between two awaits is safe: each job, shred and prune batch is
 //! one atomic write, and the next start resumes from the last one.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +26,6 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::audit::AuditError;
-use crate::authn::CertificateId;
 use crate::authz::{Policy, SharedPolicy};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -72,12 +70,10 @@ pub async fn run_with_metrics(
             anyhow::bail!("config field `root_key_file`: set root_key_file or root_key_env")
         }
     };
-    let policy = SharedPolicy::new(
-        load_policy(config)?,
-        revoked_certificates(load_revocations(config)?),
-    );
-    let tls = ServerTls::from(load_tls(config)?);
-    record_certificate_expiry(config);
+    let files = Files::load(config)?;
+    files.record_gauges();
+    let policy = SharedPolicy::new(files.policy, files.revocations.certificates);
+    let tls = ServerTls::from(files.tls);
     let store = SledStore::open(&StoreOptions {
         cache_capacity: config.cache_mb << 20,
         ..StoreOptions::new(&config.data_dir)
@@ -164,45 +160,50 @@ pub async fn run_with_metrics(
     Ok(())
 }
 
-fn load_policy(config: &Config) -> anyhow::Result<Policy> {
-    Policy::load(&config.policy_file)
-        .with_context(|| format!("policy file {}", config.policy_file.display()))
+/// The files a server reads at start and again on `SIGHUP`, loaded and
+/// checked, not yet in force.
+struct Files {
+    policy: Policy,
+    revocations: Revocations,
+    tls: Arc<rustls::ServerConfig>,
+    /// When the server certificate expires (seconds since the Unix epoch).
+    certificate_expires: Option<i64>,
 }
 
-/// What the CRL says (nothing without a CRL).
-fn load_revocations(config: &Config) -> anyhow::Result<Revocations> {
-    Ok(match &config.tls.crl {
-        Some(crl) => tls::revocations(crl)?,
-        None => Revocations::default(),
-    })
-}
+impl Files {
+    /// Loads the policy file and the TLS files named in `config`; the error
+    /// names the file that failed.
+    fn load(config: &Config) -> anyhow::Result<Self> {
+        let policy = Policy::load(&config.policy_file)
+            .with_context(|| format!("policy file {}", config.policy_file.display()))?;
+        let revocations = match &config.tls.crl {
+            Some(crl) => tls::revocations(crl)?,
+            None => Revocations::default(),
+        };
+        let tls = tls::server_config(&ServerTlsFiles {
+            cert: &config.tls.cert,
+            key: &config.tls.key,
+            client_ca: &config.tls.client_ca,
+            crl: config.tls.crl.as_deref(),
+        })?;
+        Ok(Self {
+            policy,
+            revocations,
+            tls,
+            certificate_expires: tls::not_after(&config.tls.cert),
+        })
+    }
 
-/// The client certificates the CRL revokes, once the gauge of its next
-/// update is set.
-fn revoked_certificates(revocations: Revocations) -> HashSet<CertificateId> {
-    crate::metrics::global()
-        .crl_next_update
-        .set(revocations.next_update.unwrap_or(0));
-    revocations.certificates
-}
-
-fn load_tls(config: &Config) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    Ok(tls::server_config(&ServerTlsFiles {
-        cert: &config.tls.cert,
-        key: &config.tls.key,
-        client_ca: &config.tls.client_ca,
-        crl: config.tls.crl.as_deref(),
-    })?)
-}
-
-/// Sets the certificate-expiry gauge from the server certificate file;
-/// returns the expiry (seconds since the Unix epoch).
-fn record_certificate_expiry(config: &Config) -> Option<i64> {
-    let expiry = tls::not_after(&config.tls.cert);
-    crate::metrics::global()
-        .server_certificate_expiry
-        .set(expiry.unwrap_or(0));
-    expiry
+    /// Sets the gauges of the files about to be put in force.
+    fn record_gauges(&self) {
+        let metrics = crate::metrics::global();
+        metrics
+            .server_certificate_expiry
+            .set(self.certificate_expires.unwrap_or(0));
+        metrics
+            .crl_next_update
+            .set(self.revocations.next_update.unwrap_or(0));
+    }
 }
 
 /// Reads the policy file and the TLS files named in `config` again (server
@@ -214,19 +215,16 @@ fn record_certificate_expiry(config: &Config) -> Option<i64> {
 /// fails to load, nothing changes and the error says which file. The rest of
 /// the configuration (paths, listen address, limits) is read only at start-up.
 pub fn reload(config: &Config, tls: &ServerTls, policy: &SharedPolicy) -> anyhow::Result<()> {
-    let new_policy = load_policy(config)?;
-    let revocations = load_revocations(config)?;
-    let new_tls = load_tls(config)?;
-    let (grants, revoked_count) = (new_policy.grant_count(), revocations.certificates.len());
-    policy.replace(new_policy, revoked_certificates(revocations));
-    tls.replace(new_tls);
-    let certificate_expires = record_certificate_expiry(config);
+    let files = Files::load(config)?;
+    files.record_gauges();
     tracing::info!(
-        grants,
-        certificate_expires,
-        revoked = revoked_count,
+        grants = files.policy.grant_count(),
+        certificate_expires = files.certificate_expires,
+        revoked = files.revocations.certificates.len(),
         "reloaded the TLS files and the policy"
     );
+    policy.replace(files.policy, files.revocations.certificates);
+    tls.replace(files.tls);
     Ok(())
 }
 
