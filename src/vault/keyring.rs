@@ -433,19 +433,17 @@ impl KeyRing {
     /// new one was installed met KEKs wrapped under the new one and failed
     /// with `Corrupt` ("KEK vN does not open under the root key").
     pub fn reload_keks(&self) -> Result<()> {
-        let mut keks = self.keks.write().expect("kek lock");
-        let root = self.root.read().expect("root lock");
-        *keks = load_keks(&*self.store, &root, &keks)?;
-        Ok(())
+        self.reload_keks_reusing(true)
     }
 
-    /// [`KeyRing::reload_keks`] that unwraps every KEK again (tests: the
-    /// widest exposure to a root key changing underneath).
-    #[cfg(test)]
-    fn reload_keks_from_scratch(&self) -> Result<()> {
+    /// [`KeyRing::reload_keks`], reusing the unwrapped keys of the ring in
+    /// memory or (tests: the widest exposure to a root key changing
+    /// underneath) unwrapping every KEK again.
+    fn reload_keks_reusing(&self, reuse: bool) -> Result<()> {
         let mut keks = self.keks.write().expect("kek lock");
         let root = self.root.read().expect("root lock");
-        *keks = load_keks(&*self.store, &root, &BTreeMap::new())?;
+        let none = BTreeMap::new();
+        *keks = load_keks(&*self.store, &root, if reuse { &keks } else { &none })?;
         Ok(())
     }
 
@@ -589,6 +587,10 @@ impl KeyRing {
             .checked_add(1)
             .ok_or_else(|| Error::Corrupt("root key version overflow".into()))?;
         let new_root = Arc::new(RootKey::new(version, new_root));
+        // Pending from before the commit until the end: a reload may meet the
+        // rewrapped KEKs from the moment the batch lands, a little before
+        // `commit` returns and the new key is installed.
+        self.root.write().expect("root lock").pending = Some(new_root.clone());
         let result = self
             .commit_root_rotation(&root, &root_bytes, &new_root, along)
             .await;
@@ -605,9 +607,6 @@ impl KeyRing {
         along: &(dyn Fn(&mut Batch, u32, u64) + Sync),
     ) -> Result<(u32, u64)> {
         let version = new_root.version();
-        // Before the commit: a reload may meet the rewrapped KEKs from the
-        // moment the batch lands, a little before `commit` returns.
-        self.root.write().expect("root lock").pending = Some(new_root.clone());
         for _ in 0..MAX_ATTEMPTS {
             let mut batch = Batch::default();
             let mut rewrapped = 0;
@@ -878,7 +877,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let ring = ring_in(dir.path()).await;
         let stop = Arc::new(AtomicBool::new(false));
-        let reloaders = reloaders(&ring, &stop, KeyRing::reload_keks_from_scratch);
+        let reloaders = reloaders(&ring, &stop, |ring| ring.reload_keks_reusing(false));
         for _ in 0..25 {
             ring.rotate_root(SymmetricKey::generate(), &|_, _, _| {})
                 .await

@@ -291,6 +291,9 @@ impl Vault {
     /// Rewraps every KEK under `new_root` and switches the check value, in one
     /// atomic batch; from then on only `new_root` opens the store. The returned
     /// job is done. The current root key is refused ([`Error::SameRootKey`]).
+    /// Run it to completion (the server runs it in its own task): dropped
+    /// after its commit, it leaves the process with the old root key in memory
+    /// while the store opens only under the new one, until a restart.
     pub async fn rotate_root_key(&self, new_root: SymmetricKey) -> Result<RotationJob> {
         let now = self.clock.now_ms();
         let along = |batch: &mut Batch, version: u32, keks: u64| {
