@@ -31,6 +31,25 @@ fn metadata_request() -> pb::GetMetadataRequest {
     }
 }
 
+type Client = pb::vault_client::VaultClient<tonic::transport::Channel>;
+
+/// Seals a cookie jar as `credential` of the test tenant.
+async fn seal(
+    client: &mut Client,
+    credential: &str,
+    secret: &[u8],
+) -> Result<tonic::Response<pb::SealResponse>, tonic::Status> {
+    let request = seal_request(TENANT, credential, CredentialKind::CookieJar, secret);
+    client.seal(request).await
+}
+
+/// Unseals the credential the test seals first.
+async fn unseal_alice(
+    client: &mut Client,
+) -> Result<tonic::Response<pb::UnsealResponse>, tonic::Status> {
+    client.unseal(unseal_request(TENANT, "gmail/alice")).await
+}
+
 /// The reload and refused-reload counters.
 fn reloads() -> (u64, u64) {
     let metrics = credvault::metrics::global();
@@ -69,36 +88,20 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
     assert_eq!(reloads(), (0, 0), "no reload before the first SIGHUP");
 
     let mut ingest_client = server.vault(&ingest).await;
-    ingest_client
-        .seal(seal_request(
-            TENANT,
-            "gmail/alice",
-            CredentialKind::CookieJar,
-            b"SID=1",
-        ))
+    seal(&mut ingest_client, "gmail/alice", b"SID=1")
         .await
         .expect("seal");
     // Opened before any reload, kept open throughout.
     let mut partner_client = server.vault(&partner).await;
-    let denied = partner_client
-        .unseal(unseal_request(TENANT, "gmail/alice"))
-        .await;
+    let denied = unseal_alice(&mut partner_client).await;
     expect_status(denied, Code::PermissionDenied, "PERMISSION_DENIED");
 
     // 1. A policy that does not parse: refused, nothing changes.
     std::fs::write(dir.join("policy.toml"), "[[grant]\nidentity = ").expect("write policy");
     hang_up((0, 1)).await;
-    let still_denied = partner_client
-        .unseal(unseal_request(TENANT, "gmail/alice"))
-        .await;
+    let still_denied = unseal_alice(&mut partner_client).await;
     expect_status(still_denied, Code::PermissionDenied, "PERMISSION_DENIED");
-    ingest_client
-        .seal(seal_request(
-            TENANT,
-            "gmail/bob",
-            CredentialKind::CookieJar,
-            b"SID=2",
-        ))
+    seal(&mut ingest_client, "gmail/bob", b"SID=2")
         .await
         .expect("the old policy stays in force after a refused reload");
 
@@ -109,9 +112,7 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
     std::fs::write(dir.join("policy.toml"), &granted).expect("write policy");
     std::fs::write(dir.join("crl.pem"), "not a CRL").expect("write CRL");
     hang_up((0, 2)).await;
-    let denied_again = partner_client
-        .unseal(unseal_request(TENANT, "gmail/alice"))
-        .await;
+    let denied_again = unseal_alice(&mut partner_client).await;
     expect_status(denied_again, Code::PermissionDenied, "PERMISSION_DENIED");
 
     // 3. The granted policy, a CRL revoking one client, and a renewed server
@@ -135,13 +136,7 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
     );
     // Accepted before the CRL names it, on a connection kept open.
     let mut revoked_open = server.vault(&to_revoke).await;
-    revoked_open
-        .seal(seal_request(
-            TENANT,
-            "leaked/1",
-            CredentialKind::ApiKey,
-            b"k1",
-        ))
+    seal(&mut revoked_open, "leaked/1", b"k1")
         .await
         .expect("not revoked yet");
 
@@ -157,8 +152,7 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
     hang_up((1, 2)).await;
 
     // The policy: on the connection opened before the reload too.
-    let unsealed = partner_client
-        .unseal(unseal_request(TENANT, "gmail/alice"))
+    let unsealed = unseal_alice(&mut partner_client)
         .await
         .expect("the partner is an executor now")
         .into_inner();
@@ -166,25 +160,13 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
     // The certificate: new connections are served the renewed one …
     let mut after =
         pb::vault_client::VaultClient::new(server.lazy_channel(trusts_renewed(&ingest)));
-    after
-        .seal(seal_request(
-            TENANT,
-            "gmail/carol",
-            CredentialKind::CookieJar,
-            b"SID=3",
-        ))
+    seal(&mut after, "gmail/carol", b"SID=3")
         .await
         .expect("the renewed server certificate is served");
     // … and a client trusting only the old CA no longer connects.
     let mut old_trust =
         pb::vault_client::VaultClient::new(server.lazy_channel(server.pki.client_config(&ingest)));
-    let status = old_trust
-        .seal(seal_request(
-            TENANT,
-            "gmail/dave",
-            CredentialKind::CookieJar,
-            b"SID=4",
-        ))
+    let status = seal(&mut old_trust, "gmail/dave", b"SID=4")
         .await
         .expect_err("the old server certificate is gone");
     assert!(
@@ -206,23 +188,10 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
         "{status:?}"
     );
     // … and its connection opened before the reload is refused from its next call.
-    let status = revoked_open
-        .seal(seal_request(
-            TENANT,
-            "leaked/2",
-            CredentialKind::ApiKey,
-            b"k2",
-        ))
-        .await;
+    let status = seal(&mut revoked_open, "leaked/2", b"k2").await;
     expect_status(status, Code::Unauthenticated, "CERTIFICATE_REVOKED");
     // Other connections made before the reload keep their handshake.
-    ingest_client
-        .seal(seal_request(
-            TENANT,
-            "gmail/erin",
-            CredentialKind::CookieJar,
-            b"SID=5",
-        ))
+    seal(&mut ingest_client, "gmail/erin", b"SID=5")
         .await
         .expect("an open connection survives the reload");
 

@@ -452,7 +452,7 @@ async fn rotate_root_from_file(
         log("RotateRootKey", identity, "", ROOT_KEY_UNAVAILABLE);
         return Err(root_key_unavailable(
             "new_root_key_file is empty: give the path, on the server, of the new root key \
-         file (credvault keygen --out FILE)"
+             file (credvault keygen --out FILE)"
                 .into(),
         ));
     }
