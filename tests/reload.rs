@@ -50,6 +50,23 @@ async fn unseal_alice(
     client.unseal(unseal_request(TENANT, "gmail/alice")).await
 }
 
+/// A call on a new connection with `config` fails at the TLS handshake, not
+/// in a handler.
+async fn refused_at_handshake(server: &TestServer, config: rustls::ClientConfig, what: &str) {
+    let mut client = Client::new(server.lazy_channel(config));
+    let status = client
+        .get_metadata(metadata_request())
+        .await
+        .expect_err(what);
+    assert!(
+        matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ) && reason(&status).is_none(),
+        "{what}: refused at the handshake, not by a handler: {status:?}"
+    );
+}
+
 /// The reload and refused-reload counters.
 fn reloads() -> (u64, u64) {
     let metrics = credvault::metrics::global();
@@ -124,16 +141,12 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
         credvault::tls::client_config(&renewed_ca_file, &client.cert, &client.key)
             .expect("client config")
     };
-    let mut before =
-        pb::vault_client::VaultClient::new(server.lazy_channel(trusts_renewed(&ingest)));
-    let refused = before
-        .get_metadata(metadata_request())
-        .await
-        .expect_err("the renewed certificate is not served before the reload");
-    assert!(
-        matches!(refused.code(), Code::Unavailable | Code::Unknown) && reason(&refused).is_none(),
-        "refused at the handshake, not by a handler: {refused:?}"
-    );
+    refused_at_handshake(
+        &server,
+        trusts_renewed(&ingest),
+        "the renewed certificate is not served before the reload",
+    )
+    .await;
     // Accepted before the CRL names it, on a connection kept open.
     let mut revoked_open = server.vault(&to_revoke).await;
     seal(&mut revoked_open, "leaked/1", b"k1")
@@ -158,35 +171,24 @@ async fn sighup_reloads_the_policy_the_crl_and_the_server_certificate_all_or_not
         .into_inner();
     assert_eq!(unsealed.secret, b"SID=1");
     // The certificate: new connections are served the renewed one …
-    let mut after =
-        pb::vault_client::VaultClient::new(server.lazy_channel(trusts_renewed(&ingest)));
+    let mut after = Client::new(server.lazy_channel(trusts_renewed(&ingest)));
     seal(&mut after, "gmail/carol", b"SID=3")
         .await
         .expect("the renewed server certificate is served");
     // … and a client trusting only the old CA no longer connects.
-    let mut old_trust =
-        pb::vault_client::VaultClient::new(server.lazy_channel(server.pki.client_config(&ingest)));
-    let status = seal(&mut old_trust, "gmail/dave", b"SID=4")
-        .await
-        .expect_err("the old server certificate is gone");
-    assert!(
-        matches!(status.code(), Code::Unavailable | Code::Unknown),
-        "{status:?}"
-    );
+    refused_at_handshake(
+        &server,
+        server.pki.client_config(&ingest),
+        "the old server certificate is gone",
+    )
+    .await;
     // The CRL: the revoked client cannot open a new connection.
-    let mut revoked =
-        pb::vault_client::VaultClient::new(server.lazy_channel(trusts_renewed(&to_revoke)));
-    let status = revoked
-        .get_metadata(metadata_request())
-        .await
-        .expect_err("a revoked certificate is refused after the reload");
-    assert!(
-        matches!(
-            status.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled
-        ),
-        "{status:?}"
-    );
+    refused_at_handshake(
+        &server,
+        trusts_renewed(&to_revoke),
+        "a revoked certificate is refused after the reload",
+    )
+    .await;
     // … and its connection opened before the reload is refused from its next call.
     let status = seal(&mut revoked_open, "leaked/2", b"k2").await;
     expect_status(status, Code::Unauthenticated, "CERTIFICATE_REVOKED");
