@@ -15,10 +15,11 @@
 //! delete the anchor without `verify` failing and naming the first bad
 //! sequence number.
 //!
-//! It cannot detect the newest records being cut off: what is left is a valid
-//! chain. That takes something outside the store: an exported copy (`export`
-//! with each record's MAC), or a caller comparing [`Verification::last_sequence`]
-//! with the last sequence number it saw (every `record` returns it). Nor does it
+//! It cannot detect on its own the newest records being cut off: what is left
+//! is a valid chain. That takes something outside the store: a [`Head`] (the
+//! sequence number and MAC of a record once at the head of the log, which the
+//! server logs as it grows) given to [`AuditLog::verify_against`], or an
+//! exported copy (`export` with each record's MAC). Nor does it
 //! bind a record to the moment it was written: `at_ms` is what the server's
 //! clock said, and someone holding the audit key can rewrite the whole log.
 
@@ -171,6 +172,70 @@ pub struct AuditPage {
     pub next_page_token: Option<String>,
 }
 
+/// A record seen at the head of the log, kept somewhere the store's writers
+/// cannot reach: the server logs one as "audit head" every background round
+/// the log has grown, and `verify` reports the one it reached. Verifying
+/// against it later ([`AuditLog::verify_against`]) detects the newest records
+/// being cut off, which the chain alone cannot. Written `SEQUENCE:MAC` (the
+/// MAC in hex); neither part is secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub sequence: u64,
+    pub mac: [u8; MAC_LEN],
+}
+
+impl std::fmt::Display for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.sequence, hex::encode(self.mac))
+    }
+}
+
+impl std::str::FromStr for Head {
+    type Err = InvalidHead;
+
+    fn from_str(text: &str) -> Result<Self, InvalidHead> {
+        let (sequence, mac) = text.split_once(':').ok_or(InvalidHead)?;
+        Self::new(
+            sequence.parse().map_err(|_| InvalidHead)?,
+            &hex::decode(mac).map_err(|_| InvalidHead)?,
+        )
+    }
+}
+
+impl Head {
+    /// A head from its parts: sequence 1 or more, a MAC of 32 bytes.
+    pub fn new(sequence: u64, mac: &[u8]) -> Result<Self, InvalidHead> {
+        let mac = mac.try_into().map_err(|_| InvalidHead)?;
+        if sequence == 0 {
+            return Err(InvalidHead);
+        }
+        Ok(Self { sequence, mac })
+    }
+}
+
+/// A head that is not `SEQUENCE:MAC` with a sequence number from 1 and a MAC
+/// of 32 bytes (64 hex digits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an audit head is SEQUENCE:MAC, a sequence number from 1 and a 32-byte MAC in hex")]
+pub struct InvalidHead;
+
+/// What [`AuditLog::verify_against`] made of the head it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadCheck {
+    /// None was given.
+    #[default]
+    NotGiven,
+    /// The log holds that record with that MAC (or, for the record just
+    /// before the oldest kept, the anchor chains to that MAC).
+    Matched,
+    /// The record was pruned since, and so was the one after it: its MAC
+    /// cannot be compared, but the log reaches past it.
+    Pruned,
+    /// The log does not hold it: cut off, or another record in its place
+    /// (`ok` is false and `first_bad_sequence` says where).
+    Failed,
+}
+
 /// The outcome of [`AuditLog::verify`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verification {
@@ -188,6 +253,11 @@ pub struct Verification {
     pub first_bad_sequence: Option<u64>,
     /// Why not `ok` (empty when it is).
     pub reason: String,
+    /// The newest record that verified, with its MAC: keep it outside the
+    /// store and verify against it later.
+    pub head: Option<Head>,
+    /// What became of the head verified against.
+    pub head_check: HeadCheck,
 }
 
 /// The audit log over a store. Cheap to clone; `Debug` shows no key.
@@ -312,23 +382,33 @@ impl AuditLog {
     /// every record's MAC, and that sequence numbers are contiguous. See the
     /// module doc for what this can and cannot detect.
     pub fn verify(&self) -> Result<Verification, AuditError> {
-        let mut result = self.verify_once()?;
+        self.verify_against(None)
+    }
+
+    /// [`Self::verify`], and also that the log still holds `seen`, a head
+    /// taken earlier: a log cut back to before it, or holding another record
+    /// in its place, fails at the first sequence number that differs.
+    pub fn verify_against(&self, seen: Option<Head>) -> Result<Verification, AuditError> {
+        let mut result = self.verify_once(seen)?;
         for _ in 1..VERIFY_ATTEMPTS {
             if result.ok {
                 break;
             }
-            result = self.verify_once()?;
+            result = self.verify_once(seen)?;
         }
         Ok(result)
     }
 
-    fn verify_once(&self) -> Result<Verification, AuditError> {
+    fn verify_once(&self, seen: Option<Head>) -> Result<Verification, AuditError> {
         let anchor = self.store.get(ANCHOR)?;
         let mut walk = match Walk::start(&self.key, anchor.as_deref()) {
             Ok(walk) => walk,
             Err(b) => return Ok(Verification::broken(0, 0, b)),
         };
         let first = walk.next;
+        // The walk stands just after record `first - 1`, whose MAC the anchor holds.
+        let mut check = SeenCheck::new(seen, first);
+        check.at(first - 1, &walk.prev_mac);
         let mut cursor = None;
         loop {
             let rows = self.store.scan(PREFIX, cursor.as_deref(), CHUNK)?;
@@ -337,6 +417,7 @@ impl AuditLog {
                 if let Err(b) = walk.step(&key, &value) {
                     return Ok(Verification::broken(first, walk.next, b));
                 }
+                check.at(walk.next - 1, &walk.prev_mac);
                 cursor = Some(key);
             }
             if exhausted {
@@ -351,14 +432,39 @@ impl AuditLog {
             };
             return Ok(Verification::broken(first, first, b));
         }
+        let last = walk.next - 1;
+        let head_check = match check.end(last) {
+            Ok(head_check) => head_check,
+            Err(b) => return Ok(Verification::broken(first, walk.next, b)),
+        };
         Ok(Verification {
             ok: true,
             records: walk.next - first,
             first_sequence: first,
-            last_sequence: walk.next - 1,
+            last_sequence: last,
             first_bad_sequence: None,
             reason: String::new(),
+            head: (last > 0).then_some(Head {
+                sequence: last,
+                mac: walk.prev_mac,
+            }),
+            head_check,
         })
+    }
+
+    /// The newest record's sequence number and MAC, as stored (not verified);
+    /// `None` while the log is empty.
+    pub fn head(&self) -> Result<Option<Head>, AuditError> {
+        let Some((key, value)) = self.store.last(PREFIX)? else {
+            return Ok(None);
+        };
+        let entry = decode_entry(&key, &value)?;
+        let corrupt = AuditError::Corrupt {
+            sequence: entry.sequence,
+        };
+        Head::new(entry.sequence, &entry.record.mac)
+            .map(Some)
+            .map_err(|_| corrupt)
     }
 
     /// Deletes the records older than `before_ms` (ms since the Unix epoch)
@@ -422,6 +528,72 @@ impl Verification {
             last_sequence: if next > first { next - 1 } else { 0 },
             first_bad_sequence: Some(b.sequence),
             reason: b.reason,
+            head: None,
+            head_check: HeadCheck::NotGiven,
+        }
+    }
+}
+
+/// A head being looked for along a walk.
+struct SeenCheck {
+    seen: Option<Head>,
+    /// Whether its record was reached (and matched: a mismatch is kept in `failed`).
+    found: bool,
+    failed: Option<Broken>,
+    /// The oldest record kept.
+    first: u64,
+}
+
+impl SeenCheck {
+    fn new(seen: Option<Head>, first: u64) -> Self {
+        Self {
+            seen,
+            found: false,
+            failed: None,
+            first,
+        }
+    }
+
+    /// The walk has reached record `sequence`, whose MAC is `mac`.
+    fn at(&mut self, sequence: u64, mac: &[u8; MAC_LEN]) {
+        let Some(seen) = self.seen else { return };
+        if seen.sequence != sequence {
+            return;
+        }
+        // Both MACs are public (the chain's check is the HMAC itself).
+        if seen.mac == *mac {
+            self.found = true;
+        } else if self.failed.is_none() {
+            self.failed = Some(Broken {
+                sequence,
+                reason: format!("record {sequence} is not the one seen at the head (another MAC)"),
+            });
+        }
+    }
+
+    /// The walk ended at record `last` (0: an empty log).
+    fn end(self, last: u64) -> Result<HeadCheck, Broken> {
+        let Some(seen) = self.seen else {
+            return Ok(HeadCheck::NotGiven);
+        };
+        if let Some(failed) = self.failed {
+            return Err(failed);
+        }
+        if self.found {
+            Ok(HeadCheck::Matched)
+        } else if seen.sequence > last {
+            Err(Broken {
+                sequence: last + 1,
+                reason: format!(
+                    "the log ends at record {last}, but record {} was seen at its head: \
+                     the newest records were cut off",
+                    seen.sequence
+                ),
+            })
+        } else {
+            // Before `first - 1`: pruned along with its successor.
+            debug_assert!(seen.sequence + 1 < self.first);
+            Ok(HeadCheck::Pruned)
         }
     }
 }

@@ -470,3 +470,97 @@ fn an_undecodable_previous_entry_is_linked_by_its_bytes() {
     let mac = Record::decode(sealed.as_slice()).unwrap().mac;
     assert_eq!(chain::link(&key, Some(&sealed)).as_slice(), mac.as_slice());
 }
+
+#[tokio::test]
+async fn a_head_parses_from_and_prints_as_sequence_colon_mac() {
+    let head = Head::new(42, &[0xAB; MAC_LEN]).unwrap();
+    let text = head.to_string();
+    assert_eq!(text, format!("42:{}", "ab".repeat(MAC_LEN)));
+    assert_eq!(text.parse::<Head>(), Ok(head));
+    assert_eq!(text.to_uppercase().parse::<Head>(), Ok(head));
+    let mac = "ab".repeat(MAC_LEN);
+    for bad in [
+        String::new(),
+        "42".into(),
+        format!("0:{mac}"),
+        format!("-1:{mac}"),
+        format!("x:{mac}"),
+        format!("42:{}", &mac[2..]),
+        format!("42:{mac}00"),
+        format!("42:{}zz", &mac[2..]),
+        format!("42:{mac}:1"),
+    ] {
+        assert_eq!(bad.parse::<Head>(), Err(InvalidHead), "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn verify_against_a_head_catches_the_newest_records_cut_off() {
+    let f = fixture();
+    assert_eq!(f.log.head().unwrap(), None);
+    f.fill(10).await;
+    let head = f.log.head().unwrap().unwrap();
+    assert_eq!(head.sequence, 10);
+    let v = f.log.verify().unwrap();
+    assert_eq!((v.head, v.head_check), (Some(head), HeadCheck::NotGiven));
+    let v = f.log.verify_against(Some(head)).unwrap();
+    assert!(v.ok && v.head_check == HeadCheck::Matched, "{v:?}");
+
+    // The log grows: an older head still matches, and the new head is reported.
+    let older = Head::new(7, &Record::decode(f.value(7).as_slice()).unwrap().mac).unwrap();
+    f.fill(3).await;
+    let v = f.log.verify_against(Some(older)).unwrap();
+    assert!(v.ok && v.head_check == HeadCheck::Matched, "{v:?}");
+    assert_eq!(v.head.map(|h| h.sequence), Some(13));
+
+    // Cut records 8..=13: the rest is a valid chain, but not against head 10.
+    let cut = (8..=13).map(|seq| log_key(PREFIX, seq)).collect();
+    f.tamper(Vec::new(), cut).await;
+    let v = f.log.verify().unwrap();
+    assert!(
+        v.ok && v.last_sequence == 7,
+        "the chain alone cannot tell: {v:?}"
+    );
+    let v = f.log.verify_against(Some(head)).unwrap();
+    assert!(!v.ok, "{v:?}");
+    assert_eq!(v.first_bad_sequence, Some(8));
+    assert_eq!(v.head_check, HeadCheck::NotGiven);
+    assert!(v.reason.contains("cut off"), "{}", v.reason);
+    assert!(f.log.verify_against(Some(older)).unwrap().ok);
+
+    // A head with another MAC, or from a log that was never this one.
+    let mut other = older;
+    other.mac[0] ^= 1;
+    let v = f.log.verify_against(Some(other)).unwrap();
+    assert_eq!(v.first_bad_sequence, Some(7), "{v:?}");
+    let v = fixture().log.verify_against(Some(older)).unwrap();
+    assert_eq!(v.first_bad_sequence, Some(1), "an empty log: {v:?}");
+}
+
+#[tokio::test]
+async fn a_pruned_head_is_checked_against_the_anchor_or_passed() {
+    let f = fixture();
+    f.fill(20).await; // at T0, T0 + 1 s, …
+    let head_at =
+        |seq| Head::new(seq, &Record::decode(f.value(seq).as_slice()).unwrap().mac).unwrap();
+    let (h5, h10) = (head_at(5), head_at(10));
+    assert_eq!(f.log.prune(T0 + 10_000).await.unwrap(), 10); // records 1..=10 go
+
+    // Record 10 is gone, but the anchor holds its MAC.
+    let v = f.log.verify_against(Some(h10)).unwrap();
+    assert!(v.ok && v.first_sequence == 11, "{v:?}");
+    assert_eq!(v.head_check, HeadCheck::Matched);
+    let mut other = h10;
+    other.mac[31] ^= 0x80;
+    assert_eq!(
+        f.log
+            .verify_against(Some(other))
+            .unwrap()
+            .first_bad_sequence,
+        Some(10)
+    );
+
+    // Record 5 and its successor are gone: nothing to compare, the log reaches past it.
+    let v = f.log.verify_against(Some(h5)).unwrap();
+    assert!(v.ok && v.head_check == HeadCheck::Pruned, "{v:?}");
+}
