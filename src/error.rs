@@ -40,6 +40,8 @@ pub enum Invalid {
     JobId,
     #[error("the grace period is at most 30 days")]
     Grace,
+    #[error("an audit head is a sequence number from 1 and a MAC of 32 bytes")]
+    AuditHead,
 }
 
 impl Invalid {
@@ -58,6 +60,7 @@ impl Invalid {
             Invalid::KeyLayer => "INVALID_LAYER",
             Invalid::JobId => "INVALID_ID",
             Invalid::Grace => "INVALID_GRACE",
+            Invalid::AuditHead => "INVALID_AUDIT_HEAD",
         }
     }
 }

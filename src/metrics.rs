@@ -67,6 +67,7 @@ pub struct Metrics {
     pub config_reload_failures: Counter,
     pub server_certificate_expiry: Gauge,
     pub crl_next_update: Gauge,
+    pub audit_head_sequence: Gauge,
 }
 
 fn call_seconds() -> Histogram {
@@ -132,6 +133,12 @@ impl Metrics {
             "When the primary key-encryption key was made (Unix time; refreshed every background round)",
             primary_kek_created.clone(),
         );
+        let audit_head_sequence = Gauge::default();
+        registry.register(
+            "audit_head_sequence",
+            "Sequence number of the newest audit record (refreshed every background round; it never goes back)",
+            audit_head_sequence.clone(),
+        );
         let config_reloads = Counter::default();
         registry.register(
             "config_reloads",
@@ -171,6 +178,7 @@ impl Metrics {
             config_reload_failures,
             server_certificate_expiry,
             crl_next_update,
+            audit_head_sequence,
         }
     }
 
@@ -396,6 +404,7 @@ mod tests {
             ("credvault_revocation_watchers", "gauge"),
             ("credvault_root_key_created_timestamp_seconds", "gauge"),
             ("credvault_primary_kek_created_timestamp_seconds", "gauge"),
+            ("credvault_audit_head_sequence", "gauge"),
             ("credvault_config_reloads", "counter"),
             ("credvault_config_reload_failures", "counter"),
             (

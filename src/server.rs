@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::audit::AuditError;
+use crate::audit::{AuditError, Head};
 use crate::authz::{Policy, SharedPolicy};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -155,6 +155,8 @@ pub async fn run_with_metrics(
     reloader.abort();
     let _ = rotation.await; // cancelled: its vault handle is dropped
     served?;
+    // The last head, for whoever verifies this log against the server's logs.
+    publish_audit_head(&vault, &mut None);
     drop(vault); // closes the store once the last handler is gone
     tracing::info!("credvault stopped");
     Ok(())
@@ -271,6 +273,7 @@ struct Retention {
 /// check interval. Errors are logged and retried on the next round; it never
 /// ends by itself.
 async fn background_task(vault: Arc<Vault>, check_interval: Duration, retention: Retention) {
+    let mut published = None;
     loop {
         // Registered before the jobs run, so that a job started while they
         // run wakes the next round instead of waiting for the interval.
@@ -344,6 +347,9 @@ async fn background_task(vault: Arc<Vault>, check_interval: Duration, retention:
                 failed = true;
             }
         }
+        if !publish_audit_head(&vault, &mut published) {
+            failed = true;
+        }
         if failed {
             // A persistent failure must not spin, however often jobs start.
             tokio::time::sleep(FAILURE_PAUSE.min(check_interval)).await;
@@ -352,6 +358,31 @@ async fn background_task(vault: Arc<Vault>, check_interval: Duration, retention:
         tokio::select! {
             () = &mut started => {}
             () = tokio::time::sleep(check_interval) => {}
+        }
+    }
+}
+
+/// Logs the audit log's head ("audit head", its sequence number and MAC) if
+/// it moved since `published`, and sets its gauge. Log lines leave the host,
+/// where whoever can write the store cannot reach them: `credvault audit
+/// verify --seen` against one catches the newest records being cut off.
+/// False if the head could not be read.
+fn publish_audit_head(vault: &Vault, published: &mut Option<Head>) -> bool {
+    let Some(log) = vault.audit_log() else {
+        return true;
+    };
+    match log.head() {
+        Ok(Some(head)) if *published != Some(head) => {
+            tracing::info!(sequence = head.sequence, head = %head, "audit head");
+            let sequence = i64::try_from(head.sequence).unwrap_or(i64::MAX);
+            crate::metrics::global().audit_head_sequence.set(sequence);
+            *published = Some(head);
+            true
+        }
+        Ok(_) => true,
+        Err(error) => {
+            tracing::error!(%error, reason = error.reason(), "reading the audit head failed; retrying later");
+            false
         }
     }
 }

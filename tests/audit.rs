@@ -95,7 +95,7 @@ async fn query_all(admin: &mut AdminClient<Channel>) -> Vec<pb::AuditRecord> {
 
 async fn verify(admin: &mut AdminClient<Channel>) -> pb::VerifyAuditResponse {
     admin
-        .verify_audit(pb::VerifyAuditRequest {})
+        .verify_audit(pb::VerifyAuditRequest::default())
         .await
         .unwrap_or_else(|s| panic!("VerifyAudit: {s:?}"))
         .into_inner()
@@ -442,7 +442,7 @@ async fn a_settings_identity_narrowed_to_a_tenant_sees_only_its_records() {
     }
     // Nor is VerifyAudit (admin only) a way round.
     expect_status(
-        narrow.verify_audit(pb::VerifyAuditRequest {}).await,
+        narrow.verify_audit(pb::VerifyAuditRequest::default()).await,
         Code::PermissionDenied,
         "PERMISSION_DENIED",
     );
@@ -678,6 +678,95 @@ fn assert_contiguous(records: &[pb::AuditRecord]) {
     let first = sequences.first().copied().unwrap_or(1);
     let expected: Vec<u64> = (first..first + sequences.len() as u64).collect();
     assert_eq!(sequences, expected);
+}
+
+async fn verify_seen(
+    admin: &mut AdminClient<Channel>,
+    seen: pb::AuditHead,
+) -> Result<pb::VerifyAuditResponse, Status> {
+    admin
+        .verify_audit(pb::VerifyAuditRequest { seen: Some(seen) })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutting_off_the_newest_records_fails_verify_against_a_kept_head() {
+    credvault::tls::install_default_provider();
+    let mut server = TestServer::start().await;
+    let head = {
+        let mut ingest = server.vault(&server.pki.role("ingest")).await;
+        let mut executor = server.vault(&server.pki.role("executor")).await;
+        ingest
+            .seal(seal_request(TENANT_A, "c1", CredentialKind::ApiKey, b"k1"))
+            .await
+            .expect("Seal"); // 1
+        for _ in 0..3 {
+            executor
+                .unseal(unseal_request(TENANT_A, "c1"))
+                .await
+                .expect("Unseal"); // 2, 3, 4
+        }
+        let mut admin = server.admin(&server.pki.role("admin")).await;
+        let verification = verify(&mut admin).await; // 5
+        assert!(verification.ok, "{verification:?}");
+        assert_eq!(
+            (verification.first_sequence, verification.last_sequence),
+            (1, 4)
+        );
+        let head = verification.head.expect("the head of a verified log");
+        assert_eq!(head.sequence, 4);
+        // It is record 4 as QueryAudit shows it.
+        let records = query_all(&mut admin).await; // 6
+        assert_eq!(records[3].mac, head.mac);
+
+        let matched = verify_seen(&mut admin, head.clone())
+            .await
+            .expect("VerifyAudit"); // 7
+        assert!(matched.ok, "{matched:?}");
+        assert_eq!(matched.head_check(), pb::HeadCheck::Matched);
+        assert_eq!(matched.last_sequence, 6);
+
+        // Malformed heads: refused, and nothing verified.
+        for bad in [
+            pb::AuditHead {
+                sequence: 0,
+                mac: head.mac.clone(),
+            },
+            pb::AuditHead {
+                sequence: 4,
+                mac: head.mac[..31].to_vec(),
+            },
+        ] {
+            let refused = verify_seen(&mut admin, bad).await;
+            expect_status(refused, Code::InvalidArgument, "INVALID_AUDIT_HEAD");
+        }
+        head
+    };
+
+    // Records 3 on cut off with the server stopped: the rest is a valid chain.
+    let plain = tampered(&mut server, async |store: &SledStore| {
+        let mut batch = Batch::default();
+        for (key, _) in audit_rows(store) {
+            if key >= log_key(credvault::audit::PREFIX, 3) {
+                batch.delete(key);
+            }
+        }
+        write(store, batch).await;
+    })
+    .await; // its own record becomes the new 3
+    assert!(plain.ok, "the chain alone cannot tell: {plain:?}");
+    assert_eq!(plain.last_sequence, 2);
+
+    let mut admin = server.admin(&server.pki.role("admin")).await;
+    let caught = verify_seen(&mut admin, head).await.expect("VerifyAudit");
+    assert!(!caught.ok, "{caught:?}");
+    assert_eq!(
+        caught.first_bad_sequence, 4,
+        "record 3 is the new one: {caught:?}"
+    );
+    assert!(caught.reason.contains("cut off"), "{}", caught.reason);
+    assert_eq!(caught.head, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -218,7 +218,7 @@ async fn a_backup_under_load_restores_into_a_store_a_server_serves() {
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     let mut admin = server.admin(&admin_cert).await;
     let verified = admin
-        .verify_audit(pb::VerifyAuditRequest {})
+        .verify_audit(pb::VerifyAuditRequest::default())
         .await
         .expect("verify")
         .into_inner();
@@ -237,7 +237,7 @@ async fn a_backup_under_load_restores_into_a_store_a_server_serves() {
         .expect("seal after restore");
     assert!(
         admin
-            .verify_audit(pb::VerifyAuditRequest {})
+            .verify_audit(pb::VerifyAuditRequest::default())
             .await
             .expect("verify")
             .into_inner()

@@ -1644,25 +1644,64 @@ fn sequences(records: &[Value]) -> Vec<u64> {
 
 /// `credvault audit verify --data-dir STORE --root-key-file KEY` on a `dev` directory.
 fn verify_offline(dir: &Path) -> Output {
-    run(
-        credvault()
-            .args(["audit", "verify", "--data-dir"])
-            .arg(dir.join("data/store"))
-            .arg("--root-key-file")
-            .arg(dir.join("data/root.key")),
-        b"",
-    )
+    run(&mut verify_offline_command(dir), b"")
 }
 
-/// The count in `audit chain ok: N records`.
+fn verify_offline_command(dir: &Path) -> Command {
+    let mut command = credvault();
+    command
+        .args(["audit", "verify", "--data-dir"])
+        .arg(dir.join("data/store"))
+        .arg("--root-key-file")
+        .arg(dir.join("data/root.key"));
+    command
+}
+
+/// The count in the line `audit chain ok: N records (sequence A to B)`.
 #[track_caller]
-fn verified_count(output: &Output) -> u64 {
+fn verified_count(text: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.trim().strip_prefix("audit chain ok: "))
+        .and_then(|rest| rest.split_once(" records"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no `audit chain ok: N records`: {text:?}"))
+}
+
+/// The head `verify` printed (`head: SEQUENCE:MAC (keep it; …)`), and its sequence number.
+#[track_caller]
+fn printed_head(output: &Output) -> (String, u64) {
     let text = output.stdout_text();
-    text.trim()
-        .strip_prefix("audit chain ok: ")
-        .and_then(|rest| rest.strip_suffix(" records"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("not `audit chain ok: N records`: {text:?}"))
+    let head = text
+        .lines()
+        .find_map(|line| line.strip_prefix("head: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no `head: SEQUENCE:MAC`: {text:?}"));
+    let sequence = head.split(':').next().and_then(|n| n.parse().ok());
+    (head.to_owned(), sequence.expect("a sequence number"))
+}
+
+/// Deletes the stored audit records from `first` on, as someone who can write a stopped
+/// server's store could: what is left is a valid chain.
+fn cut_audit_records_from(store_dir: &Path, first: u64) {
+    use credvault::store::{Batch, SledStore, Store, StoreOptions};
+    let store = SledStore::open(&StoreOptions::new(store_dir)).expect("opening the stopped store");
+    let start = credvault::store::log_key(credvault::audit::PREFIX, first);
+    let mut batch = Batch::default();
+    for (key, _) in store
+        .scan(credvault::audit::PREFIX, None, usize::MAX)
+        .expect("scanning the audit records")
+    {
+        if key >= start {
+            batch.delete(key);
+        }
+    }
+    assert!(!batch.ops.is_empty(), "no audit record from {first} on");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(store.commit(batch))
+        .expect("committing the cut");
 }
 
 /// Edits the stored audit record `sequence` of a stopped server's store through the library:
@@ -1867,7 +1906,9 @@ fn audit_query_tail_export_and_verify_online_and_offline_detect_an_edited_record
     // `verify` online: the export's own QueryAudit is one more record.
     let verified = audit(&server, "verify", &[]);
     verified.assert_success("audit verify");
-    assert_eq!(verified_count(&verified), count + 2); // + export, + export --after
+    assert_eq!(verified_count(&verified.stdout_text()), count + 2); // + export, + export --after
+    let (head, head_seq) = printed_head(&verified);
+    assert_eq!(head_seq, count + 2, "{}", verified.stdout_text());
 
     // `tail -n 2`: the two newest, the VerifyAudit last; not tail's own probing calls.
     let tailed = json_lines(audit(&server, "tail", &["-n", "2"]).assert_success("audit tail"));
@@ -1877,6 +1918,19 @@ fn audit_query_tail_export_and_verify_online_and_offline_detect_an_edited_record
     assert_eq!(tailed[0]["rpc"], "QueryAudit", "{tailed:?}");
     let all = json_lines(audit(&server, "export", &[]).assert_success("audit export"));
     assert_eq!(&all[(newest - 2) as usize..newest as usize], &tailed[..]);
+
+    // The head `verify` printed, verified against: matched. A malformed head is an
+    // error (exit 1), not a broken chain (exit 2).
+    let against = audit(&server, "verify", &["--seen", &head]);
+    against.assert_success("audit verify --seen");
+    assert!(
+        against
+            .stdout_text()
+            .contains(&format!("head seen {head_seq}: matched\n")),
+        "{}",
+        against.stdout_text()
+    );
+    audit(&server, "verify", &["--seen", "12:beef"]).assert_failure("audit verify --seen 12:beef");
 
     // `tail --follow`: the newest record, then each new one as it comes, and never its own
     // polls; SIGTERM ends it with status 0.
@@ -1936,10 +1990,52 @@ fn audit_query_tail_export_and_verify_online_and_offline_detect_an_edited_record
     let clean = verify_offline(tmp.path());
     clean.assert_success("offline verify of an untampered store");
     assert!(
-        verified_count(&clean) > count + 2,
+        verified_count(&clean.stdout_text()) > count + 2,
         "{}",
         clean.stdout_text()
     );
+    // The server logged its last head as it stopped: the newest record, which the
+    // store holds.
+    let logged = strip_ansi(&server.stderr_text());
+    let last_head = logged
+        .lines()
+        .rev()
+        .filter(|line| line.contains("audit head"))
+        .filter_map(|line| line.split("head=").nth(1))
+        .find_map(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no `audit head` line: {logged}"))
+        .to_owned();
+    let (_, last_seq) = printed_head(&clean);
+    assert!(
+        last_head.starts_with(&format!("{last_seq}:")),
+        "{last_head} / {last_seq}"
+    );
+    let mut against = verify_offline_command(tmp.path());
+    let matched = run(against.args(["--seen", &last_head]), b"");
+    matched.assert_success("offline verify --seen the logged head");
+    assert!(
+        matched.stdout_text().contains(": matched\n"),
+        "{}",
+        matched.stdout_text()
+    );
+
+    // The newest records cut off: the chain alone still verifies, the head kept does not.
+    cut_audit_records_from(&tmp.path().join("data/store"), head_seq - 1);
+    let cut = verify_offline(tmp.path());
+    cut.assert_success("offline verify of a cut log, without a head");
+    assert_eq!(verified_count(&cut.stdout_text()), head_seq - 2);
+    let mut against = verify_offline_command(tmp.path());
+    let caught = run(against.args(["--seen", &head]), b"");
+    assert_eq!(caught.status.code(), Some(2), "{}", caught.stderr);
+    let text = caught.stdout_text();
+    assert!(
+        text.contains(&format!(
+            "audit chain BROKEN at sequence {}\n",
+            head_seq - 1
+        )),
+        "{text}"
+    );
+    assert!(text.contains("cut off"), "{text}");
 
     // One byte of the unseal's record flipped: the purpose now reads task-43.
     tamper_with_audit_record(
@@ -2182,12 +2278,7 @@ fn backup_and_restore_through_the_binary() {
         text.contains(&format!("into {}", restored.display())),
         "{text}"
     );
-    let audited: u64 = text
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("audit chain ok: "))
-        .and_then(|rest| rest.strip_suffix(" records"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no `audit chain ok: N records`: {text}"));
+    let audited = verified_count(&text);
     assert!(
         audited >= 4,
         "{audited} audit records for four seals: {text}"

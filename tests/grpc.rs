@@ -562,7 +562,7 @@ async fn call(rpc: Rpc, channel: &Channel, tenant: &str) -> Result<(), tonic::St
             .await
             .map(drop),
         Rpc::VerifyAudit => admin
-            .verify_audit(pb::VerifyAuditRequest {})
+            .verify_audit(pb::VerifyAuditRequest::default())
             .await
             .map(drop),
         Rpc::Backup => admin

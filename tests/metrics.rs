@@ -177,4 +177,25 @@ async fn calls_commits_and_syncs_are_counted_and_no_customer_name_is_exported() 
             "{name} created at {at}, now {now}"
         );
     }
+
+    // The audit head: the round at start ran before any call; a KEK rotation wakes
+    // the next one, which publishes the head the calls above moved (six records at
+    // least: the missing unseal, the seal, three unseals, the denied seal).
+    let mut admin = server.admin(&server.pki.role("admin")).await;
+    admin
+        .rotate_kek(pb::RotateKekRequest::default())
+        .await
+        .expect("RotateKek");
+    let mut head = None;
+    for _ in 0..500 {
+        head = sample(
+            &get(metrics, "/metrics").await.1,
+            "credvault_audit_head_sequence",
+        );
+        if head >= Some(6.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(head >= Some(6.0), "audit head gauge: {head:?}");
 }

@@ -219,7 +219,8 @@ impl Head {
 #[error("an audit head is SEQUENCE:MAC, a sequence number from 1 and a 32-byte MAC in hex")]
 pub struct InvalidHead;
 
-/// What [`AuditLog::verify_against`] made of the head it was given.
+/// What [`AuditLog::verify_against`] made of the head it was given. A log
+/// that does not hold it fails: `ok` false, `first_bad_sequence` says where.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HeadCheck {
     /// None was given.
@@ -231,9 +232,6 @@ pub enum HeadCheck {
     /// The record was pruned since, and so was the one after it: its MAC
     /// cannot be compared, but the log reaches past it.
     Pruned,
-    /// The log does not hold it: cut off, or another record in its place
-    /// (`ok` is false and `first_bad_sequence` says where).
-    Failed,
 }
 
 /// The outcome of [`AuditLog::verify`].
@@ -256,7 +254,7 @@ pub struct Verification {
     /// The newest record that verified, with its MAC: keep it outside the
     /// store and verify against it later.
     pub head: Option<Head>,
-    /// What became of the head verified against.
+    /// What became of the head verified against (`NotGiven` when not `ok`).
     pub head_check: HeadCheck,
 }
 

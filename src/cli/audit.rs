@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Args, Subcommand};
+use credvault::audit::Head;
 use credvault::service::pb::{self, admin_client::AdminClient};
 
 use super::client::{Connection, status as status_error};
@@ -110,7 +111,23 @@ enum AuditCommand {
         /// With --data-dir: the environment variable holding the root key (base64).
         #[arg(long, requires = "data_dir")]
         root_key_env: Option<String>,
+        /// A head kept from earlier (SEQUENCE:MAC, as `verify` prints it and the server
+        /// logs it as "audit head"): the log must still hold that record, which catches
+        /// the newest records being cut off.
+        /// (Checked after parsing, so that a malformed head exits 1, not 2 as a broken
+        /// chain does.)
+        #[arg(long)]
+        seen: Option<String>,
     },
+}
+
+fn parse_head(text: Option<String>) -> anyhow::Result<Option<Head>> {
+    text.map(|text| {
+        text.trim()
+            .parse()
+            .with_context(|| format!("--seen {text:?}"))
+    })
+    .transpose()
 }
 
 /// What `verify` found.
@@ -173,14 +190,19 @@ async fn execute(command: AuditCommand) -> anyhow::Result<Verdict> {
         AuditCommand::Verify {
             conn,
             data_dir: None,
+            seen,
             ..
-        } => return verify_online(&conn).await,
+        } => return verify_online(&conn, parse_head(seen)?).await,
         AuditCommand::Verify {
             data_dir: Some(dir),
             root_key_file,
             root_key_env,
+            seen,
             ..
-        } => return verify_offline(dir, load_root(root_key_file, root_key_env)?).await,
+        } => {
+            let seen = parse_head(seen)?;
+            return verify_offline(dir, load_root(root_key_file, root_key_env)?, seen).await;
+        }
     }
     Ok(Verdict::Ok)
 }
@@ -400,34 +422,28 @@ async fn tail(conn: &Connection, lines: u64, follow: bool) -> anyhow::Result<()>
 // ---------------------------------------------------------------------------------------------
 // verify
 
-async fn verify_online(conn: &Connection) -> anyhow::Result<Verdict> {
+async fn verify_online(conn: &Connection, seen: Option<Head>) -> anyhow::Result<Verdict> {
+    let request = pb::VerifyAuditRequest {
+        seen: seen.map(|head| pb::AuditHead {
+            sequence: head.sequence,
+            mac: head.mac.to_vec(),
+        }),
+    };
     let verification = admin(conn)
         .await?
-        .verify_audit(pb::VerifyAuditRequest {})
+        .verify_audit(request)
         .await
         .map_err(status_error)?
         .into_inner();
-    if verification.ok {
-        println!("audit chain ok: {} records", verification.records);
-        Ok(Verdict::Ok)
-    } else {
-        println!(
-            "audit chain BROKEN at sequence {}",
-            verification.first_bad_sequence
-        );
-        println!(
-            "{} records verified before it; the server log has the reason",
-            verification.records
-        );
-        Ok(Verdict::Broken)
-    }
+    Ok(report(&verification, seen))
 }
 
 /// Opens the stopped server's store in `dir` with `root` and verifies its
-/// audit chain, printing the verdict.
+/// audit chain (and that it still holds `seen`), printing the verdict.
 pub(super) async fn verify_offline(
     dir: PathBuf,
     root: credvault::crypto::SymmetricKey,
+    seen: Option<Head>,
 ) -> anyhow::Result<Verdict> {
     use credvault::store::{SledStore, StoreOptions};
 
@@ -458,23 +474,42 @@ pub(super) async fn verify_offline(
         .audit_log()
         .context("the vault was opened without its audit log")?;
     let verification = log
-        .verify()
+        .verify_against(seen)
         .with_context(|| format!("reading the audit log in {}", dir.display()))?;
-    if verification.ok {
-        println!("audit chain ok: {} records", verification.records);
-        Ok(Verdict::Ok)
-    } else {
-        println!(
-            "audit chain BROKEN at sequence {}",
-            verification.first_bad_sequence.unwrap_or(0)
-        );
-        println!("reason: {}", verification.reason);
+    Ok(report(&verification.into(), seen))
+}
+
+/// Prints what `verify` found, online or offline, and the head to keep.
+fn report(v: &pb::VerifyAuditResponse, seen: Option<Head>) -> Verdict {
+    if !v.ok {
+        println!("audit chain BROKEN at sequence {}", v.first_bad_sequence);
+        println!("reason: {}", v.reason);
         println!(
             "{} records verified before it (from sequence {})",
-            verification.records, verification.first_sequence
+            v.records, v.first_sequence
         );
-        Ok(Verdict::Broken)
+        return Verdict::Broken;
     }
+    println!(
+        "audit chain ok: {} records (sequence {} to {})",
+        v.records, v.first_sequence, v.last_sequence
+    );
+    if let Some(seen) = seen {
+        let check = match pb::HeadCheck::try_from(v.head_check) {
+            Ok(pb::HeadCheck::Matched) => "matched",
+            Ok(pb::HeadCheck::Pruned) => "pruned since (the log reaches past it)",
+            _ => "not checked (an older server?)",
+        };
+        println!("head seen {}: {check}", seen.sequence);
+    }
+    if let Some(head) = v
+        .head
+        .as_ref()
+        .and_then(|h| Head::new(h.sequence, &h.mac).ok())
+    {
+        println!("head: {head} (keep it; verify --seen it later to detect truncation)");
+    }
+    Verdict::Ok
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::audit::who;
 use super::{Shared, convert, pb, tenant_error};
-use crate::audit::{AuditEntry, AuditFilter};
+use crate::audit::{AuditEntry, AuditFilter, Head};
 use crate::authz::Rpc;
 use crate::crypto::root;
 use crate::error::{Error, Invalid, status_with_reason};
@@ -327,11 +327,17 @@ impl pb::admin_server::Admin for AdminService {
         let caller = self.0.authorise(&req, Rpc::VerifyAudit, None).await?;
         let who = who(&caller.identity, Rpc::VerifyAudit, &req);
         let audit_tenant = String::new();
+        let seen = req
+            .get_ref()
+            .seen
+            .as_ref()
+            .map(|head| Head::new(head.sequence, &head.mac));
         let result: Result<Response<pb::VerifyAuditResponse>, Status> = async move {
             let vault = self.0.vault.clone();
             let result = tokio::task::spawn_blocking(move || {
+                let seen = seen.transpose().map_err(|_| Invalid::AuditHead)?;
                 let log = vault.audit_log().ok_or(Error::AuditUnavailable)?;
-                Ok::<_, Error>(log.verify()?)
+                Ok::<_, Error>(log.verify_against(seen)?)
             })
             .await
             .map_err(|_| Status::internal("audit verify task failed"))?;
@@ -344,11 +350,7 @@ impl pb::admin_server::Admin for AdminService {
                     "the audit chain does not verify"
                 );
             }
-            Ok(Response::new(pb::VerifyAuditResponse {
-                ok: verification.ok,
-                records: verification.records,
-                first_bad_sequence: verification.first_bad_sequence.unwrap_or(0),
-            }))
+            Ok(Response::new(verification.into()))
         }
         .await;
         self.0

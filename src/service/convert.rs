@@ -204,6 +204,34 @@ pub fn keepalive(sequence: u64, at_ms: u64) -> pb::RevocationEvent {
     }
 }
 
+pub fn audit_head(head: crate::audit::Head) -> pb::AuditHead {
+    pb::AuditHead {
+        sequence: head.sequence,
+        mac: head.mac.to_vec(),
+    }
+}
+
+impl From<crate::audit::Verification> for pb::VerifyAuditResponse {
+    fn from(v: crate::audit::Verification) -> Self {
+        use crate::audit::HeadCheck;
+        let head_check = match v.head_check {
+            HeadCheck::NotGiven => pb::HeadCheck::NotGiven,
+            HeadCheck::Matched => pb::HeadCheck::Matched,
+            HeadCheck::Pruned => pb::HeadCheck::Pruned,
+        };
+        Self {
+            ok: v.ok,
+            records: v.records,
+            first_bad_sequence: v.first_bad_sequence.unwrap_or(0),
+            reason: v.reason,
+            first_sequence: v.first_sequence,
+            last_sequence: v.last_sequence,
+            head: v.head.map(audit_head),
+            head_check: head_check as i32,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
