@@ -10,7 +10,7 @@
 //! nothing and knows nothing about gRPC: the service turns a `false` into
 //! PERMISSION_DENIED naming the RPC, and audits it.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -271,15 +271,27 @@ pub struct SharedPolicy(Arc<RwLock<InForce>>);
 #[derive(Debug)]
 struct InForce {
     policy: Arc<Policy>,
-    revoked: Arc<HashSet<CertificateId>>,
+    crl: Arc<CrlChecks>,
+}
+
+/// What the CRL in force refuses on every call, on connections opened before
+/// it too (rustls checks a CRL only at the handshake).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CrlChecks {
+    /// The certificates it revokes.
+    pub revoked: HashSet<CertificateId>,
+    /// With `tls.refuse_stale_crl` only: per issuer (its DER name), the time
+    /// (seconds since the Unix epoch) its CRL's "next update" promised a newer
+    /// one; from then on, that issuer's certificates are refused.
+    pub stale_at: HashMap<Vec<u8>, i64>,
 }
 
 impl SharedPolicy {
-    /// `policy`, with the certificates `revoked` refused on every call.
-    pub fn new(policy: Policy, revoked: HashSet<CertificateId>) -> Self {
+    /// `policy`, with `crl` checked on every call.
+    pub fn new(policy: Policy, crl: CrlChecks) -> Self {
         Self(Arc::new(RwLock::new(InForce {
             policy: Arc::new(policy),
-            revoked: Arc::new(revoked),
+            crl: Arc::new(crl),
         })))
     }
 
@@ -287,8 +299,15 @@ impl SharedPolicy {
     /// what is in force now, its certificate checked against the CRL first.
     pub fn admits(&self, caller: &Caller, rpc: Rpc, tenant: Option<&str>) -> Admission {
         let in_force = self.0.read().unwrap_or_else(PoisonError::into_inner);
-        if in_force.revoked.contains(&caller.certificate) {
+        let crl = &in_force.crl;
+        if crl.revoked.contains(&caller.certificate) {
             Admission::Revoked
+        } else if crl
+            .stale_at
+            .get(&caller.certificate.issuer)
+            .is_some_and(|&at| unix_seconds() >= at)
+        {
+            Admission::StaleCrl
         } else if in_force.policy.allows(&caller.identity, rpc, tenant) {
             Admission::Allowed
         } else {
@@ -296,13 +315,18 @@ impl SharedPolicy {
         }
     }
 
-    /// Puts `policy` and `revoked` in force for every call authorised from now on.
-    pub fn replace(&self, policy: Policy, revoked: HashSet<CertificateId>) {
+    /// Puts `policy` and `crl` in force for every call authorised from now on.
+    pub fn replace(&self, policy: Policy, crl: CrlChecks) {
         *self.0.write().unwrap_or_else(PoisonError::into_inner) = InForce {
             policy: Arc::new(policy),
-            revoked: Arc::new(revoked),
+            crl: Arc::new(crl),
         };
     }
+}
+
+fn unix_seconds() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// What [`SharedPolicy::admits`] decided.
@@ -313,14 +337,17 @@ pub enum Admission {
     Denied,
     /// The CRL in force revokes the caller's certificate.
     Revoked,
+    /// The CRL of the caller's issuer is past its next update, and
+    /// `tls.refuse_stale_crl` is set.
+    StaleCrl,
 }
 
 impl From<Arc<Policy>> for SharedPolicy {
-    /// `policy`, with no certificate revoked beyond what TLS refuses.
+    /// `policy`, with no certificate refused beyond what TLS refuses.
     fn from(policy: Arc<Policy>) -> Self {
         Self(Arc::new(RwLock::new(InForce {
             policy,
-            revoked: Arc::default(),
+            crl: Arc::default(),
         })))
     }
 }
@@ -893,7 +920,10 @@ mod tests {
         let stranger = caller("spiffe://elsewhere/x", 3);
         let shared = SharedPolicy::new(
             Policy::dev_default(),
-            HashSet::from([leaked.certificate.clone()]),
+            CrlChecks {
+                revoked: HashSet::from([leaked.certificate.clone()]),
+                ..CrlChecks::default()
+            },
         );
         let admits = |c: &Caller| shared.admits(c, Rpc::Unseal, Some("t"));
         assert_eq!(admits(&executor), Admission::Allowed);
@@ -904,7 +934,10 @@ mod tests {
         );
         assert_eq!(admits(&stranger), Admission::Denied);
 
-        shared.replace(Policy::from_toml("").expect("empty policy"), HashSet::new());
+        shared.replace(
+            Policy::from_toml("").expect("empty policy"),
+            CrlChecks::default(),
+        );
         assert_eq!(
             admits(&executor),
             Admission::Denied,
@@ -915,6 +948,48 @@ mod tests {
             Admission::Denied,
             "the new CRL is in force"
         );
+    }
+
+    #[test]
+    fn a_stale_crl_refuses_its_issuers_certificates_only_once_it_is_stale() {
+        let caller = |issuer: &[u8]| Caller {
+            identity: "spiffe://credvault/executor/a".into(),
+            certificate: CertificateId {
+                issuer: issuer.to_vec(),
+                serial: vec![1],
+            },
+        };
+        let now = unix_seconds();
+        let stale_at = HashMap::from([
+            (b"stale-ca".to_vec(), now - 1),
+            (b"fresh-ca".to_vec(), now + 3600),
+        ]);
+        let shared = SharedPolicy::new(
+            Policy::dev_default(),
+            CrlChecks {
+                revoked: HashSet::from([caller(b"stale-ca").certificate]),
+                stale_at,
+            },
+        );
+        let admits = |issuer: &[u8]| shared.admits(&caller(issuer), Rpc::Unseal, Some("t"));
+        assert_eq!(
+            admits(b"stale-ca"),
+            Admission::Revoked,
+            "revoked comes first"
+        );
+        let other = Caller {
+            certificate: CertificateId {
+                issuer: b"stale-ca".to_vec(),
+                serial: vec![2],
+            },
+            ..caller(b"stale-ca")
+        };
+        assert_eq!(
+            shared.admits(&other, Rpc::Unseal, Some("t")),
+            Admission::StaleCrl
+        );
+        assert_eq!(admits(b"fresh-ca"), Admission::Allowed);
+        assert_eq!(admits(b"no-crl-ca"), Admission::Allowed, "left to TLS");
     }
 
     #[test]

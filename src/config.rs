@@ -64,6 +64,11 @@ pub struct TlsConfig {
     /// Optional certificate revocation list (PEM).
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// Refuse the clients of a CA whose CRL is past its "next update" (at the
+    /// handshake, and on every call of an open connection), instead of going
+    /// on with the stale list. Needs `crl`.
+    #[serde(default)]
+    pub refuse_stale_crl: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -446,6 +451,12 @@ impl Config {
         if self.cache_mb == 0 {
             return field("cache_mb", "must be at least 1");
         }
+        if self.tls.refuse_stale_crl && self.tls.crl.is_none() {
+            return field(
+                "tls.refuse_stale_crl",
+                "needs tls.crl: there is no CRL to go stale",
+            );
+        }
         self.rotation.options()?;
         self.rotation.check_interval()?;
         self.lifecycle.event_retention()?;
@@ -582,6 +593,24 @@ client_ca = "certs/ca.pem"
             .unwrap_err()
             .to_string();
         assert!(err.contains("metrics_listen"), "{err}");
+    }
+
+    #[test]
+    fn refuse_stale_crl_needs_a_crl_and_is_off_by_default() {
+        assert!(!Config::parse(MINIMAL).unwrap().tls.refuse_stale_crl);
+        let err = Config::parse(&format!("{MINIMAL}refuse_stale_crl = true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config field `tls.refuse_stale_crl`: ")
+                && err.contains("needs tls.crl"),
+            "{err}"
+        );
+        let config = Config::parse(&format!(
+            "{MINIMAL}crl = \"certs/crl.pem\"\nrefuse_stale_crl = true\n"
+        ))
+        .unwrap();
+        assert!(config.tls.refuse_stale_crl);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! Stopping it between two awaits is safe: each job, shred and prune batch is
 //! one atomic write, and the next start resumes from the last one.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::audit::{AuditError, Head};
-use crate::authz::{Policy, SharedPolicy};
+use crate::authz::{CrlChecks, Policy, SharedPolicy};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::crypto::root;
@@ -72,7 +73,7 @@ pub async fn run_with_metrics(
     };
     let files = Files::load(config)?;
     files.record_gauges();
-    let policy = SharedPolicy::new(files.policy, files.revocations.certificates);
+    let policy = SharedPolicy::new(files.policy, crl_checks(files.revocations, config));
     let tls = ServerTls::from(files.tls);
     let store = SledStore::open(&StoreOptions {
         cache_capacity: config.cache_mb << 20,
@@ -187,6 +188,7 @@ impl Files {
             key: &config.tls.key,
             client_ca: &config.tls.client_ca,
             crl: config.tls.crl.as_deref(),
+            refuse_stale_crl: config.tls.refuse_stale_crl,
         })?;
         Ok(Self {
             policy,
@@ -225,9 +227,22 @@ pub fn reload(config: &Config, tls: &ServerTls, policy: &SharedPolicy) -> anyhow
         revoked = files.revocations.certificates.len(),
         "reloaded the TLS files and the policy"
     );
-    policy.replace(files.policy, files.revocations.certificates);
+    policy.replace(files.policy, crl_checks(files.revocations, config));
     tls.replace(files.tls);
     Ok(())
+}
+
+/// What the CRL makes `authorise` refuse on every call: its revoked
+/// certificates, and its stale issuers when `tls.refuse_stale_crl` is set.
+fn crl_checks(revocations: Revocations, config: &Config) -> CrlChecks {
+    CrlChecks {
+        revoked: revocations.certificates,
+        stale_at: if config.tls.refuse_stale_crl {
+            revocations.stale_at
+        } else {
+            HashMap::new()
+        },
+    }
 }
 
 /// Reloads ([`reload`]) on every `SIGHUP` until aborted.

@@ -5,7 +5,7 @@
 //! Only the ring provider is used; `main` also installs it as the process
 //! default before anything else touches rustls.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -97,15 +97,21 @@ pub struct ServerTlsFiles<'a> {
     pub key: &'a Path,
     pub client_ca: &'a Path,
     pub crl: Option<&'a Path>,
+    /// Refuse clients whose issuer's CRL is past its next update.
+    pub refuse_stale_crl: bool,
 }
 
 /// TLS 1.3 only; every client must present a certificate that chains to the
-/// client CA (and is not revoked by the CRL, when one is given); ALPN h2.
+/// client CA (and is not revoked by the CRL, when one is given, nor issued by
+/// a CA whose CRL is stale, when `refuse_stale_crl`); ALPN h2.
 pub fn server_config(files: &ServerTlsFiles<'_>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut verifier =
         WebPkiClientVerifier::builder_with_provider(roots(files.client_ca)?, provider());
     if let Some(crl) = files.crl {
         verifier = verifier.with_crls(load_crls(crl)?);
+        if files.refuse_stale_crl {
+            verifier = verifier.enforce_revocation_expiration();
+        }
     }
     let verifier = verifier
         .build()
@@ -131,6 +137,8 @@ pub struct Revocations {
     /// the CA promises a fresh CRL by then, so a file still older afterwards
     /// is stale.
     pub next_update: Option<i64>,
+    /// The same per issuer (its DER name, as [`CertificateId::issuer`]).
+    pub stale_at: HashMap<Vec<u8>, i64>,
 }
 
 /// Reads the CRLs of `path` ([`Revocations`]).
@@ -149,6 +157,8 @@ pub fn revocations(path: &Path) -> Result<Revocations, TlsError> {
         if let Some(next) = crl.next_update() {
             let next = next.timestamp();
             revocations.next_update = Some(revocations.next_update.map_or(next, |n| n.min(next)));
+            let at = revocations.stale_at.entry(issuer).or_insert(next);
+            *at = (*at).min(next);
         }
     }
     Ok(revocations)
@@ -261,6 +271,33 @@ mod tests {
         let mut elsewhere = id(&issue(&other_ca, "spiffe://credvault/executor/x"));
         elsewhere.serial = id(&revoked).serial;
         assert!(!set.contains(&elsewhere));
+
+        // Two CAs' CRLs in one file: each issuer goes stale at its own CRL's next
+        // update, keyed as the caller's certificate names its issuer.
+        let soon = days_from_now(1);
+        let both = ca.crl_pem(&[serial_of_der(&revoked)]) + &other_ca.crl_pem_until(&[[1u8]], soon);
+        std::fs::write(&path, both).expect("write");
+        let read = revocations(&path).expect("read");
+        let secs = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .expect("after the epoch")
+                .as_secs() as i64
+        };
+        let stale_at = |der: &CertificateDer<'_>| read.stale_at.get(&id(der).issuer).copied();
+        let near = |at: Option<i64>, t| at.is_some_and(|at| (at - secs(t)).abs() < 120);
+        assert_eq!(read.stale_at.len(), 2);
+        assert!(
+            near(stale_at(&kept), days_from_now(30)),
+            "{:?}",
+            stale_at(&kept)
+        );
+        let theirs = issue(&other_ca, "spiffe://credvault/executor/y");
+        assert!(near(stale_at(&theirs), soon), "{:?}", stale_at(&theirs));
+        assert!(
+            near(read.next_update, soon),
+            "the earliest: {:?}",
+            read.next_update
+        );
     }
 
     fn serial_of_der(der: &CertificateDer<'_>) -> Vec<u8> {

@@ -8,28 +8,19 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use credvault::authz::DEV_POLICY_TOML;
 use credvault::pki::testing::{TestCa, days_from_now};
 use credvault::service::pb::{self, CredentialKind};
 use tonic::Code;
 
 use support::{
-    Pki, ServerOptions, TestServer, expect_status, reason, seal_request, unseal_request,
+    Pki, ServerOptions, TestServer, expect_status, hang_up, refused_at_handshake, reloads,
+    seal_request, unseal_request,
 };
 
 const TENANT: &str = "tenant-a";
 /// Not in the dev policy until the reload grants it the executor role.
 const PARTNER: &str = "spiffe://credvault/partner/agent-1";
-
-fn metadata_request() -> pb::GetMetadataRequest {
-    pb::GetMetadataRequest {
-        tenant_id: TENANT.into(),
-        credential_id: "gmail/alice".into(),
-        ..Default::default()
-    }
-}
 
 type Client = pb::vault_client::VaultClient<tonic::transport::Channel>;
 
@@ -48,47 +39,6 @@ async fn unseal_alice(
     client: &mut Client,
 ) -> Result<tonic::Response<pb::UnsealResponse>, tonic::Status> {
     client.unseal(unseal_request(TENANT, "gmail/alice")).await
-}
-
-/// A call on a new connection with `config` fails at the TLS handshake, not
-/// in a handler.
-async fn refused_at_handshake(server: &TestServer, config: rustls::ClientConfig, what: &str) {
-    let mut client = Client::new(server.lazy_channel(config));
-    let status = client
-        .get_metadata(metadata_request())
-        .await
-        .expect_err(what);
-    assert!(
-        matches!(
-            status.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled
-        ) && reason(&status).is_none(),
-        "{what}: refused at the handshake, not by a handler: {status:?}"
-    );
-}
-
-/// The reload and refused-reload counters.
-fn reloads() -> (u64, u64) {
-    let metrics = credvault::metrics::global();
-    (
-        metrics.config_reloads.get(),
-        metrics.config_reload_failures.get(),
-    )
-}
-
-/// Sends `SIGHUP` to this process and waits until the counters read `expect`.
-async fn hang_up(expect: (u64, u64)) {
-    rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::HUP)
-        .expect("SIGHUP to this process");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while reloads() != expect {
-        assert!(
-            Instant::now() < deadline,
-            "reload counters {:?}, expected {expect:?}",
-            reloads()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

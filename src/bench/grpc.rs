@@ -390,6 +390,7 @@ pub(super) fn dev_tls(dir: &Path) -> anyhow::Result<(DevPkiPaths, Arc<rustls::Se
         key: &certs.server_key(),
         client_ca: &certs.ca_cert(),
         crl: None,
+        refuse_stale_crl: false,
     })?;
     Ok((certs, tls))
 }

@@ -141,18 +141,32 @@ impl TestCa {
     /// # Panics
     /// If signing fails.
     pub fn crl_pem<S: AsRef<[u8]>>(&self, revoked_serials: &[S]) -> String {
+        self.crl_pem_until(revoked_serials, SystemTime::now() + 30 * DAY)
+    }
+
+    /// [`Self::crl_pem`] promising the next CRL by `next_update`, which may be
+    /// past (a stale CRL: issued a day before it).
+    ///
+    /// # Panics
+    /// If signing fails.
+    pub fn crl_pem_until<S: AsRef<[u8]>>(
+        &self,
+        revoked_serials: &[S],
+        next_update: SystemTime,
+    ) -> String {
         let now = SystemTime::now();
         let hour = Duration::from_secs(3600);
+        let this_update = (now - hour).min(next_update - DAY);
         let params = CertificateRevocationListParams {
-            this_update: (now - hour).into(),
-            next_update: (now + 30 * DAY).into(),
+            this_update: this_update.into(),
+            next_update: next_update.into(),
             crl_number: random_serial(),
             issuing_distribution_point: None,
             revoked_certs: revoked_serials
                 .iter()
                 .map(|serial| RevokedCertParams {
                     serial_number: SerialNumber::from_slice(serial.as_ref()),
-                    revocation_time: (now - hour).into(),
+                    revocation_time: this_update.into(),
                     reason_code: Some(RevocationReason::KeyCompromise),
                     invalidity_date: None,
                 })

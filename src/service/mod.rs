@@ -284,6 +284,13 @@ impl Shared {
                 "CERTIFICATE_REVOKED",
                 "the client certificate has been revoked".to_owned(),
             )
+        } else if admission == Admission::StaleCrl {
+            (
+                tonic::Code::Unauthenticated,
+                "CRL_EXPIRED",
+                "the server's CRL for the client certificate's issuer is past its next update"
+                    .to_owned(),
+            )
         } else if admission == Admission::Denied {
             (
                 tonic::Code::PermissionDenied,

@@ -225,6 +225,8 @@ pub struct ServerOptions {
     pub limits: Vec<String>,
     /// A CRL (PEM) for `tls.crl`.
     pub crl_pem: Option<String>,
+    /// `tls.refuse_stale_crl`.
+    pub refuse_stale_crl: bool,
     /// Lines for the config's `[rotation]` table, e.g. `batch_size = 16`
     /// (none: the table is left out).
     pub rotation: Vec<String>,
@@ -245,6 +247,7 @@ impl Default for ServerOptions {
             policy: DEV_POLICY_TOML.to_owned(),
             limits: Vec::new(),
             crl_pem: None,
+            refuse_stale_crl: false,
             rotation: Vec::new(),
             lifecycle: Vec::new(),
             audit: Vec::new(),
@@ -267,6 +270,12 @@ impl ServerOptions {
 
     pub fn crl(mut self, crl_pem: impl Into<String>) -> Self {
         self.crl_pem = Some(crl_pem.into());
+        self
+    }
+
+    /// Sets `tls.refuse_stale_crl` (give a CRL too).
+    pub fn refuse_stale_crl(mut self) -> Self {
+        self.refuse_stale_crl = true;
         self
     }
 
@@ -329,6 +338,9 @@ pub fn write_server_files(
     );
     if let Some(crl) = &crl {
         text.push_str(&format!("crl = {}\n", q(crl)));
+    }
+    if options.refuse_stale_crl {
+        text.push_str("refuse_stale_crl = true\n");
     }
     text.push_str("[limits]\n");
     for line in &options.limits {
@@ -979,4 +991,50 @@ pub async fn assert_all_unseal(client: &VaultClient<Channel>, acked: &[Acked]) {
         acked.len(),
         &failures[..failures.len().min(5)]
     );
+}
+
+// ---------------------------------------------------------------------------
+// SIGHUP reloads and refused handshakes
+
+/// A call on a new connection with `config` fails at the TLS handshake, not
+/// in a handler.
+pub async fn refused_at_handshake(server: &TestServer, config: rustls::ClientConfig, what: &str) {
+    let mut client = VaultClient::new(server.lazy_channel(config));
+    let request = pb::GetMetadataRequest {
+        tenant_id: "tenant-a".into(),
+        credential_id: "gmail/alice".into(),
+        ..Default::default()
+    };
+    let status = client.get_metadata(request).await.expect_err(what);
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ) && reason(&status).is_none(),
+        "{what}: refused at the handshake, not by a handler: {status:?}"
+    );
+}
+
+/// The reload and refused-reload counters.
+pub fn reloads() -> (u64, u64) {
+    let metrics = credvault::metrics::global();
+    (
+        metrics.config_reloads.get(),
+        metrics.config_reload_failures.get(),
+    )
+}
+
+/// Sends `SIGHUP` to this process and waits until the counters read `expect`.
+pub async fn hang_up(expect: (u64, u64)) {
+    rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::HUP)
+        .expect("SIGHUP to this process");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while reloads() != expect {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload counters {:?}, expected {expect:?}",
+            reloads()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
