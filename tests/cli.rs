@@ -1680,56 +1680,58 @@ fn printed_head(output: &Output) -> (String, u64) {
     (head.to_owned(), sequence.expect("a sequence number"))
 }
 
-/// Deletes the stored audit records from `first` on, as someone who can write a stopped
-/// server's store could: what is left is a valid chain.
-fn cut_audit_records_from(store_dir: &Path, first: u64) {
-    use credvault::store::{Batch, SledStore, Store, StoreOptions};
-    let store = SledStore::open(&StoreOptions::new(store_dir)).expect("opening the stopped store");
-    let start = credvault::store::log_key(credvault::audit::PREFIX, first);
-    let mut batch = Batch::default();
-    for (key, _) in store
-        .scan(credvault::audit::PREFIX, None, usize::MAX)
-        .expect("scanning the audit records")
-    {
-        if key >= start {
-            batch.delete(key);
-        }
-    }
-    assert!(!batch.ops.is_empty(), "no audit record from {first} on");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-        .block_on(store.commit(batch))
-        .expect("committing the cut");
-}
-
-/// Edits the stored audit record `sequence` of a stopped server's store through the library:
-/// `from` becomes `to` inside its bytes (one byte flipped), committed like any write.
-fn tamper_with_audit_record(store_dir: &Path, sequence: u64, from: &[u8], to: &[u8]) {
-    use credvault::store::{Batch, SledStore, Store, StoreOptions};
+/// Changes the stored audit records of a stopped server's store through the library, as
+/// someone who can write its files could: `change` turns the records (key, value) into a
+/// batch, committed like any write.
+fn rewrite_audit_records(
+    store_dir: &Path,
+    change: impl FnOnce(Vec<(Vec<u8>, Vec<u8>)>) -> credvault::store::Batch,
+) {
+    use credvault::store::{SledStore, Store, StoreOptions};
     let store = SledStore::open(&StoreOptions::new(store_dir)).expect("opening the stopped store");
     let rows = store
         .scan(credvault::audit::PREFIX, None, usize::MAX)
         .expect("scanning the audit records");
-    let key = credvault::store::log_key(credvault::audit::PREFIX, sequence);
-    let (key, mut value) = rows
-        .into_iter()
-        .find(|(k, _)| *k == key)
-        .unwrap_or_else(|| panic!("no audit record {sequence} in the store"));
-    let at = value
-        .windows(from.len())
-        .position(|w| w == from)
-        .unwrap_or_else(|| panic!("record {sequence} does not hold {from:?}"));
-    value[at..at + to.len()].copy_from_slice(to);
-    let mut batch = Batch::default();
-    batch.put(key, value);
+    let batch = change(rows);
+    assert!(!batch.ops.is_empty(), "nothing to change");
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime")
         .block_on(store.commit(batch))
-        .expect("committing the edit");
+        .expect("committing the change");
+}
+
+/// Deletes the stored audit records from `first` on: what is left is a valid chain.
+fn cut_audit_records_from(store_dir: &Path, first: u64) {
+    let start = credvault::store::log_key(credvault::audit::PREFIX, first);
+    rewrite_audit_records(store_dir, |rows| {
+        let mut batch = credvault::store::Batch::default();
+        for (key, _) in rows.into_iter().filter(|(key, _)| *key >= start) {
+            batch.delete(key);
+        }
+        batch
+    });
+}
+
+/// Edits the stored audit record `sequence`: `from` becomes `to` inside its bytes (one
+/// byte flipped).
+fn tamper_with_audit_record(store_dir: &Path, sequence: u64, from: &[u8], to: &[u8]) {
+    let key = credvault::store::log_key(credvault::audit::PREFIX, sequence);
+    rewrite_audit_records(store_dir, |rows| {
+        let (key, mut value) = rows
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .unwrap_or_else(|| panic!("no audit record {sequence} in the store"));
+        let at = value
+            .windows(from.len())
+            .position(|w| w == from)
+            .unwrap_or_else(|| panic!("record {sequence} does not hold {from:?}"));
+        value[at..at + to.len()].copy_from_slice(to);
+        let mut batch = credvault::store::Batch::default();
+        batch.put(key, value);
+        batch
+    });
 }
 
 #[test]
