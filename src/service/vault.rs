@@ -581,10 +581,8 @@ mod tests {
 
     use super::*;
     use crate::authz::Policy;
-    use crate::crypto::SymmetricKey;
     use crate::service::StreamShutdown;
-    use crate::store::{SledStore, StoreOptions};
-    use crate::vault::{Kind, Vault, VaultOptions};
+    use crate::vault::{Kind, Vault};
 
     use pb::revocation_event::Kind as EventKind;
 
@@ -592,15 +590,7 @@ mod tests {
     const GUARD: Duration = Duration::from_secs(60);
 
     async fn shared(dir: &std::path::Path, keepalive: Duration) -> Shared {
-        let store = SledStore::open(&StoreOptions::new(dir)).unwrap();
-        let vault = Vault::open(
-            Arc::new(store),
-            SymmetricKey::generate(),
-            Arc::new(SystemClock),
-            VaultOptions::default(),
-        )
-        .await
-        .unwrap();
+        let vault = Vault::open_for_test(dir).await;
         Shared {
             vault: Arc::new(vault),
             policy: Arc::new(Policy::dev_default()).into(),

@@ -13,7 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::hmac;
@@ -28,7 +28,8 @@ use crate::store::{
 
 /// The backup file's name inside the backup directory.
 pub const FILE_NAME: &str = "credvault.backup";
-/// Where the file is written until it is complete and durable.
+/// Where the file is written until it is complete and durable, locked by the
+/// backup writing it.
 const PARTIAL_NAME: &str = ".credvault.backup.partial";
 const MAGIC: &[u8; 8] = b"CVBACKUP";
 const FORMAT: u8 = 1;
@@ -117,36 +118,31 @@ impl BackupError {
 
 impl Vault {
     /// Writes a backup of the whole store into `directory` (absolute; created
-    /// if missing, else it must be empty) while calls go on, and returns once
-    /// the file and its directory entry are durable. Blocking: run it off the
-    /// async workers. One backup at a time.
+    /// if missing, else it must be empty but for the partial file of a backup
+    /// that was interrupted, which is removed) while calls go on, and returns
+    /// once the file and its directory entry are durable. Blocking: run it off
+    /// the async workers. One backup at a time.
     pub fn backup(&self, directory: &Path) -> Result<BackupSummary> {
         if !directory.is_absolute() {
             return Err(BackupError::RelativeDirectory.into());
         }
         let created = prepare_directory(directory)?;
         let written = self.write_backup(directory);
-        if written.is_err() {
-            let _ = std::fs::remove_file(directory.join(PARTIAL_NAME));
-            if created {
-                let _ = std::fs::remove_dir(directory);
-            }
+        if written.is_err() && created {
+            let _ = std::fs::remove_dir(directory);
         }
         Ok(written?)
     }
 
+    /// Writes the backup into the partial file and renames it into place. On
+    /// an error the partial file is removed if this call created it, and only
+    /// then: another backup's is left alone.
     fn write_backup(&self, directory: &Path) -> Result<BackupSummary, BackupError> {
         let write_error = |error| BackupError::Write {
             path: directory.to_owned(),
             error,
         };
-        let partial = directory.join(PARTIAL_NAME);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&partial)
-            .map_err(write_error)?;
+        let partial = Partial::create(directory)?;
         let (root, check) = self.keys.root();
         let created_at_ms = self.clock.now_ms();
         let key = SymmetricKey::generate();
@@ -157,7 +153,7 @@ impl Vault {
             key.expose_bytes(),
         );
         let mut out = MacWriter {
-            out: BufWriter::with_capacity(1 << 20, file),
+            out: BufWriter::with_capacity(1 << 20, &partial.file),
             mac: hmac::Context::with_key(&mac_key(&key)),
             bytes: 0,
         };
@@ -196,7 +192,7 @@ impl Vault {
         file.sync_all().map_err(write_error)?;
         let bytes = file.metadata().map_err(write_error)?.len();
         let target = directory.join(FILE_NAME);
-        std::fs::rename(&partial, &target).map_err(write_error)?;
+        partial.rename(&target).map_err(write_error)?;
         sync_dir(directory).map_err(write_error)?;
         if let Some(parent) = directory.parent() {
             sync_dir(parent).map_err(write_error)?;
@@ -221,14 +217,101 @@ impl Vault {
     }
 }
 
-/// Creates `directory` (owner only) or checks that it is an empty directory;
-/// returns whether it was created.
+/// The partial file a backup is writing, locked from just after its creation
+/// until it is renamed into place, so that [`prepare_directory`] can tell it
+/// from one left by a backup that died (whose lock went with it). Dropped
+/// before the rename, it is removed while the lock is still held.
+struct Partial {
+    path: PathBuf,
+    file: File,
+    renamed: bool,
+}
+
+impl Partial {
+    /// Creates and locks the partial file in `directory`. One that exists
+    /// belongs to another backup: the directory is refused, the file left.
+    fn create(directory: &Path) -> Result<Self, BackupError> {
+        let not_empty = || BackupError::DirectoryNotEmpty(directory.to_owned());
+        let write_error = |error| BackupError::Write {
+            path: directory.to_owned(),
+            error,
+        };
+        let path = directory.join(PARTIAL_NAME);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => not_empty(),
+                _ => write_error(e),
+            })?;
+        match file.try_lock() {
+            Ok(()) => {}
+            // Another backup took it for a leftover between the two calls and
+            // is removing it.
+            Err(std::fs::TryLockError::WouldBlock) => return Err(not_empty()),
+            // A file system without locks: written unlocked, and never taken
+            // for a leftover (that needs the lock).
+            Err(std::fs::TryLockError::Error(_)) => {}
+        }
+        // Still the file created: not removed (and made again) in between.
+        if !is_file_at(&file, &path).map_err(write_error)? {
+            return Err(not_empty());
+        }
+        Ok(Self {
+            path,
+            file,
+            renamed: false,
+        })
+    }
+
+    fn rename(mut self, target: &Path) -> std::io::Result<()> {
+        std::fs::rename(&self.path, target)?;
+        self.renamed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether `path` names the regular file `file` has open (`false` if nothing
+/// is there).
+fn is_file_at(file: &File, path: &Path) -> std::io::Result<bool> {
+    let named = match std::fs::symlink_metadata(path) {
+        Ok(named) => named,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let open = file.metadata()?;
+    Ok(named.is_file() && (named.dev(), named.ino()) == (open.dev(), open.ino()))
+}
+
+/// Creates `directory` (owner only) or checks that it is an empty directory,
+/// after removing the partial file of an interrupted backup if that is all it
+/// holds; returns whether it was created.
 fn prepare_directory(directory: &Path) -> Result<bool, BackupError> {
     match std::fs::read_dir(directory) {
-        Ok(mut entries) => match entries.next() {
-            None => Ok(false),
-            Some(_) => Err(BackupError::DirectoryNotEmpty(directory.to_owned())),
-        },
+        Ok(entries) => {
+            let mut entries = entries.take(2);
+            match (entries.next(), entries.next()) {
+                (None, _) => Ok(false),
+                (Some(Ok(only)), None)
+                    if only.file_name() == PARTIAL_NAME
+                        && only.file_type().is_ok_and(|t| t.is_file()) =>
+                {
+                    remove_leftover(directory)?;
+                    Ok(false)
+                }
+                _ => Err(BackupError::DirectoryNotEmpty(directory.to_owned())),
+            }
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -248,6 +331,38 @@ fn prepare_directory(directory: &Path) -> Result<bool, BackupError> {
     }
 }
 
+/// Removes the partial file in `directory` if no backup holds its lock: the
+/// backup that wrote it died (killed, or the host went down) before it was
+/// complete. A live backup's file is left and the directory refused.
+fn remove_leftover(directory: &Path) -> Result<(), BackupError> {
+    let not_empty = || BackupError::DirectoryNotEmpty(directory.to_owned());
+    let path = directory.join(PARTIAL_NAME);
+    let file = File::open(&path).map_err(|_| not_empty())?;
+    if file.try_lock().is_err() {
+        return Err(not_empty());
+    }
+    // Removed by path, so only while the locked file is still the one there:
+    // another backup may have removed it meanwhile and started its own.
+    if !is_file_at(&file, &path).unwrap_or(false) {
+        return Err(not_empty());
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(BackupError::Write {
+                path: directory.to_owned(),
+                error,
+            });
+        }
+    }
+    tracing::warn!(
+        file = %path.display(),
+        "removed the partial backup file an interrupted backup left"
+    );
+    Ok(())
+}
+
 fn sync_dir(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
@@ -257,13 +372,13 @@ fn mac_key(key: &SymmetricKey) -> hmac::Key {
 }
 
 /// Writes the file, feeding every byte to the MAC.
-struct MacWriter {
-    out: BufWriter<File>,
+struct MacWriter<'a> {
+    out: BufWriter<&'a File>,
     mac: hmac::Context,
     bytes: u64,
 }
 
-impl MacWriter {
+impl<'a> MacWriter<'a> {
     fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.mac.update(bytes);
         self.bytes += bytes.len() as u64;
@@ -290,7 +405,12 @@ impl MacWriter {
     }
 
     /// The end frame and the MAC; returns the flushed file.
-    fn finish(mut self, rows: u64, changes: u64, consistent_at_ms: u64) -> std::io::Result<File> {
+    fn finish(
+        mut self,
+        rows: u64,
+        changes: u64,
+        consistent_at_ms: u64,
+    ) -> std::io::Result<&'a File> {
         self.put(&[END])?;
         self.put(&rows.to_be_bytes())?;
         self.put(&changes.to_be_bytes())?;
@@ -593,4 +713,35 @@ pub fn restore(path: &Path, store: &StoreOptions, root: &SymmetricKey) -> Result
         let _ = std::fs::remove_dir_all(&staging);
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backup that found the directory empty, then another backup's partial
+    /// file there when it came to create its own (the other started in
+    /// between): it is refused as a used directory, and the other's file is
+    /// left as it was.
+    #[tokio::test]
+    async fn a_backup_leaves_a_partial_file_it_did_not_create() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vault = Vault::open_for_test(&tmp.path().join("store")).await;
+        let dir = tmp.path().join("backup");
+        std::fs::create_dir(&dir).unwrap();
+        let partial = dir.join(PARTIAL_NAME);
+        std::fs::write(&partial, b"another backup's").unwrap();
+        let other = File::open(&partial).unwrap();
+        other.lock().unwrap();
+
+        let error = vault
+            .write_backup(&dir)
+            .expect_err("the partial file exists");
+        assert!(
+            matches!(error, BackupError::DirectoryNotEmpty(_)),
+            "{error}"
+        );
+        assert_eq!(std::fs::read(&partial).unwrap(), b"another backup's");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
 }

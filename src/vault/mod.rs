@@ -230,6 +230,19 @@ pub struct Vault {
 }
 
 impl Vault {
+    /// A vault with the default options over a new sled store in `dir`, under
+    /// a new root key: for the crate's own tests.
+    #[cfg(test)]
+    pub(crate) async fn open_for_test(dir: &std::path::Path) -> Self {
+        let store = crate::store::SledStore::open(&crate::store::StoreOptions::new(dir)).unwrap();
+        let clock = Arc::new(crate::clock::SystemClock);
+        let options = VaultOptions::default();
+        let root = SymmetricKey::generate();
+        Self::open(Arc::new(store), root, clock, options)
+            .await
+            .unwrap()
+    }
+
     /// Opens the vault over `store` with `root`. On a new store this writes the
     /// root key's check value and the first KEK; on an existing one a wrong root
     /// key is [`Error::WrongRootKey`].
