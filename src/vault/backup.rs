@@ -259,11 +259,19 @@ impl Partial {
         if !is_file_at(&file, &path).map_err(write_error)? {
             return Err(not_empty());
         }
-        Ok(Self {
+        let partial = Self {
             path,
             file,
             renamed: false,
-        })
+        };
+        // A backup that finished since the directory was found empty left its
+        // file, which the rename would replace. From here on no other backup
+        // can start (this name is taken) or finish unseen.
+        let entries = std::fs::read_dir(directory).map_err(write_error)?.count();
+        if entries != 1 {
+            return Err(not_empty()); // dropped: removed
+        }
+        Ok(partial)
     }
 
     fn rename(mut self, target: &Path) -> std::io::Result<()> {
@@ -743,5 +751,32 @@ mod tests {
         );
         assert_eq!(std::fs::read(&partial).unwrap(), b"another backup's");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    /// A backup that found the directory empty, then another backup's finished
+    /// file there once it had made its own partial file (the other ran whole
+    /// in between): refused, and the other's backup is not replaced.
+    #[tokio::test]
+    async fn a_backup_never_renames_over_a_backup_finished_meanwhile() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vault = Vault::open_for_test(&tmp.path().join("store")).await;
+        let dir = tmp.path().join("backup");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(FILE_NAME), b"another backup").unwrap();
+
+        let error = vault.write_backup(&dir).expect_err("a backup is there");
+        assert!(
+            matches!(error, BackupError::DirectoryNotEmpty(_)),
+            "{error}"
+        );
+        assert_eq!(
+            std::fs::read(dir.join(FILE_NAME)).unwrap(),
+            b"another backup"
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "its partial file went"
+        );
     }
 }
