@@ -1682,6 +1682,17 @@ async fn server_status_shows_the_keys_the_logs_and_the_store() {
     // This call's own record comes after: the first status, the seal and the revoke.
     assert_eq!(second.last_audit_sequence, first.last_audit_sequence + 3);
     assert_eq!(second.primary_kek_encryptions, 1, "the tenant's first DEK");
+    // Its head is that record, as VerifyAudit sees it (which verifies up to it).
+    let head = second.audit_head.clone().expect("an audit head");
+    assert_eq!(head.sequence, second.last_audit_sequence);
+    let verified = admin
+        .clone()
+        .verify_audit(pb::VerifyAuditRequest { seen: Some(head) })
+        .await
+        .expect("VerifyAudit")
+        .into_inner();
+    assert!(verified.ok, "{verified:?}");
+    assert_eq!(verified.head_check(), pb::HeadCheck::Matched);
 
     admin
         .clone()

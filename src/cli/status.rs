@@ -5,6 +5,7 @@
 use std::io::Write;
 
 use clap::Args;
+use credvault::audit::Head;
 use credvault::service::pb;
 
 use super::client::{Connection, status as status_error};
@@ -62,8 +63,17 @@ fn to_json(s: &pb::ServerStatus) -> serde_json::Value {
         "rotation_jobs_running": s.rotation_jobs_running,
         "last_event_sequence": s.last_event_sequence,
         "last_audit_sequence": s.last_audit_sequence,
+        "audit_head": audit_head(s),
         "store": { "writable": s.store_writable, "bytes": s.store_bytes },
     })
+}
+
+/// The audit head as `SEQUENCE:MAC` (`None`: no record yet).
+fn audit_head(s: &pb::ServerStatus) -> Option<String> {
+    let head = s.audit_head.as_ref()?;
+    Head::new(head.sequence, &head.mac)
+        .ok()
+        .map(|h| h.to_string())
 }
 
 fn text(s: &pb::ServerStatus) -> String {
@@ -88,7 +98,7 @@ fn text(s: &pb::ServerStatus) -> String {
          \x20 primary KEK    v{}, {}, {} DEK wraps\n\
          \x20 rotation jobs  {} running\n\
          \x20 events         last sequence {}\n\
-         \x20 audit log      last sequence {}\n",
+         \x20 audit log      last sequence {}, head {}\n",
         s.version,
         age(s.now_ms.saturating_sub(s.started_at_ms)),
         utc(s.started_at_ms),
@@ -101,6 +111,7 @@ fn text(s: &pb::ServerStatus) -> String {
         s.rotation_jobs_running,
         s.last_event_sequence,
         s.last_audit_sequence,
+        audit_head(s).unwrap_or_else(|| "none".into()),
     )
 }
 
@@ -125,6 +136,10 @@ mod tests {
             last_audit_sequence: 1234,
             store_writable: true,
             store_bytes: 3 << 20,
+            audit_head: Some(pb::AuditHead {
+                sequence: 1234,
+                mac: vec![0xab; 32],
+            }),
         };
         let table = text(&status);
         for needle in [
@@ -136,6 +151,7 @@ mod tests {
             "rotation jobs  1 running",
             "last sequence 7",
             "last sequence 1234",
+            &format!("head 1234:{}", "ab".repeat(32)),
         ] {
             assert!(table.contains(needle), "{needle:?} in\n{table}");
         }

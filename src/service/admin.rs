@@ -385,6 +385,7 @@ impl pb::admin_server::Admin for AdminService {
                 last_audit_sequence: status.last_audit_sequence,
                 store_writable: status.store.writable,
                 store_bytes: status.store.bytes_on_disk.unwrap_or(0),
+                audit_head: status.audit_head.map(convert::audit_head),
             })
         });
         self.0.audit_status(&who, "", response, false).await

@@ -15,6 +15,8 @@ pub struct VaultStatus {
     /// The newest revocation event and audit record (0: none).
     pub last_event_sequence: u64,
     pub last_audit_sequence: u64,
+    /// The newest audit record and its MAC (`None`: none yet, or records off).
+    pub audit_head: Option<crate::audit::Head>,
     pub store: StoreHealth,
     /// The vault's clock when the status was read.
     pub now_ms: u64,
@@ -42,13 +44,18 @@ impl Vault {
             .iter()
             .filter(|job| job.state == JobState::Running)
             .count() as u64;
-        let last_audit_sequence = match self.store.last(layout::AUDIT)? {
-            Some((key, _)) => key
+        let audit_head = match &self.audit {
+            Some(log) => log.head()?,
+            None => None,
+        };
+        let last_audit_sequence = match (audit_head, self.store.last(layout::AUDIT)?) {
+            (Some(head), _) => head.sequence,
+            (None, Some((key, _))) => key
                 .get(layout::AUDIT.len()..)
                 .and_then(|seq| seq.try_into().ok())
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| Error::Corrupt("an audit key without a sequence".into()))?,
-            None => 0,
+            (None, None) => 0,
         };
         Ok(VaultStatus {
             root,
@@ -56,6 +63,7 @@ impl Vault {
             rotation_jobs_running,
             last_event_sequence: self.last_event_sequence(),
             last_audit_sequence,
+            audit_head,
             store: self.store.health(),
             now_ms: self.clock.now_ms(),
         })
