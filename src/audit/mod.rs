@@ -406,7 +406,9 @@ impl AuditLog {
         let first = walk.next;
         // The walk stands just after record `first - 1`, whose MAC the anchor holds.
         let mut check = SeenCheck::new(seen, first);
-        check.at(first - 1, &walk.prev_mac);
+        if let Err(b) = check.at(first - 1, &walk.prev_mac) {
+            return Ok(Verification::broken(first, first, b));
+        }
         let mut cursor = None;
         loop {
             let rows = self.store.scan(PREFIX, cursor.as_deref(), CHUNK)?;
@@ -415,7 +417,9 @@ impl AuditLog {
                 if let Err(b) = walk.step(&key, &value) {
                     return Ok(Verification::broken(first, walk.next, b));
                 }
-                check.at(walk.next - 1, &walk.prev_mac);
+                if let Err(b) = check.at(walk.next - 1, &walk.prev_mac) {
+                    return Ok(Verification::broken(first, walk.next - 1, b));
+                }
                 cursor = Some(key);
             }
             if exhausted {
@@ -535,9 +539,8 @@ impl Verification {
 /// A head being looked for along a walk.
 struct SeenCheck {
     seen: Option<Head>,
-    /// Whether its record was reached (and matched: a mismatch is kept in `failed`).
+    /// Whether its record was reached (with its MAC).
     found: bool,
-    failed: Option<Broken>,
     /// The oldest record kept.
     first: u64,
 }
@@ -547,25 +550,24 @@ impl SeenCheck {
         Self {
             seen,
             found: false,
-            failed: None,
             first,
         }
     }
 
-    /// The walk has reached record `sequence`, whose MAC is `mac`.
-    fn at(&mut self, sequence: u64, mac: &[u8; MAC_LEN]) {
-        let Some(seen) = self.seen else { return };
-        if seen.sequence != sequence {
-            return;
-        }
-        // Both MACs are public (the chain's check is the HMAC itself).
-        if seen.mac == *mac {
-            self.found = true;
-        } else if self.failed.is_none() {
-            self.failed = Some(Broken {
+    /// The walk has reached record `sequence`, whose MAC is `mac`: if it is
+    /// the head's, it must carry the head's MAC.
+    fn at(&mut self, sequence: u64, mac: &[u8; MAC_LEN]) -> Result<(), Broken> {
+        match self.seen {
+            // Both MACs are public (the chain's check is the HMAC itself).
+            Some(seen) if seen.sequence == sequence && seen.mac != *mac => Err(Broken {
                 sequence,
                 reason: format!("record {sequence} is not the one seen at the head (another MAC)"),
-            });
+            }),
+            Some(seen) if seen.sequence == sequence => {
+                self.found = true;
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -574,9 +576,6 @@ impl SeenCheck {
         let Some(seen) = self.seen else {
             return Ok(HeadCheck::NotGiven);
         };
-        if let Some(failed) = self.failed {
-            return Err(failed);
-        }
         if self.found {
             Ok(HeadCheck::Matched)
         } else if seen.sequence > last {
