@@ -424,10 +424,7 @@ async fn tail(conn: &Connection, lines: u64, follow: bool) -> anyhow::Result<()>
 
 async fn verify_online(conn: &Connection, seen: Option<Head>) -> anyhow::Result<Verdict> {
     let request = pb::VerifyAuditRequest {
-        seen: seen.map(|head| pb::AuditHead {
-            sequence: head.sequence,
-            mac: head.mac.to_vec(),
-        }),
+        seen: seen.map(Into::into),
     };
     let verification = admin(conn)
         .await?
@@ -502,11 +499,7 @@ fn report(v: &pb::VerifyAuditResponse, seen: Option<Head>) -> Verdict {
         };
         println!("head seen {}: {check}", seen.sequence);
     }
-    if let Some(head) = v
-        .head
-        .as_ref()
-        .and_then(|h| Head::new(h.sequence, &h.mac).ok())
-    {
+    if let Some(head) = v.head.as_ref().and_then(|h| Head::try_from(h).ok()) {
         println!("head: {head} (keep it; verify --seen it later to detect truncation)");
     }
     Verdict::Ok

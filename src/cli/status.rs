@@ -70,10 +70,8 @@ fn to_json(s: &pb::ServerStatus) -> serde_json::Value {
 
 /// The audit head as `SEQUENCE:MAC` (`None`: no record yet).
 fn audit_head(s: &pb::ServerStatus) -> Option<String> {
-    let head = s.audit_head.as_ref()?;
-    Head::new(head.sequence, &head.mac)
-        .ok()
-        .map(|h| h.to_string())
+    let head = Head::try_from(s.audit_head.as_ref()?).ok()?;
+    Some(head.to_string())
 }
 
 fn text(s: &pb::ServerStatus) -> String {

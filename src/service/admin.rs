@@ -327,11 +327,7 @@ impl pb::admin_server::Admin for AdminService {
         let caller = self.0.authorise(&req, Rpc::VerifyAudit, None).await?;
         let who = who(&caller.identity, Rpc::VerifyAudit, &req);
         let audit_tenant = String::new();
-        let seen = req
-            .get_ref()
-            .seen
-            .as_ref()
-            .map(|head| Head::new(head.sequence, &head.mac));
+        let seen = req.get_ref().seen.as_ref().map(Head::try_from);
         let result: Result<Response<pb::VerifyAuditResponse>, Status> = async move {
             let vault = self.0.vault.clone();
             let result = tokio::task::spawn_blocking(move || {
@@ -382,10 +378,10 @@ impl pb::admin_server::Admin for AdminService {
                 primary_kek_encryptions: status.primary_kek.encryptions,
                 rotation_jobs_running: status.rotation_jobs_running as u32,
                 last_event_sequence: status.last_event_sequence,
-                last_audit_sequence: status.last_audit_sequence,
+                last_audit_sequence: status.audit_head.map_or(0, |head| head.sequence),
                 store_writable: status.store.writable,
                 store_bytes: status.store.bytes_on_disk.unwrap_or(0),
-                audit_head: status.audit_head.map(convert::audit_head),
+                audit_head: status.audit_head.map(Into::into),
             })
         });
         self.0.audit_status(&who, "", response, false).await

@@ -204,10 +204,20 @@ pub fn keepalive(sequence: u64, at_ms: u64) -> pb::RevocationEvent {
     }
 }
 
-pub fn audit_head(head: crate::audit::Head) -> pb::AuditHead {
-    pb::AuditHead {
-        sequence: head.sequence,
-        mac: head.mac.to_vec(),
+impl From<crate::audit::Head> for pb::AuditHead {
+    fn from(head: crate::audit::Head) -> Self {
+        Self {
+            sequence: head.sequence,
+            mac: head.mac.to_vec(),
+        }
+    }
+}
+
+impl TryFrom<&pb::AuditHead> for crate::audit::Head {
+    type Error = crate::audit::InvalidHead;
+
+    fn try_from(head: &pb::AuditHead) -> Result<Self, Self::Error> {
+        Self::new(head.sequence, &head.mac)
     }
 }
 
@@ -226,7 +236,7 @@ impl From<crate::audit::Verification> for pb::VerifyAuditResponse {
             reason: v.reason,
             first_sequence: v.first_sequence,
             last_sequence: v.last_sequence,
-            head: v.head.map(audit_head),
+            head: v.head.map(Into::into),
             head_check: head_check as i32,
         }
     }

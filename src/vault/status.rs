@@ -2,7 +2,7 @@
 
 use super::{JobState, KekStatus, RootKeyStatus, Vault};
 use crate::error::{Error, Result};
-use crate::store::{StoreHealth, layout};
+use crate::store::StoreHealth;
 
 /// What an operator checks first: key ages, unfinished rotations, the logs'
 /// ends, whether the store still takes writes.
@@ -12,9 +12,8 @@ pub struct VaultStatus {
     pub primary_kek: KekStatus,
     /// Rotation jobs not yet done.
     pub rotation_jobs_running: u64,
-    /// The newest revocation event and audit record (0: none).
+    /// The newest revocation event (0: none).
     pub last_event_sequence: u64,
-    pub last_audit_sequence: u64,
     /// The newest audit record and its MAC (`None`: none yet, or records off).
     pub audit_head: Option<crate::audit::Head>,
     pub store: StoreHealth,
@@ -48,21 +47,11 @@ impl Vault {
             Some(log) => log.head()?,
             None => None,
         };
-        let last_audit_sequence = match (audit_head, self.store.last(layout::AUDIT)?) {
-            (Some(head), _) => head.sequence,
-            (None, Some((key, _))) => key
-                .get(layout::AUDIT.len()..)
-                .and_then(|seq| seq.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| Error::Corrupt("an audit key without a sequence".into()))?,
-            (None, None) => 0,
-        };
         Ok(VaultStatus {
             root,
             primary_kek,
             rotation_jobs_running,
             last_event_sequence: self.last_event_sequence(),
-            last_audit_sequence,
             audit_head,
             store: self.store.health(),
             now_ms: self.clock.now_ms(),
