@@ -324,9 +324,10 @@ impl SharedPolicy {
     }
 }
 
+/// Seconds since the Unix epoch, as a CRL's times are.
 fn unix_seconds() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    now.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    use crate::clock::Clock;
+    (crate::clock::SystemClock.now_ms() / 1000) as i64
 }
 
 /// What [`SharedPolicy::admits`] decided.

@@ -239,10 +239,7 @@ mod tests {
         let read = revocations(&path).expect("read");
         assert!(read.certificates.is_empty());
         // TestCa's CRLs promise the next one in 30 days.
-        let in_30_days = days_from_now(30)
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after the epoch")
-            .as_secs() as i64;
+        let in_30_days = unix_secs(days_from_now(30));
         let next = read.next_update.expect("next update");
         assert!((next - in_30_days).abs() < 120, "{next} vs {in_30_days}");
     }
@@ -278,13 +275,8 @@ mod tests {
         let both = ca.crl_pem(&[serial_of_der(&revoked)]) + &other_ca.crl_pem_until(&[[1u8]], soon);
         std::fs::write(&path, both).expect("write");
         let read = revocations(&path).expect("read");
-        let secs = |t: std::time::SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .expect("after the epoch")
-                .as_secs() as i64
-        };
         let stale_at = |der: &CertificateDer<'_>| read.stale_at.get(&id(der).issuer).copied();
-        let near = |at: Option<i64>, t| at.is_some_and(|at| (at - secs(t)).abs() < 120);
+        let near = |at: Option<i64>, t| at.is_some_and(|at| (at - unix_secs(t)).abs() < 120);
         assert_eq!(read.stale_at.len(), 2);
         assert!(
             near(stale_at(&kept), days_from_now(30)),
@@ -298,6 +290,11 @@ mod tests {
             "the earliest: {:?}",
             read.next_update
         );
+    }
+
+    fn unix_secs(t: std::time::SystemTime) -> i64 {
+        let since = t.duration_since(std::time::UNIX_EPOCH);
+        since.expect("after the epoch").as_secs() as i64
     }
 
     fn serial_of_der(der: &CertificateDer<'_>) -> Vec<u8> {
