@@ -206,7 +206,7 @@ impl Files {
             .set(self.certificate_expires.unwrap_or(0));
         metrics
             .crl_next_update
-            .set(self.revocations.next_update.unwrap_or(0));
+            .set(self.revocations.next_update().unwrap_or(0));
     }
 }
 

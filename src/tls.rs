@@ -133,12 +133,17 @@ pub struct Revocations {
     /// certificate revoked while its connection is open is refused on its
     /// next call (rustls checks the CRL only at the handshake).
     pub certificates: HashSet<CertificateId>,
-    /// The earliest "next update" among them (seconds since the Unix epoch):
-    /// the CA promises a fresh CRL by then, so a file still older afterwards
-    /// is stale.
-    pub next_update: Option<i64>,
-    /// The same per issuer (its DER name, as [`CertificateId::issuer`]).
+    /// Per issuer (its DER name, as [`CertificateId::issuer`]), the earliest
+    /// "next update" of its CRLs (seconds since the Unix epoch): the CA
+    /// promises a fresh CRL by then, so a file still older afterwards is stale.
     pub stale_at: HashMap<Vec<u8>, i64>,
+}
+
+impl Revocations {
+    /// The earliest "next update" of all the CRLs (`None`: none says one).
+    pub fn next_update(&self) -> Option<i64> {
+        self.stale_at.values().copied().min()
+    }
 }
 
 /// Reads the CRLs of `path` ([`Revocations`]).
@@ -156,7 +161,6 @@ pub fn revocations(path: &Path) -> Result<Revocations, TlsError> {
         }
         if let Some(next) = crl.next_update() {
             let next = next.timestamp();
-            revocations.next_update = Some(revocations.next_update.map_or(next, |n| n.min(next)));
             let at = revocations.stale_at.entry(issuer).or_insert(next);
             *at = (*at).min(next);
         }
@@ -240,7 +244,7 @@ mod tests {
         assert!(read.certificates.is_empty());
         // TestCa's CRLs promise the next one in 30 days.
         let in_30_days = unix_secs(days_from_now(30));
-        let next = read.next_update.expect("next update");
+        let next = read.next_update().expect("next update");
         assert!((next - in_30_days).abs() < 120, "{next} vs {in_30_days}");
     }
 
@@ -286,9 +290,9 @@ mod tests {
         let theirs = issue(&other_ca, "spiffe://credvault/executor/y");
         assert!(near(stale_at(&theirs), soon), "{:?}", stale_at(&theirs));
         assert!(
-            near(read.next_update, soon),
+            near(read.next_update(), soon),
             "the earliest: {:?}",
-            read.next_update
+            read.next_update()
         );
     }
 

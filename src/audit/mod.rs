@@ -221,10 +221,9 @@ pub struct InvalidHead;
 
 /// What [`AuditLog::verify_against`] made of the head it was given. A log
 /// that does not hold it fails: `ok` false, `first_bad_sequence` says where.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadCheck {
     /// None was given.
-    #[default]
     NotGiven,
     /// The log holds that record with that MAC (or, for the record just
     /// before the oldest kept, the anchor chains to that MAC).

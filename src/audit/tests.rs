@@ -471,8 +471,8 @@ fn an_undecodable_previous_entry_is_linked_by_its_bytes() {
     assert_eq!(chain::link(&key, Some(&sealed)).as_slice(), mac.as_slice());
 }
 
-#[tokio::test]
-async fn a_head_parses_from_and_prints_as_sequence_colon_mac() {
+#[test]
+fn a_head_parses_from_and_prints_as_sequence_colon_mac() {
     let head = Head::new(42, &[0xAB; MAC_LEN]).unwrap();
     let text = head.to_string();
     assert_eq!(text, format!("42:{}", "ab".repeat(MAC_LEN)));
