@@ -114,8 +114,7 @@ enum AuditCommand {
         /// A head kept from earlier (SEQUENCE:MAC, as `verify` prints it and the server
         /// logs it as "audit head"): the log must still hold that record, which catches
         /// the newest records being cut off.
-        /// (Checked after parsing, so that a malformed head exits 1, not 2 as a broken
-        /// chain does.)
+        // Parsed after clap, so that a malformed head exits 1, not 2 as a broken chain.
         #[arg(long)]
         seen: Option<String>,
     },
@@ -189,19 +188,18 @@ async fn execute(command: AuditCommand) -> anyhow::Result<Verdict> {
         }
         AuditCommand::Verify {
             conn,
-            data_dir: None,
-            seen,
-            ..
-        } => return verify_online(&conn, parse_head(seen)?).await,
-        AuditCommand::Verify {
-            data_dir: Some(dir),
+            data_dir,
             root_key_file,
             root_key_env,
             seen,
-            ..
         } => {
             let seen = parse_head(seen)?;
-            return verify_offline(dir, load_root(root_key_file, root_key_env)?, seen).await;
+            return match data_dir {
+                None => verify_online(&conn, seen).await,
+                Some(dir) => {
+                    verify_offline(dir, load_root(root_key_file, root_key_env)?, seen).await
+                }
+            };
         }
     }
     Ok(Verdict::Ok)
