@@ -212,4 +212,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether writes are still taken, and the size on disk.
     fn health(&self) -> StoreHealth;
+
+    /// A directory on local disk that this process holds exclusively for as
+    /// long as the store is open, for files that live and die with the store
+    /// (the audit journal). `None` for a backend without one (say, a
+    /// replicated database): such side files would be durable on one host only.
+    fn local_dir(&self) -> Option<&std::path::Path> {
+        None
+    }
 }

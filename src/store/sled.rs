@@ -1171,7 +1171,28 @@ impl Committer {
         // The logs this batch touches: their tails as it leaves them, or
         // `None` if it edited entries in place (read again next time).
         let mut tails: HashMap<&'static [u8], Option<Tail>> = HashMap::new();
+        // Logs whose last page this batch appended to and `changes` does not
+        // hold yet: written there once, before an op that reads `changes` and
+        // at the end, not once per entry (a batch of 500 audit records would
+        // copy an 8 KiB page 500 times).
+        let mut dirty: Vec<&'static [u8]> = Vec::new();
+        let flush = |tails: &HashMap<&'static [u8], Option<Tail>>,
+                     dirty: &mut Vec<&'static [u8]>,
+                     changes: &mut Vec<Change>| {
+            for log in dirty.drain(..) {
+                if let Some(Some(Tail {
+                    page: Some((key, page)),
+                    ..
+                })) = tails.get(log)
+                {
+                    set_change(changes, key, Some(page.clone()));
+                }
+            }
+        };
         for op in &batch.ops {
+            if !matches!(op, Op::Append(..)) {
+                flush(&tails, &mut dirty, &mut changes);
+            }
             match op {
                 Op::Put(key, value) => {
                     self.set(group, &mut changes, &mut tails, key, Some(value))?;
@@ -1196,11 +1217,19 @@ impl Committer {
                         .take()
                         .unwrap_or_else(|| (pages::page_key(log, seq), Vec::new()));
                     pages::push(&mut page, seq, &value);
-                    set_change(&mut changes, &key, Some(page.clone()));
+                    let page = if page.len() < pages::PAGE_BYTES {
+                        if !dirty.contains(&log) {
+                            dirty.push(log);
+                        }
+                        Some((key, page))
+                    } else {
+                        set_change(&mut changes, &key, Some(page)); // full: written as it is
+                        None
+                    };
                     tail = Tail {
                         seq,
                         value: Some(value),
-                        page: (page.len() < pages::PAGE_BYTES).then_some((key, page)),
+                        page,
                     };
                     tails.insert(log, Some(tail));
                     counters.push(seq);
@@ -1222,6 +1251,7 @@ impl Committer {
                 }
             }
         }
+        flush(&tails, &mut dirty, &mut changes);
         for (key, value) in changes {
             group.insert(key, value);
         }
@@ -1430,6 +1460,10 @@ impl Store for SledStore {
             writable: self.failure.get().is_none(),
             bytes_on_disk: self.size_on_disk().ok(),
         }
+    }
+
+    fn local_dir(&self) -> Option<&Path> {
+        Some(&self.path)
     }
 }
 
