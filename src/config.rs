@@ -475,6 +475,7 @@ impl Config {
             rotation: self.rotation.options().unwrap_or_default(),
             // A server always writes audit records.
             audit: true,
+            ..VaultOptions::default()
         }
     }
 

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub grpc_seconds: Seconds,
     pub store_commits: Counter,
     pub store_sync_seconds: Histogram,
+    pub audit_journal_sync_seconds: Histogram,
     pub store_failed: Gauge,
     pub tls_handshake_failures: Counter,
     pub revocation_watchers: Gauge,
@@ -102,6 +103,12 @@ impl Metrics {
             "store_log_sync_duration_seconds",
             "Time of each fdatasync of the write-ahead log",
             store_sync_seconds.clone(),
+        );
+        let audit_journal_sync_seconds = Histogram::new(exponential_buckets(25e-6, 2.0, 16));
+        registry.register(
+            "audit_journal_sync_duration_seconds",
+            "Time of each write and fdatasync of the audit journal (one per group of records)",
+            audit_journal_sync_seconds.clone(),
         );
         let store_failed = Gauge::default();
         registry.register(
@@ -169,6 +176,7 @@ impl Metrics {
             grpc_seconds,
             store_commits,
             store_sync_seconds,
+            audit_journal_sync_seconds,
             store_failed,
             tls_handshake_failures,
             revocation_watchers,

@@ -24,6 +24,7 @@
 //! clock said, and someone holding the audit key can rewrite the whole log.
 
 mod chain;
+pub mod journal;
 #[cfg(test)]
 mod tests;
 
@@ -72,6 +73,10 @@ pub enum AuditError {
     /// The store failed; a record that was being written is not durable.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The audit journal failed (or is closing); a record that was being
+    /// written is not durable.
+    #[error("audit journal: {0}")]
+    Journal(String),
 }
 
 impl AuditError {
@@ -81,7 +86,7 @@ impl AuditError {
             AuditError::InvalidPageToken => "INVALID_PAGE_TOKEN",
             AuditError::Corrupt { .. } => "CORRUPT",
             AuditError::ChainBroken { .. } => "AUDIT_CHAIN_BROKEN",
-            AuditError::Store(_) => "STORAGE",
+            AuditError::Store(_) | AuditError::Journal(_) => "STORAGE",
         }
     }
 }
@@ -263,6 +268,10 @@ pub struct AuditLog {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     key: Arc<hmac::Key>,
+    /// Where records that belong to no change become durable first (see
+    /// [`journal`]); `None` over a store without a local directory, where
+    /// every record is a store commit of its own.
+    journal: Option<Arc<journal::Journal>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -273,12 +282,66 @@ impl std::fmt::Debug for AuditLog {
 
 impl AuditLog {
     /// The log in `store`, chained under `key` (HMAC-SHA256), timed by `clock`.
+    /// Every record is then its own store commit (no journal).
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, key: &SymmetricKey) -> Self {
         let key = hmac::Key::new(hmac::HMAC_SHA256, key.expose_bytes());
         Self {
             store,
             clock,
             key: Arc::new(key),
+            journal: None,
+        }
+    }
+
+    /// [`Self::new`] with the audit journal in the store's local directory,
+    /// when it has one: the records it holds that the log lacks (acknowledged
+    /// before a crash) are appended first. One per store and process.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        key: &SymmetricKey,
+        linger: std::time::Duration,
+    ) -> Result<Self, AuditError> {
+        let mut log = Self::new(store, clock, key);
+        if let Some(dir) = log.store.local_dir() {
+            let dir = dir.to_owned();
+            let journal =
+                journal::Journal::open(&dir, log.store.clone(), log.key.clone(), linger).await?;
+            log.journal = Some(Arc::new(journal));
+        }
+        Ok(log)
+    }
+
+    /// Resolves once every record written through the journal before this
+    /// call is in the store's log (at once without a journal). Reads of the
+    /// log do this first, so they see every record acknowledged before them.
+    pub async fn settled(&self) -> Result<(), AuditError> {
+        match &self.journal {
+            Some(journal) => journal.settled().await,
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::settled`] for synchronous callers (it needs no runtime).
+    pub fn settled_blocking(&self) -> Result<(), AuditError> {
+        match &self.journal {
+            Some(journal) => journal.settled_blocking(),
+            None => Ok(()),
+        }
+    }
+
+    /// The record of `record`, stamped with the log's clock, fields capped.
+    fn stamp(&self, record: NewRecord) -> Record {
+        Record {
+            at_ms: self.clock.now_ms(),
+            caller: capped(record.caller),
+            rpc: capped(record.rpc),
+            tenant: capped(record.tenant),
+            credential: capped(record.credential),
+            version: record.version,
+            purpose: capped(record.purpose),
+            outcome: capped(record.outcome),
+            mac: Vec::new(),
         }
     }
 
@@ -291,17 +354,7 @@ impl AuditLog {
             .iter()
             .filter(|op| matches!(op, Op::Add(..) | Op::Sub(..) | Op::Append(..)))
             .count();
-        let record = Record {
-            at_ms: self.clock.now_ms(),
-            caller: capped(record.caller),
-            rpc: capped(record.rpc),
-            tenant: capped(record.tenant),
-            credential: capped(record.credential),
-            version: record.version,
-            purpose: capped(record.purpose),
-            outcome: capped(record.outcome),
-            mac: Vec::new(),
-        };
+        let record = self.stamp(record);
         let key = self.key.clone();
         // Runs in the store's committer thread: two HMACs and an encode, no I/O.
         batch.append(PREFIX.to_vec(), move |seq, previous| {
@@ -310,10 +363,19 @@ impl AuditLog {
         index
     }
 
-    /// Writes `record` durably on its own; returns its sequence number. For
-    /// reads and denials: an `Unseal` returns its secret only after this
-    /// succeeds (fail closed).
-    pub async fn record(&self, record: NewRecord) -> Result<u64, AuditError> {
+    /// Writes `record` durably on its own: through the journal when there is
+    /// one, else as a store commit. For Unseals, reads and denials: an
+    /// `Unseal` returns its secret only after this succeeds (fail closed).
+    pub async fn record(&self, record: NewRecord) -> Result<(), AuditError> {
+        match &self.journal {
+            Some(journal) => journal.append(self.stamp(record)).await,
+            None => self.record_in_store(record).await.map(|_| ()),
+        }
+    }
+
+    /// Writes `record` durably as a store commit of its own, past any
+    /// journal; returns its sequence number.
+    pub async fn record_in_store(&self, record: NewRecord) -> Result<u64, AuditError> {
         let mut batch = Batch::default();
         let index = self.append(&mut batch, record);
         let seqs = self.store.commit(batch).await?;
@@ -331,6 +393,7 @@ impl AuditLog {
         page_token: Option<&str>,
     ) -> Result<AuditPage, AuditError> {
         let after = page_token.map(parse_token).transpose()?;
+        self.settled_blocking()?;
         let page_size = match page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
@@ -368,6 +431,7 @@ impl AuditLog {
     /// first, for `audit export` (JSON lines through [`AuditEntry::to_json`]):
     /// call again with the last sequence number until it returns none.
     pub fn export(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, AuditError> {
+        self.settled_blocking()?;
         self.store
             .scan(PREFIX, Some(&log_key(PREFIX, after)), limit)?
             .iter()
@@ -386,6 +450,7 @@ impl AuditLog {
     /// taken earlier: a log cut back to before it, or holding another record
     /// in its place, fails at the first sequence number that differs.
     pub fn verify_against(&self, seen: Option<Head>) -> Result<Verification, AuditError> {
+        self.settled_blocking()?;
         let mut result = self.verify_once(seen)?;
         for _ in 1..VERIFY_ATTEMPTS {
             if result.ok {
@@ -456,6 +521,7 @@ impl AuditLog {
     /// The newest record's sequence number and MAC, as stored (not verified);
     /// `None` while the log is empty.
     pub fn head(&self) -> Result<Option<Head>, AuditError> {
+        self.settled_blocking()?;
         let Some((key, value)) = self.store.last(PREFIX)? else {
             return Ok(None);
         };
@@ -477,6 +543,7 @@ impl AuditLog {
     /// contiguous (timestamps come from the clock and may step back). Returns
     /// how many records were deleted.
     pub async fn prune(&self, before_ms: u64) -> Result<u64, AuditError> {
+        self.settled().await?;
         let mut deleted = 0;
         'again: loop {
             let anchor = self.store.get(ANCHOR)?;

@@ -89,7 +89,7 @@ async fn concurrent_records_are_contiguous_and_verify() {
             tokio::spawn(async move {
                 let mut seqs = Vec::new();
                 for i in 0..10 {
-                    seqs.push(log.record(unseal(t * 10 + i)).await.unwrap());
+                    seqs.push(log.record_in_store(unseal(t * 10 + i)).await.unwrap());
                 }
                 seqs
             })
@@ -127,7 +127,7 @@ async fn append_joins_the_batch_and_a_failed_check_appends_nothing() {
         f.store.commit(batch).await,
         Err(StoreError::Conflict)
     ));
-    assert_eq!(f.log.record(unseal(3)).await.unwrap(), 2);
+    assert_eq!(f.log.record_in_store(unseal(3)).await.unwrap(), 2);
     let v = f.log.verify().unwrap();
     assert!(v.ok && v.records == 2, "{v:?}");
     let purposes: Vec<_> = f
@@ -274,7 +274,7 @@ async fn prune_keeps_the_newest_and_the_chain_verifiable() {
     assert!(v.ok && v.records == 1 && v.first_sequence == 20, "{v:?}");
 
     // Appending continues the chain from the kept record.
-    assert_eq!(f.log.record(unseal(99)).await.unwrap(), 21);
+    assert_eq!(f.log.record_in_store(unseal(99)).await.unwrap(), 21);
     assert_eq!(f.log.prune(u64::MAX).await.unwrap(), 1);
     let v = f.log.verify().unwrap();
     assert!(

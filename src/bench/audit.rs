@@ -82,6 +82,8 @@ pub struct Params {
     pub revocations: usize,
     /// sled page cache of each store, in bytes.
     pub cache_bytes: u64,
+    /// The audit journal's linger ([`VaultOptions::audit_linger`]).
+    pub linger: std::time::Duration,
     /// Where the JSON goes.
     pub out: PathBuf,
 }
@@ -286,6 +288,7 @@ pub async fn run(params: &Params) -> anyhow::Result<Results> {
     for audit in [true, false] {
         let options = VaultOptions {
             audit,
+            audit_linger: params.linger,
             ..VaultOptions::default()
         };
         let limits = Limits::for_secret_limit(options.max_secret_bytes);

@@ -86,9 +86,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 80)]
     work_us: u64,
     /// journal: how long the writer waits after a group's first record
-    /// before taking the group, in µs (0: greedy group commit).
-    #[arg(long, default_value_t = 0)]
-    linger_us: u64,
+    /// before taking the group, in µs [default: 0, greedy group commit];
+    /// audit: how long the audit journal waits for more records once its
+    /// previous group held more than one [default: the server's, 500].
+    #[arg(long)]
+    linger_us: Option<u64>,
     /// Where to write the JSON results (default: bench-results/SCENARIO.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -172,6 +174,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 watch_connections: args.watch_connections,
                 revocations: args.revocations,
                 cache_bytes: cache_mb << 20,
+                linger: args.linger_us.map_or(
+                    credvault::audit::journal::LINGER,
+                    std::time::Duration::from_micros,
+                ),
                 out: args
                     .out
                     .unwrap_or_else(|| "bench-results/audit.json".into()),
@@ -199,7 +205,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let params = credvault::bench::journal::Params {
                 in_flight: args.in_flight,
                 work_us: args.work_us,
-                linger_us: args.linger_us,
+                linger_us: args.linger_us.unwrap_or(0),
                 seconds: args.seconds.unwrap_or(5.0),
                 warmup_seconds: 1.0,
                 rounds: args.rounds,

@@ -1,8 +1,8 @@
 //! Every RPC decision in the audit log: denials (recorded by
-//! [`Shared::authorise`] itself), failures, and successes. Seal, Unseal,
-//! Revoke and the tenant lifecycle calls record their success in the same
-//! batch as their change (the vault's `*_as` methods); every other call
-//! records its outcome here. A read whose record cannot be written fails
+//! [`Shared::authorise`] itself), failures, and successes. Seal, Revoke and
+//! the tenant lifecycle calls record their success in the same batch as
+//! their change, and Unseal before it returns the secret (the vault's `*_as`
+//! methods); every other call records its outcome here. A read whose record cannot be written fails
 //! (fail closed); a change that already happened is returned as it is, with
 //! the failure logged.
 
@@ -85,8 +85,9 @@ impl AuditTarget for pb::RevokeRequest {
 /// Where a successful call's audit record goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Success {
-    /// Already written, in the batch of the change (Seal, Unseal, Revoke, lifecycle).
-    InItsBatch,
+    /// Already written: in the batch of the change (Seal, Revoke, lifecycle),
+    /// or for an Unseal before its secret was returned.
+    AlreadyRecorded,
     /// To be written after the call (reads).
     ToRecord,
 }
@@ -137,7 +138,7 @@ impl Shared {
         success: Success,
     ) -> Result<T, Error> {
         let outcome = match &result {
-            Ok(_) if success == Success::InItsBatch => return result,
+            Ok(_) if success == Success::AlreadyRecorded => return result,
             // Its record could not be written: neither can this one.
             Err(Error::AuditUnavailable) => return result,
             Ok(_) => "ok",

@@ -46,7 +46,14 @@ impl pb::vault_server::Vault for VaultService {
         let result = self.0.vault.seal_as(request, Some(&who)).await;
         let result = self
             .0
-            .audited(&who, &tenant, &credential, 0, result, Success::InItsBatch)
+            .audited(
+                &who,
+                &tenant,
+                &credential,
+                0,
+                result,
+                Success::AlreadyRecorded,
+            )
             .await;
         log("Seal", &caller.identity, &tenant, &credential, &result);
         Ok(Response::new(pb::SealResponse {
@@ -81,7 +88,7 @@ impl pb::vault_server::Vault for VaultService {
                 &r.credential_id,
                 r.version.unwrap_or(0),
                 result,
-                Success::InItsBatch,
+                Success::AlreadyRecorded,
             )
             .await;
         log(
@@ -205,7 +212,7 @@ impl pb::vault_server::Vault for VaultService {
                 &r.credential_id,
                 0,
                 result,
-                Success::InItsBatch,
+                Success::AlreadyRecorded,
             )
             .await;
         log(
@@ -269,7 +276,7 @@ impl pb::vault_server::Vault for VaultService {
             .await;
         let result = self
             .0
-            .audited(&who, &r.tenant_id, "", 0, result, Success::InItsBatch)
+            .audited(&who, &r.tenant_id, "", 0, result, Success::AlreadyRecorded)
             .await;
         log("DeleteTenant", &caller.identity, &r.tenant_id, "", &result);
         let status = result.map_err(|e| tenant_error(e, &r.tenant_id))?;
@@ -295,7 +302,7 @@ impl pb::vault_server::Vault for VaultService {
         let result = self.0.vault.restore_tenant(&r.tenant_id, Some(&who)).await;
         let result = self
             .0
-            .audited(&who, &r.tenant_id, "", 0, result, Success::InItsBatch)
+            .audited(&who, &r.tenant_id, "", 0, result, Success::AlreadyRecorded)
             .await;
         log("RestoreTenant", &caller.identity, &r.tenant_id, "", &result);
         let status = result.map_err(|e| tenant_error(e, &r.tenant_id))?;
@@ -327,7 +334,7 @@ impl pb::vault_server::Vault for VaultService {
             .await;
         let result = self
             .0
-            .audited(&who, &r.tenant_id, "", 0, result, Success::InItsBatch)
+            .audited(&who, &r.tenant_id, "", 0, result, Success::AlreadyRecorded)
             .await;
         log("SetLegalHold", &caller.identity, &r.tenant_id, "", &result);
         let status = result.map_err(|e| tenant_error(e, &r.tenant_id))?;

@@ -1,9 +1,9 @@
 //! The vault's side of the audit log: who is calling, and the records written
 //! in the same atomic batch as the change they record (seal, revoke, tenant
-//! lifecycle) or, for an Unseal, durably before the secret is returned, in a
-//! batch that also re-checks the record it read (so an Unseal racing a Revoke
-//! either happened before it or fails). If the record cannot be written, the
-//! call fails ([`Error::AuditUnavailable`]): fail closed.
+//! lifecycle) or, for an Unseal, durably (through the audit journal) before
+//! the secret is returned, under the tenant's fence so that an Unseal racing
+//! a Revoke either recorded before it committed or fails. If the record cannot
+//! be written, the call fails ([`Error::AuditUnavailable`]): fail closed.
 
 use crate::audit::{AuditLog, NewRecord};
 use crate::error::{Error, Result};
@@ -34,7 +34,13 @@ impl Caller {
         self
     }
 
-    fn record(&self, tenant: &str, credential: &str, version: u32, outcome: &str) -> NewRecord {
+    pub(crate) fn record(
+        &self,
+        tenant: &str,
+        credential: &str,
+        version: u32,
+        outcome: &str,
+    ) -> NewRecord {
         NewRecord {
             caller: self.identity.clone(),
             rpc: self.rpc.clone(),
@@ -86,10 +92,5 @@ impl Vault {
         if let (Some(log), Some(caller)) = (&self.audit, caller) {
             log.append(batch, caller.record(tenant, credential, version, "ok"));
         }
-    }
-
-    /// Whether a call by `caller` gets its record in a batch.
-    pub(crate) fn audits(&self, caller: Option<&Caller>) -> bool {
-        self.audit.is_some() && caller.is_some()
     }
 }

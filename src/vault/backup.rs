@@ -143,6 +143,12 @@ impl Vault {
             error,
         };
         let partial = Partial::create(directory)?;
+        // Every audit record acknowledged before the backup, in it.
+        if let Some(log) = &self.audit
+            && let Err(error) = log.settled_blocking()
+        {
+            tracing::warn!(%error, "the backup may lack the newest audit records");
+        }
         let (root, check) = self.keys.root();
         let created_at_ms = self.clock.now_ms();
         let key = SymmetricKey::generate();

@@ -128,6 +128,8 @@ impl Vault {
         if let Some(kind) = event {
             events::append(&mut batch, kind, tenant, "", self.clock.now_ms());
         }
+        // Held until the cached ring is forgotten, so no Unseal reads it after.
+        let _fence = self.fence_for_change(tenant).await;
         match self.store.commit(batch).await {
             Ok(counters) => {
                 self.keys.invalidate(tenant);

@@ -194,6 +194,9 @@ pub struct VaultOptions {
     /// Whether audit records are written. Off only in benchmarks (to measure
     /// what they cost); a server always writes them.
     pub audit: bool,
+    /// How long the audit journal waits for more records once its previous
+    /// group held more than one ([`crate::audit::journal::LINGER`]).
+    pub audit_linger: std::time::Duration,
 }
 
 impl Default for VaultOptions {
@@ -204,12 +207,10 @@ impl Default for VaultOptions {
             rotate_after_encryptions: 1 << 30,
             rotation: RotationOptions::default(),
             audit: true,
+            audit_linger: crate::audit::journal::LINGER,
         }
     }
 }
-
-/// Preconditions of a batch: each key must hold exactly this value (`None`: be absent).
-type Checks = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// How often an operation that keeps conflicting with concurrent writers is retried.
 const MAX_ATTEMPTS: usize = 64;
@@ -227,7 +228,13 @@ pub struct Vault {
     /// The sequence number of the newest event (watchers wait on changes).
     events: tokio::sync::watch::Sender<u64>,
     audit: Option<crate::audit::AuditLog>,
+    /// Orders audited Unseals against the changes that end them (see
+    /// [`Vault::fence`]).
+    fences: Box<[tokio::sync::RwLock<()>]>,
 }
+
+/// Fences per vault: tenants share one by hash.
+const FENCES: usize = 64;
 
 impl Vault {
     /// A vault with the default options over a new sled store in `dir`, under
@@ -261,9 +268,22 @@ impl Vault {
         .await?;
         ledger::ensure(&*store).await?;
         let last_event = events::last_sequence(&*store)?;
-        let audit = options
-            .audit
-            .then(|| crate::audit::AuditLog::new(store.clone(), clock.clone(), keys.audit_key()));
+        let audit = match options.audit {
+            true => Some(
+                crate::audit::AuditLog::open(
+                    store.clone(),
+                    clock.clone(),
+                    keys.audit_key(),
+                    options.audit_linger,
+                )
+                .await
+                .map_err(|error| {
+                    tracing::error!(%error, "the audit journal could not be opened");
+                    Error::AuditUnavailable
+                })?,
+            ),
+            false => None,
+        };
         Ok(Self {
             store,
             clock,
@@ -272,6 +292,7 @@ impl Vault {
             jobs_started: tokio::sync::Notify::new(),
             events: tokio::sync::watch::Sender::new(last_event),
             audit,
+            fences: (0..FENCES).map(|_| tokio::sync::RwLock::new(())).collect(),
         })
     }
 
@@ -462,10 +483,12 @@ impl Vault {
     }
 
     /// [`Vault::unseal`] for `caller`: its audit record is durable before the
-    /// secret is returned, written in a batch that re-checks the tenant and the
-    /// version record as read, so an Unseal that races a Revoke or a tenant
-    /// deletion either committed before it or is retried and refused. If the
-    /// record cannot be written, the call fails ([`Error::AuditUnavailable`]).
+    /// secret is returned. The read and the record happen under the tenant's
+    /// fence (shared), which a Revoke or a tenant change takes exclusively
+    /// around its commit: an Unseal therefore either read before the change
+    /// and recorded before it committed, or reads after it and is refused.
+    /// If the record cannot be written, the call fails
+    /// ([`Error::AuditUnavailable`]).
     pub async fn unseal_as(
         &self,
         tenant: &str,
@@ -473,45 +496,58 @@ impl Vault {
         version: Option<u32>,
         caller: Option<&Caller>,
     ) -> Result<Unsealed> {
-        for _ in 0..MAX_ATTEMPTS {
-            let audits = self.audits(caller);
-            let (unsealed, checks) = self.open_version(tenant, credential, version, audits)?;
-            if !audits {
-                return Ok(unsealed);
-            }
-            let mut batch = Batch {
-                checks,
-                ..Batch::default()
-            };
-            self.audit_into(
-                &mut batch,
-                caller,
-                tenant,
-                credential,
-                unsealed.metadata.version,
-            );
-            match self.store.commit(batch).await {
-                Ok(_) => return Ok(unsealed),
-                Err(StoreError::Conflict) => self.keys.invalidate(tenant),
-                Err(error) => {
-                    tracing::error!(%error, tenant, "unseal refused: its audit record was not written");
-                    return Err(Error::AuditUnavailable);
-                }
+        let (Some(log), Some(caller)) = (&self.audit, caller) else {
+            return self.open_version(tenant, credential, version);
+        };
+        let _fence = self.fence(tenant).read().await;
+        let unsealed = self.open_version(tenant, credential, version)?;
+        let record = caller.record(tenant, credential, unsealed.metadata.version, "ok");
+        match log.record(record).await {
+            Ok(()) => Ok(unsealed),
+            Err(error) => {
+                tracing::error!(%error, tenant, "unseal refused: its audit record was not written");
+                Err(Error::AuditUnavailable)
             }
         }
-        Err(Error::Contention)
     }
 
-    /// Reads and opens a version; returns it with (if `with_checks`) the checks
-    /// that hold while nothing it depends on has changed (tenant record,
-    /// version record).
+    /// The fence of `tenant`'s calls: shared by audited Unseals from their read
+    /// until their record is durable, taken exclusively by a change that makes
+    /// later Unseals fail (Revoke, tenant deletion), from before it reads until
+    /// it has committed. So no Unseal that read before such a change returns
+    /// after it, and none that returns after it read before it.
+    pub(crate) fn fence(&self, tenant: &str) -> &tokio::sync::RwLock<()> {
+        // FNV-1a: stable and cheap; the spread only needs to be even.
+        let hash = tenant.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        &self.fences[(hash % FENCES as u64) as usize]
+    }
+
+    /// Takes `tenant`'s fence exclusively for a change that ends Unseals, once
+    /// the records of the Unseals before it are in the log (so the log shows
+    /// them before the change). A journal that failed does not hold the
+    /// change up: it is made anyway, and the failure is logged.
+    pub(crate) async fn fence_for_change(
+        &self,
+        tenant: &str,
+    ) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        let fence = self.fence(tenant).write().await;
+        if let Some(log) = &self.audit
+            && let Err(error) = log.settled().await
+        {
+            tracing::error!(%error, tenant, "audit records of earlier calls may be missing from the log");
+        }
+        fence
+    }
+
+    /// Reads and opens a version.
     fn open_version(
         &self,
         tenant: &str,
         credential: &str,
         version: Option<u32>,
-        with_checks: bool,
-    ) -> Result<(Unsealed, Checks)> {
+    ) -> Result<Unsealed> {
         validate::tenant_id(tenant)?;
         let Some(keys) = self.keys.tenant(tenant)? else {
             return Err(if self.store.get(&layout::receipt(tenant))?.is_some() {
@@ -526,8 +562,6 @@ impl Vault {
         let Stored {
             version,
             latest,
-            key,
-            bytes,
             mut record,
         } = self.version_row(tenant, credential, version)?;
         if record.state() == VersionState::Revoked {
@@ -546,19 +580,10 @@ impl Vault {
         let context = Context::payload(tenant, credential, version, kind as u8, record.dek_version);
         let secret =
             envelope::open_owned(dek.key(), &context, std::mem::take(&mut record.ciphertext))?;
-        let unsealed = Unsealed {
+        Ok(Unsealed {
             secret: secret.into(),
             metadata: metadata(tenant, credential, latest, record)?,
-        };
-        let checks = if with_checks {
-            vec![
-                (layout::tenant(tenant), Some(keys.tenant_bytes.clone())),
-                (key, Some(bytes)),
-            ]
-        } else {
-            Vec::new()
-        };
-        Ok((unsealed, checks))
+        })
     }
 
     /// Metadata of the latest version, or of `version` if given. Never the secret.
@@ -615,8 +640,6 @@ impl Vault {
             v if v == latest => Ok(Stored {
                 version: latest,
                 latest,
-                key: latest_key,
-                bytes,
                 record,
             }),
             v if v > latest => Err(Error::NotFound),
@@ -646,8 +669,6 @@ impl Vault {
             return Ok(Stored {
                 version: latest,
                 latest,
-                key,
-                bytes,
                 record,
             });
         };
@@ -670,8 +691,6 @@ impl Vault {
         Ok(Stored {
             version,
             latest,
-            key,
-            bytes,
             record,
         })
     }
@@ -760,6 +779,7 @@ impl Vault {
         validate::text("reason", reason, validate::MAX_REASON)?;
         validate::text("revoked_by", by, validate::MAX_ACTOR)?;
         let head_key = layout::head(tenant, credential);
+        let _fence = self.fence_for_change(tenant).await;
         for _ in 0..MAX_ATTEMPTS {
             let head_bytes = self.store.get(&head_key)?.ok_or(Error::NotFound)?;
             let head: CredentialHead = records::decode(&head_bytes)?;
@@ -859,13 +879,10 @@ impl Vault {
 }
 
 /// A stored credential version as read: the version it is stored as, the
-/// credential's latest version, its key and bytes (for a batch's checks), and
-/// the record decoded.
+/// credential's latest version, and the record decoded.
 struct Stored {
     version: u32,
     latest: u32,
-    key: Vec<u8>,
-    bytes: Vec<u8>,
     record: VersionRecord,
 }
 
