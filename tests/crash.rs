@@ -16,9 +16,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -31,7 +29,7 @@ use credvault::store::{SledStore, Store, layout};
 use credvault::vault::{Kind, SealRequest, Vault, VaultOptions};
 use rand::RngExt;
 
-use common::{SplitMix, request};
+use common::{KillOnDrop, SplitMix, request};
 
 const CHILD_ENV: &str = "CREDVAULT_CRASH_CHILD";
 const ROOT_KEY_ENV: &str = "CREDVAULT_CRASH_ROOT_KEY";
@@ -143,25 +141,13 @@ async fn crash_child() {
                         hot_version = version;
                     }
                     // Only now is the write acknowledged.
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "ACK {tenant} {credential} {version}").expect("stdout");
-                    out.flush().expect("stdout");
+                    common::ack(format_args!("{tenant} {credential} {version}"));
                 }
             })
         })
         .collect();
     for task in tasks {
         task.await.expect("sealing task");
-    }
-}
-
-/// Kills the child if the parent panics before it does.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -174,32 +160,15 @@ fn spawn_child(
     mpsc::Receiver<(String, String, u32)>,
     std::thread::JoinHandle<()>,
 ) {
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "crash_child", "--nocapture"])
-        .env(CHILD_ENV, dir)
-        .env(ROOT_KEY_ENV, root_hex)
-        .env(ROUND_ENV, round.to_string())
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("child stdout");
+    let envs = [
+        (CHILD_ENV, dir.display().to_string()),
+        (ROOT_KEY_ENV, root_hex.to_owned()),
+        (ROUND_ENV, round.to_string()),
+    ];
+    let (child, lines, reader) = common::spawn_acking_child("crash_child", &envs);
     let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match lines.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            // A line cut short by the kill was never acknowledged.
-            let Some(ack) = line.strip_suffix('\n').and_then(|l| l.strip_prefix("ACK ")) else {
-                continue;
-            };
+    let parser = std::thread::spawn(move || {
+        for ack in lines {
             let mut fields = ack.split(' ');
             let (Some(tenant), Some(credential), Some(version), None) =
                 (fields.next(), fields.next(), fields.next(), fields.next())
@@ -214,8 +183,9 @@ fn spawn_child(
                 return;
             }
         }
+        reader.join().expect("ack reader");
     });
-    (KillOnDrop(child), rx, reader)
+    (child, rx, parser)
 }
 
 /// An acknowledged seal and what it must unseal to.

@@ -17,9 +17,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -32,7 +30,7 @@ use credvault::vault::{Caller, Kind, Vault, VaultOptions};
 use prost::Message;
 use rand::RngExt;
 
-use common::request;
+use common::{KillOnDrop, request};
 
 const CHILD_ENV: &str = "CREDVAULT_AUDIT_CRASH_CHILD";
 const ROOT_KEY_ENV: &str = "CREDVAULT_AUDIT_CRASH_ROOT_KEY";
@@ -86,25 +84,13 @@ async fn audit_crash_child() {
                         .unwrap_or_else(|e| panic!("child: unseal: {e}"));
                     assert_eq!(unsealed.secret.expose(), b"SID=1");
                     // Only now has the secret been returned.
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "ACK {purpose}").expect("stdout");
-                    out.flush().expect("stdout");
+                    common::ack(format_args!("{purpose}"));
                 }
             })
         })
         .collect();
     for task in tasks {
         task.await.expect("unsealing task");
-    }
-}
-
-/// Kills the child if the parent panics before it does.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -117,37 +103,12 @@ fn spawn_child(
     mpsc::Receiver<String>,
     std::thread::JoinHandle<()>,
 ) {
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "audit_crash_child", "--nocapture"])
-        .env(CHILD_ENV, dir)
-        .env(ROOT_KEY_ENV, root_hex)
-        .env(ROUND_ENV, round.to_string())
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("child stdout");
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match lines.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            // A line cut short by the kill was never acknowledged.
-            if let Some(purpose) = line.strip_suffix('\n').and_then(|l| l.strip_prefix("ACK "))
-                && tx.send(purpose.to_owned()).is_err()
-            {
-                return;
-            }
-        }
-    });
-    (KillOnDrop(child), rx, reader)
+    let envs = [
+        (CHILD_ENV, dir.display().to_string()),
+        (ROOT_KEY_ENV, root_hex.to_owned()),
+        (ROUND_ENV, round.to_string()),
+    ];
+    common::spawn_acking_child("audit_crash_child", &envs)
 }
 
 /// The purposes of the Unseal records the store's log holds, with their

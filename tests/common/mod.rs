@@ -213,3 +213,70 @@ impl SplitMix {
         out
     }
 }
+
+/// A child process that is killed (SIGKILL) and reaped if the test ends
+/// before it does.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs this test binary again as a child that runs only the test named
+/// `test` (which does its work when it finds `envs` set), and reads what the
+/// child acknowledges: the rest of each complete `ACK ` line it prints, sent
+/// on the receiver as it arrives. A line the kill cut short was never
+/// acknowledged and is not sent. The reader thread ends with the child's
+/// output.
+pub fn spawn_acking_child(
+    test: &str,
+    envs: &[(&str, String)],
+) -> (
+    KillOnDrop,
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", test, "--nocapture"])
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match lines.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if let Some(ack) = line.strip_suffix('\n').and_then(|l| l.strip_prefix("ACK "))
+                && tx.send(ack.to_owned()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    (KillOnDrop(child), rx, reader)
+}
+
+/// Prints `ACK {what}` and flushes it: the child's acknowledgement that
+/// [`spawn_acking_child`] reads.
+pub fn ack(what: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ACK {what}").expect("stdout");
+    out.flush().expect("stdout");
+}
