@@ -118,6 +118,26 @@ pub fn seal(key: &hmac::Key, seq: u64, prev_mac: &[u8; MAC_LEN], mut record: Rec
     record.encode_to_vec()
 }
 
+/// [`seal`] of a record given as its body (the protobuf of a [`Record`] with
+/// `mac` empty, as `encode_to_vec` writes it): the same bytes, without
+/// decoding it. The MAC is the last field (tag 9), so the stored record is
+/// the body followed by that field.
+pub fn seal_body(key: &hmac::Key, seq: u64, prev_mac: &[u8; MAC_LEN], body: &[u8]) -> Vec<u8> {
+    let mut ctx = hmac::Context::with_key(key);
+    for part in [RECORD_LABEL, &seq.to_be_bytes(), prev_mac, body] {
+        ctx.update(part);
+    }
+    let tag = ctx.sign();
+    let mut stored = Vec::with_capacity(body.len() + 2 + MAC_LEN);
+    stored.extend_from_slice(body);
+    stored.extend_from_slice(&[MAC_FIELD_KEY, MAC_LEN as u8]);
+    stored.extend_from_slice(tag.as_ref());
+    stored
+}
+
+/// The key byte of field 9 (`mac`), length-delimited: (9 << 3) | 2.
+const MAC_FIELD_KEY: u8 = 0x4A;
+
 /// What the entry after `previous` (a stored value; `None`: there is none)
 /// chains to: its MAC. A previous value that does not decode (tampering or a
 /// bug) is linked by a keyed hash of its raw bytes instead, so the new record

@@ -124,7 +124,7 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 struct Queue {
     next_id: u64,
     frames: Vec<u8>,
-    records: Vec<(u64, Record)>,
+    records: Vec<(u64, Vec<u8>)>,
     waiters: Vec<Waiter>,
     /// The writer is waiting for work (only then is it signalled).
     idle: bool,
@@ -212,12 +212,22 @@ impl Journal {
         std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| io("reading", e))?;
         let frames = decode_frames(&key, &bytes);
         let newest = frames.last().map_or(0, |(id, _)| *id);
-        let unfed: Vec<(u64, Record)> = frames
+        let unfed: Vec<(u64, Vec<u8>)> = frames
             .into_iter()
             .filter(|(id, _)| *id > fed)
             .map(|(id, body)| {
+                // Re-encoded, so that what is chained is exactly what credvault encodes.
                 Record::decode(body)
-                    .map(|record| (id, record))
+                    .map(|record| {
+                        (
+                            id,
+                            Record {
+                                mac: Vec::new(),
+                                ..record
+                            }
+                            .encode_to_vec(),
+                        )
+                    })
                     .map_err(|_| AuditError::Journal(format!("journal frame {id} does not decode")))
             })
             .collect::<Result<_, _>>()?;
@@ -287,7 +297,7 @@ impl Journal {
             let id = queue.next_id;
             queue.next_id += 1;
             encode_frame(&self.shared.key, id, &body, &mut queue.frames);
-            queue.records.push((id, record));
+            queue.records.push((id, body));
             let (done, wait) = oneshot::channel();
             queue.waiters.push(done);
             if queue.idle {
@@ -381,16 +391,33 @@ fn preallocate(file: &mut File) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// One store batch appending `records` to the audit log, in id order, and
-/// recording the newest id as fed.
-fn feed_batch(audit_key: &Arc<hmac::Key>, records: Vec<(u64, Record)>) -> Batch {
+/// A record as stored, and its MAC.
+type Chained = (Vec<u8>, [u8; chain::MAC_LEN]);
+
+/// One store batch appending `records` (their bodies) to the audit log, in
+/// id order, and recording the newest id as fed.
+fn feed_batch(audit_key: &Arc<hmac::Key>, records: Vec<(u64, Vec<u8>)>) -> Batch {
+    // The last record this batch chained, and its MAC: the next one's link
+    // without decoding it again (any other previous value is linked as usual).
+    let last: Arc<Mutex<Option<Chained>>> = Arc::default();
     let mut batch = Batch::default();
     let mut newest = 0;
-    for (id, record) in records {
+    for (id, body) in records {
         newest = id;
         let key = audit_key.clone();
+        let last = last.clone();
         batch.append(PREFIX.to_vec(), move |seq, previous| {
-            chain::seal(&key, seq, &chain::link(&key, previous), record.clone())
+            let mut last = last.lock().expect("feed lock");
+            let prev_mac = match (last.as_ref(), previous) {
+                (Some((value, mac)), Some(previous)) if value.as_slice() == previous => *mac,
+                _ => chain::link(&key, previous),
+            };
+            let value = chain::seal_body(&key, seq, &prev_mac, &body);
+            let mac = value[value.len() - chain::MAC_LEN..]
+                .try_into()
+                .expect("a MAC at the end");
+            *last = Some((value.clone(), mac));
+            value
         });
     }
     batch.put(FED.to_vec(), newest.to_be_bytes().to_vec());
@@ -398,7 +425,12 @@ fn feed_batch(audit_key: &Arc<hmac::Key>, records: Vec<(u64, Record)>) -> Batch 
 }
 
 /// The writer thread: one write and one sync per group.
-fn write(shared: &Shared, file: File, linger: Duration, to_feed: mpsc::Sender<Vec<(u64, Record)>>) {
+fn write(
+    shared: &Shared,
+    file: File,
+    linger: Duration,
+    to_feed: mpsc::Sender<Vec<(u64, Vec<u8>)>>,
+) {
     let mut at = 0u64;
     let mut last_group = 0usize;
     let mut spare: (Vec<u8>, Vec<Waiter>) = Default::default();
@@ -478,7 +510,7 @@ fn feed(
     shared: &Shared,
     store: &dyn Store,
     audit_key: &Arc<hmac::Key>,
-    groups: mpsc::Receiver<Vec<(u64, Record)>>,
+    groups: mpsc::Receiver<Vec<(u64, Vec<u8>)>>,
 ) {
     while let Ok(mut records) = groups.recv() {
         if !shared

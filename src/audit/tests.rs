@@ -564,3 +564,29 @@ async fn a_pruned_head_is_checked_against_the_anchor_or_passed() {
     let v = f.log.verify_against(Some(h5)).unwrap();
     assert!(v.ok && v.head_check == HeadCheck::Pruned, "{v:?}");
 }
+
+#[test]
+fn sealing_a_body_gives_the_bytes_sealing_its_record_gives() {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &KEY);
+    let prev = [7u8; MAC_LEN];
+    for i in [0, 1, 5, 12] {
+        let n = unseal(i);
+        let record = Record {
+            at_ms: T0 + i,
+            caller: n.caller,
+            rpc: n.rpc,
+            tenant: n.tenant,
+            credential: n.credential,
+            version: n.version,
+            purpose: "p".repeat(i as usize * 40),
+            outcome: n.outcome,
+            mac: Vec::new(),
+        };
+        let body = record.encode_to_vec();
+        assert_eq!(
+            chain::seal_body(&key, 40 + i, &prev, &body),
+            chain::seal(&key, 40 + i, &prev, record),
+            "record {i}"
+        );
+    }
+}
