@@ -22,10 +22,13 @@ use credvault::vault::{Caller, Kind, Vault, VaultOptions};
 use common::{T0, TestVault, request};
 
 /// The real store, except that while `refuse` is set every batch that appends
-/// to the audit log fails as a disk would.
+/// to the audit log fails as a disk would. With `journal`, it lends the vault
+/// its directory, so records of no change go through the audit journal
+/// (whose appends to the log it then refuses); without, each is a commit.
 struct RefusingAudit {
     inner: Arc<SledStore>,
     refuse: AtomicBool,
+    journal: bool,
 }
 
 impl Store for RefusingAudit {
@@ -53,6 +56,9 @@ impl Store for RefusingAudit {
     }
     fn health(&self) -> StoreHealth {
         self.inner.health()
+    }
+    fn local_dir(&self) -> Option<&std::path::Path> {
+        self.journal.then(|| self.inner.local_dir()).flatten()
     }
 }
 
@@ -181,6 +187,7 @@ async fn an_unseal_whose_record_cannot_be_written_fails_and_returns_no_secret() 
     let store = Arc::new(RefusingAudit {
         inner: common::open_store(dir.path()),
         refuse: AtomicBool::new(false),
+        journal: false,
     });
     let root = SymmetricKey::generate();
     let vault = Vault::open(
@@ -235,6 +242,67 @@ async fn an_unseal_whose_record_cannot_be_written_fails_and_returns_no_secret() 
             ("Unseal".into(), "ok".into())
         ]
     );
+}
+
+#[tokio::test]
+async fn with_the_journal_a_log_that_refuses_its_records_fails_later_unseals_and_keeps_the_acknowledged_one()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let root = SymmetricKey::generate();
+    let store = Arc::new(RefusingAudit {
+        inner: common::open_store(dir.path()),
+        refuse: AtomicBool::new(false),
+        journal: true,
+    });
+    let clock = Arc::new(ManualClock::new(T0));
+    let open = |store: Arc<dyn Store>| {
+        let root = SymmetricKey::from_slice(root.expose_bytes()).unwrap();
+        Vault::open(store, root, clock.clone(), VaultOptions::default())
+    };
+    let vault = open(store.clone()).await.unwrap();
+    vault
+        .seal_as(
+            request("acme", "openai", Kind::ApiKey, b"sk-live-1"),
+            Some(&caller("Seal")),
+        )
+        .await
+        .unwrap();
+
+    store.refuse.store(true, Ordering::SeqCst);
+    // Durable in the journal, so it returns the secret; the log then refuses it.
+    let unsealed = vault
+        .unseal_as("acme", "openai", None, Some(&caller("Unseal")))
+        .await
+        .unwrap();
+    assert_eq!(unsealed.secret.expose(), b"sk-live-1");
+    let log = vault.audit_log().unwrap();
+    assert!(log.settled().await.is_err(), "the log took the record");
+    // From then on no Unseal returns a secret: fail closed.
+    let refused = vault
+        .unseal_as("acme", "openai", None, Some(&caller("Unseal")))
+        .await;
+    assert!(
+        matches!(refused, Err(Error::AuditUnavailable)),
+        "{:?}",
+        refused.map(|u| u.metadata)
+    );
+    drop(vault);
+    drop(store);
+
+    // After a restart the acknowledged record is in the log; the refused call's is not.
+    let vault = open(common::open_store(dir.path())).await.unwrap();
+    let outcomes: Vec<_> = records(&vault)
+        .into_iter()
+        .map(|e| (e.record.rpc, e.record.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("Seal".to_string(), "ok".to_string()),
+            ("Unseal".into(), "ok".into())
+        ]
+    );
+    assert!(vault.audit_log().unwrap().verify().unwrap().ok);
 }
 
 #[tokio::test]

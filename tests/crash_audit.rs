@@ -19,7 +19,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use credvault::audit::{AuditFilter, Record};
@@ -30,7 +29,7 @@ use credvault::vault::{Caller, Kind, Vault, VaultOptions};
 use prost::Message;
 use rand::RngExt;
 
-use common::{KillOnDrop, request};
+use common::request;
 
 const CHILD_ENV: &str = "CREDVAULT_AUDIT_CRASH_CHILD";
 const ROOT_KEY_ENV: &str = "CREDVAULT_AUDIT_CRASH_ROOT_KEY";
@@ -94,23 +93,6 @@ async fn audit_crash_child() {
     }
 }
 
-fn spawn_child(
-    dir: &Path,
-    root_hex: &str,
-    round: u32,
-) -> (
-    KillOnDrop,
-    mpsc::Receiver<String>,
-    std::thread::JoinHandle<()>,
-) {
-    let envs = [
-        (CHILD_ENV, dir.display().to_string()),
-        (ROOT_KEY_ENV, root_hex.to_owned()),
-        (ROUND_ENV, round.to_string()),
-    ];
-    common::spawn_acking_child("audit_crash_child", &envs)
-}
-
 /// The purposes of the Unseal records the store's log holds, with their
 /// counts, read from the store alone (no vault: nothing is replayed).
 fn purposes_in_store(dir: &Path) -> BTreeMap<String, usize> {
@@ -150,7 +132,12 @@ fn acknowledged_unseals_keep_their_audit_records_through_sigkill() {
     let mut journal_only = Vec::new();
 
     for round in 0..ROUNDS {
-        let (mut child, acks, reader) = spawn_child(&data, &root_hex, round);
+        let envs = [
+            (CHILD_ENV, data.display().to_string()),
+            (ROOT_KEY_ENV, root_hex.clone()),
+            (ROUND_ENV, round.to_string()),
+        ];
+        let (mut child, acks, reader) = common::spawn_acking_child("audit_crash_child", &envs);
         let first = acks
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("round {round}: the child acknowledged nothing"));

@@ -113,21 +113,15 @@ fn record_input(seq: u64, prev_mac: &[u8; MAC_LEN], body: &[u8]) -> Vec<u8> {
 /// The stored bytes of `record` (whose `mac` is ignored) as entry `seq`, chained to `prev_mac`.
 pub fn seal(key: &hmac::Key, seq: u64, prev_mac: &[u8; MAC_LEN], mut record: Record) -> Vec<u8> {
     record.mac.clear();
-    let tag = hmac::sign(key, &record_input(seq, prev_mac, &record.encode_to_vec()));
-    record.mac = tag.as_ref().to_vec();
-    record.encode_to_vec()
+    seal_body(key, seq, prev_mac, &record.encode_to_vec())
 }
 
-/// [`seal`] of a record given as its body (the protobuf of a [`Record`] with
-/// `mac` empty, as `encode_to_vec` writes it): the same bytes, without
-/// decoding it. The MAC is the last field (tag 9), so the stored record is
-/// the body followed by that field.
+/// The stored bytes of a record given as its body (the protobuf of a
+/// [`Record`] with `mac` empty, as `encode_to_vec` writes it), as entry `seq`
+/// chained to `prev_mac`: the body, then the MAC as field 9, the last field,
+/// which is how prost encodes the record with its `mac` set.
 pub fn seal_body(key: &hmac::Key, seq: u64, prev_mac: &[u8; MAC_LEN], body: &[u8]) -> Vec<u8> {
-    let mut ctx = hmac::Context::with_key(key);
-    for part in [RECORD_LABEL, &seq.to_be_bytes(), prev_mac, body] {
-        ctx.update(part);
-    }
-    let tag = ctx.sign();
+    let tag = hmac::sign(key, &record_input(seq, prev_mac, body));
     let mut stored = Vec::with_capacity(body.len() + 2 + MAC_LEN);
     stored.extend_from_slice(body);
     stored.extend_from_slice(&[MAC_FIELD_KEY, MAC_LEN as u8]);

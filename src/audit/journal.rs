@@ -42,7 +42,8 @@ use crate::store::{Batch, Store};
 pub const FILE_NAME: &str = "audit.journal";
 /// The newest journal id the store's log holds (u64, big-endian).
 pub const FED: &[u8] = b"m\0audit.journal";
-/// Domain label of a frame's MAC.
+/// Domain label of a frame's MAC (no other label of the audit key starts with it,
+/// nor it with another).
 pub const FRAME_LABEL: &[u8] = b"credvault-audit-journal-v1";
 /// Size the file is preallocated to, and rewritten within.
 const FILE_BYTES: u64 = if cfg!(test) { 64 << 10 } else { 8 << 20 };
@@ -59,15 +60,8 @@ pub const LINGER: Duration = Duration::from_micros(500);
 /// store's log, unless a reader of the log (or a Revoke) waits for them.
 const FEED_EVERY: Duration = Duration::from_millis(5);
 
-/// The journal key: derived from the audit key, so only the server (and
-/// whoever holds a root key that wraps the audit key) can write frames that
-/// open.
-pub fn frame_key(audit_key: &hmac::Key) -> hmac::Key {
-    let derived = hmac::sign(audit_key, FRAME_LABEL);
-    hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
-}
-
-/// Appends one frame for `body` as journal id `id` to `out`.
+/// Appends one frame for `body` as journal id `id` to `out`, MAC'd under the
+/// audit key (the label keeps frame MACs apart from the chain's).
 pub fn encode_frame(key: &hmac::Key, id: u64, body: &[u8], out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -136,7 +130,8 @@ struct Shared {
     queue: Mutex<Queue>,
     work: Condvar,
     progress: watch::Sender<Progress>,
-    key: hmac::Key,
+    /// The audit key, which MACs frames.
+    key: Arc<hmac::Key>,
     /// The feeder, and whether someone waits for it (then it feeds at once).
     feeder: std::sync::OnceLock<std::thread::Thread>,
     hurry: std::sync::atomic::AtomicBool,
@@ -151,19 +146,20 @@ impl Shared {
         }
     }
 
-    fn fail(&self, what: &str, error: impl std::fmt::Display) -> String {
+    /// Fails the journal: `group` (a group taken from the queue) and every
+    /// queued record are refused, and so is every later one.
+    fn fail(&self, what: &str, error: impl std::fmt::Display, group: Vec<Waiter>) {
         let message = format!("{what}: {error}");
         tracing::error!(error = %message, "audit journal failed; audited calls are refused until a restart");
         let mut queue = self.queue.lock().expect("journal lock");
         queue.failed.get_or_insert_with(|| message.clone());
-        for waiter in queue.waiters.drain(..) {
+        for waiter in group.into_iter().chain(queue.waiters.drain(..)) {
             let _ = waiter.send(Err(message.clone()));
         }
         queue.frames.clear();
         queue.records.clear();
         drop(queue);
         self.progress.send_modify(|p| p.failed = true);
-        message
     }
 }
 
@@ -194,7 +190,6 @@ impl Journal {
         linger: Duration,
     ) -> Result<Self, AuditError> {
         let path = dir.join(FILE_NAME);
-        let key = frame_key(&audit_key);
         let io = |what: &str, e: std::io::Error| {
             AuditError::Journal(format!("{what} {}: {e}", path.display()))
         };
@@ -210,7 +205,7 @@ impl Journal {
         let mut fed = stored_fed(&*store)?;
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| io("reading", e))?;
-        let frames = decode_frames(&key, &bytes);
+        let frames = decode_frames(&audit_key, &bytes);
         let newest = frames.last().map_or(0, |(id, _)| *id);
         let unfed: Vec<(u64, Vec<u8>)> = frames
             .into_iter()
@@ -257,7 +252,7 @@ impl Journal {
             }),
             work: Condvar::new(),
             progress: watch::Sender::new(Progress { fed, failed: false }),
-            key,
+            key: audit_key.clone(),
             feeder: std::sync::OnceLock::new(),
             hurry: std::sync::atomic::AtomicBool::new(false),
         });
@@ -343,11 +338,6 @@ impl Journal {
     /// [`Self::settled`] for synchronous callers (it needs no runtime).
     pub fn settled_blocking(&self) -> Result<(), AuditError> {
         block_on(self.settled())
-    }
-
-    /// The newest journal id in the store's log.
-    pub fn fed(&self) -> u64 {
-        self.shared.progress.borrow().fed
     }
 }
 
@@ -468,7 +458,8 @@ fn write(
                 .map(|p| !p.failed)
                 .unwrap_or(false);
             if !fed {
-                refuse(shared, waiters, "the journal's feed into the store failed");
+                let why = "the journal's feed into the store failed";
+                shared.fail(why, "refusing audited calls", waiters);
                 continue;
             }
             at = 0;
@@ -481,10 +472,7 @@ fn write(
             .audit_journal_sync_seconds
             .observe(started.elapsed().as_secs_f64());
         if let Err(error) = result {
-            let message = shared.fail("writing the audit journal", error);
-            for waiter in waiters {
-                let _ = waiter.send(Err(message.clone()));
-            }
+            shared.fail("writing the audit journal", error, waiters);
             continue;
         }
         at += frames.len() as u64;
@@ -495,13 +483,6 @@ fn write(
         frames.clear();
         spare = (frames, waiters);
         let _ = to_feed.send(records); // the feeder stops only after this thread
-    }
-}
-
-fn refuse(shared: &Shared, waiters: Vec<Waiter>, why: &str) {
-    let message = shared.fail(why, "refusing audited calls");
-    for waiter in waiters {
-        let _ = waiter.send(Err(message.clone()));
     }
 }
 
@@ -534,7 +515,7 @@ fn feed(
         match block_on(store.commit(feed_batch(audit_key, records))) {
             Ok(_) => shared.progress.send_modify(|p| p.fed = newest),
             Err(error) => {
-                shared.fail("appending journal records to the store", error);
+                shared.fail("appending journal records to the store", error, Vec::new());
             }
         }
     }
@@ -543,7 +524,7 @@ fn feed(
 /// Runs `future` to completion on this thread, parking between polls: for the
 /// journal's threads, which await the store's commits and the feed's
 /// progress, neither of which needs a runtime.
-pub fn block_on<F: Future>(future: F) -> F::Output {
+fn block_on<F: Future>(future: F) -> F::Output {
     struct Unpark(std::thread::Thread);
     impl Wake for Unpark {
         fn wake(self: Arc<Self>) {

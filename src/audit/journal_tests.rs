@@ -1,13 +1,8 @@
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use super::*;
 use crate::audit::{AuditFilter, AuditLog, NewRecord};
 use crate::clock::ManualClock;
 use crate::crypto::SymmetricKey;
-use crate::store::{
-    CommitFuture, ExportCounts, ExportError, ExportSink, Row, Rows, SledStore, StoreError,
-    StoreHealth, StoreOptions,
-};
+use crate::store::{SledStore, StoreOptions};
 
 const T0: u64 = 1_700_000_000_000;
 const KEY: [u8; 32] = [0x5A; 32];
@@ -55,7 +50,7 @@ const MAX_PAGE: usize = crate::audit::MAX_PAGE_SIZE;
 fn append_frames(dir: &Path, frames: &[u8]) {
     let path = dir.join(FILE_NAME);
     let bytes = std::fs::read(&path).unwrap();
-    let end: usize = decode_frames(&frame_key(&audit_key()), &bytes)
+    let end: usize = decode_frames(&audit_key(), &bytes)
         .iter()
         .map(|(_, body)| HEADER + body.len() + MAC)
         .sum();
@@ -123,7 +118,7 @@ async fn frames_a_crash_left_are_appended_once_when_the_log_opens() {
         log.record(record(&format!("p{i}"))).await.unwrap();
     }
     drop(log);
-    let key = frame_key(&audit_key());
+    let key = audit_key();
     append_frames(
         dir.path(),
         &[frame(&key, 4, "crash-4"), frame(&key, 5, "crash-5")].concat(),
@@ -145,8 +140,8 @@ async fn frames_a_crash_left_are_appended_once_when_the_log_opens() {
 
 #[tokio::test]
 async fn frames_that_do_not_open_or_do_not_follow_on_are_not_appended() {
-    let key = frame_key(&audit_key());
-    let forger = frame_key(&hmac::Key::new(hmac::HMAC_SHA256, &[0x11; 32]));
+    let key = audit_key();
+    let forger = hmac::Key::new(hmac::HMAC_SHA256, &[0x11; 32]);
     let good = frame(&key, 4, "after");
     let mut torn = frame(&key, 4, "torn");
     torn.truncate(torn.len() - 5);
@@ -211,67 +206,4 @@ async fn the_file_is_rewritten_from_its_start_and_nothing_is_appended_twice() {
     seen.sort();
     seen.dedup();
     assert_eq!(seen.len() as u64, total);
-}
-
-/// A sled store whose commits fail once `refuse` is set (a disk that broke
-/// under the store but not under the journal).
-struct Refusing {
-    inner: Arc<SledStore>,
-    refuse: AtomicBool,
-}
-
-impl Store for Refusing {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key)
-    }
-    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Rows, StoreError> {
-        self.inner.scan(prefix, after, limit)
-    }
-    fn last(&self, prefix: &[u8]) -> Result<Option<Row>, StoreError> {
-        self.inner.last(prefix)
-    }
-    fn commit(&self, batch: Batch) -> CommitFuture<'_> {
-        if self.refuse.load(Ordering::SeqCst) {
-            return Box::pin(async { Err(StoreError::Backend("refused by the test".into())) });
-        }
-        self.inner.commit(batch)
-    }
-    fn export(&self, sink: &mut ExportSink<'_>) -> Result<ExportCounts, ExportError> {
-        self.inner.export(sink)
-    }
-    fn health(&self) -> StoreHealth {
-        self.inner.health()
-    }
-    fn local_dir(&self) -> Option<&Path> {
-        self.inner.local_dir()
-    }
-}
-
-#[tokio::test]
-async fn a_feed_the_store_refuses_fails_the_journal_closed_and_the_record_survives() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Refusing {
-        inner: open_store(dir.path()),
-        refuse: AtomicBool::new(false),
-    });
-    let log = open_log(store.clone()).await;
-    log.record(record("before")).await.unwrap();
-    log.settled().await.unwrap();
-
-    store.refuse.store(true, Ordering::SeqCst);
-    // Durable in the journal: acknowledged, though the store will not take it.
-    log.record(record("journal-only")).await.unwrap();
-    assert!(log.settled().await.is_err(), "the feed failed");
-    // From then on nothing is acknowledged: the call fails closed.
-    assert!(matches!(
-        log.record(record("refused")).await,
-        Err(AuditError::Journal(_))
-    ));
-    drop(log);
-    drop(store);
-
-    // After a restart the acknowledged record is in the log; the refused one is not.
-    let log = open_log(open_store(dir.path())).await;
-    assert_eq!(purposes(&log), ["before", "journal-only"]);
-    assert!(log.verify().unwrap().ok);
 }

@@ -566,10 +566,10 @@ async fn a_pruned_head_is_checked_against_the_anchor_or_passed() {
 }
 
 #[test]
-fn sealing_a_body_gives_the_bytes_sealing_its_record_gives() {
+fn a_sealed_record_is_its_protobuf_with_the_mac_and_walks() {
     let key = hmac::Key::new(hmac::HMAC_SHA256, &KEY);
-    let prev = [7u8; MAC_LEN];
-    for i in [0, 1, 5, 12] {
+    let mut walk = chain::Walk::start(&key, None).unwrap();
+    for i in [0u64, 1, 5, 12] {
         let n = unseal(i);
         let record = Record {
             at_ms: T0 + i,
@@ -582,10 +582,15 @@ fn sealing_a_body_gives_the_bytes_sealing_its_record_gives() {
             outcome: n.outcome,
             mac: Vec::new(),
         };
-        let body = record.encode_to_vec();
+        let seq = walk.next;
+        let stored = chain::seal(&key, seq, &walk.prev_mac, record.clone());
+        // What prost writes for the record with its MAC set.
+        let mac = stored[stored.len() - MAC_LEN..].to_vec();
+        let with_mac = Record { mac, ..record };
+        assert_eq!(stored, with_mac.encode_to_vec(), "record {i}");
         assert_eq!(
-            chain::seal_body(&key, 40 + i, &prev, &body),
-            chain::seal(&key, 40 + i, &prev, record),
+            walk.step(&log_key(PREFIX, seq), &stored),
+            Ok(with_mac),
             "record {i}"
         );
     }

@@ -496,19 +496,14 @@ impl Vault {
         version: Option<u32>,
         caller: Option<&Caller>,
     ) -> Result<Unsealed> {
-        let (Some(log), Some(caller)) = (&self.audit, caller) else {
+        let Some(caller) = caller.filter(|_| self.audit.is_some()) else {
             return self.open_version(tenant, credential, version);
         };
         let _fence = self.fence(tenant).read().await;
         let unsealed = self.open_version(tenant, credential, version)?;
-        let record = caller.record(tenant, credential, unsealed.metadata.version, "ok");
-        match log.record(record).await {
-            Ok(()) => Ok(unsealed),
-            Err(error) => {
-                tracing::error!(%error, tenant, "unseal refused: its audit record was not written");
-                Err(Error::AuditUnavailable)
-            }
-        }
+        self.audit(caller, tenant, credential, unsealed.metadata.version, "ok")
+            .await?;
+        Ok(unsealed)
     }
 
     /// The fence of `tenant`'s calls: shared by audited Unseals from their read
