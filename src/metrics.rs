@@ -60,6 +60,7 @@ pub struct Metrics {
     pub store_sync_seconds: Histogram,
     pub audit_journal_sync_seconds: Histogram,
     pub store_failed: Gauge,
+    pub audit_failed: Gauge,
     pub tls_handshake_failures: Counter,
     pub revocation_watchers: Gauge,
     pub root_key_created: Gauge,
@@ -115,6 +116,12 @@ impl Metrics {
             "store_failed",
             "1 once the store has failed and refuses writes until restarted, else 0",
             store_failed.clone(),
+        );
+        let audit_failed = Gauge::default();
+        registry.register(
+            "audit_failed",
+            "1 once the audit journal has failed and audited calls are refused until restarted, else 0",
+            audit_failed.clone(),
         );
         let tls_handshake_failures = Counter::default();
         registry.register(
@@ -178,6 +185,7 @@ impl Metrics {
             store_sync_seconds,
             audit_journal_sync_seconds,
             store_failed,
+            audit_failed,
             tls_handshake_failures,
             revocation_watchers,
             root_key_created,
@@ -408,6 +416,7 @@ mod tests {
             ("credvault_store_commits", "counter"),
             ("credvault_store_log_sync_duration_seconds", "histogram"),
             ("credvault_store_failed", "gauge"),
+            ("credvault_audit_failed", "gauge"),
             ("credvault_tls_handshake_failures", "counter"),
             ("credvault_revocation_watchers", "gauge"),
             ("credvault_root_key_created_timestamp_seconds", "gauge"),

@@ -6,6 +6,10 @@
 //! NOT_SERVING → stop accepting, finish in-flight calls → close the store (its
 //! committer flushes whatever is queued).
 //!
+//! While it serves, health follows the vault: once the store refuses writes
+//! or the audit log refuses records (both until a restart), the server and
+//! its Vault service turn NOT_SERVING ([`follow_health`]).
+//!
 //! While it serves, `SIGHUP` reloads the TLS files and the policy ([`reload`]):
 //! all of them or, if any fails to load, none.
 //!
@@ -116,6 +120,8 @@ pub async fn run_with_metrics(
         },
     ));
     let stop_rotation = rotation.abort_handle();
+    let follower = tokio::spawn(follow_health(vault.clone(), health.clone()));
+    let stop_follower = follower.abort_handle();
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(metrics) = metrics {
         if let Ok(at) = metrics.local_addr() {
@@ -131,6 +137,7 @@ pub async fn run_with_metrics(
         shutdown.await;
         tracing::info!("shutting down: draining in-flight calls");
         stop_rotation.abort();
+        stop_follower.abort();
         reloader.abort();
         // Watch streams never end by themselves: end them, or the drain would
         // wait for their clients to leave.
@@ -153,14 +160,44 @@ pub async fn run_with_metrics(
     drop(stop_metrics);
     // Also when serving failed: the task must let go of the vault.
     rotation.abort();
+    follower.abort();
     reloader.abort();
     let _ = rotation.await; // cancelled: its vault handle is dropped
+    let _ = follower.await;
     served?;
     // The last head, for whoever verifies this log against the server's logs.
     publish_audit_head(&vault, &mut None);
     drop(vault); // closes the store once the last handler is gone
     tracing::info!("credvault stopped");
     Ok(())
+}
+
+/// How often health follows the vault.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+/// What health reports NOT_SERVING on once the vault cannot do its work: the
+/// whole server and the Vault service (the Admin service still answers, so
+/// that `credvault status` can say why).
+const UNSERVING: [&str; 2] = ["", pb::vault_server::SERVICE_NAME];
+
+/// Turns health NOT_SERVING once the vault cannot do its work (its store
+/// refuses writes, or its audit log refuses records: both last until a
+/// restart), so that a load balancer or an orchestrator takes the server out
+/// of rotation and restarts it.
+async fn follow_health(vault: Arc<Vault>, health: tonic_health::server::HealthReporter) {
+    let mut every = tokio::time::interval(HEALTH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let problem = loop {
+        every.tick().await;
+        if let Some(problem) = vault.serving_problem() {
+            break problem;
+        }
+    };
+    tracing::error!(%problem, "health NOT_SERVING until a restart");
+    for name in UNSERVING {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
 }
 
 /// The files a server reads at start and again on `SIGHUP`, loaded and

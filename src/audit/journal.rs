@@ -151,6 +151,7 @@ impl Shared {
     fn fail(&self, what: &str, error: impl std::fmt::Display, group: Vec<Waiter>) {
         let message = format!("{what}: {error}");
         tracing::error!(error = %message, "audit journal failed; audited calls are refused until a restart");
+        crate::metrics::global().audit_failed.set(1);
         let mut queue = self.queue.lock().expect("journal lock");
         queue.failed.get_or_insert_with(|| message.clone());
         for waiter in group.into_iter().chain(queue.waiters.drain(..)) {
@@ -338,6 +339,16 @@ impl Journal {
     /// [`Self::settled`] for synchronous callers (it needs no runtime).
     pub fn settled_blocking(&self) -> Result<(), AuditError> {
         block_on(self.settled())
+    }
+
+    /// Why the journal failed (it then refuses every record until a restart).
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .queue
+            .lock()
+            .expect("journal lock")
+            .failed
+            .clone()
     }
 }
 

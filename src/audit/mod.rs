@@ -330,6 +330,13 @@ impl AuditLog {
         }
     }
 
+    /// Why the log refuses records, if it does: its journal failed (a write,
+    /// sync or feed into the store), and every record is refused until a
+    /// restart.
+    pub fn failure(&self) -> Option<String> {
+        self.journal.as_ref().and_then(|journal| journal.failure())
+    }
+
     /// The record of `record`, stamped with the log's clock, fields capped.
     fn stamp(&self, record: NewRecord) -> Record {
         Record {
@@ -522,6 +529,13 @@ impl AuditLog {
     /// `None` while the log is empty.
     pub fn head(&self) -> Result<Option<Head>, AuditError> {
         self.settled_blocking()?;
+        self.stored_head()
+    }
+
+    /// [`Self::head`] of what the store holds now, without waiting for the
+    /// journal (so that it answers after the journal failed; records it
+    /// acknowledged but had not fed are then not counted).
+    pub fn stored_head(&self) -> Result<Option<Head>, AuditError> {
         let Some((key, value)) = self.store.last(PREFIX)? else {
             return Ok(None);
         };

@@ -1,6 +1,7 @@
 //! `credvault status`: the server at a glance (Admin `GetServerStatus`, admin
 //! dev certificate by default). Exits 2 when the store no longer takes
-//! writes, so a script or a probe can tell.
+//! writes or the audit log no longer takes records, so a script or a probe
+//! can tell.
 
 use std::io::Write;
 
@@ -11,7 +12,8 @@ use credvault::service::pb;
 use super::client::{Connection, status as status_error};
 use super::keys::{admin, age, utc};
 
-/// The exit code when the server answers but its store refuses writes.
+/// The exit code when the server answers but its store refuses writes or
+/// its audit log refuses records.
 const UNHEALTHY_EXIT_CODE: i32 = 2;
 
 #[derive(Debug, Args)]
@@ -43,7 +45,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         write!(out, "{}", text(&status))?;
     }
     out.flush()?;
-    if !status.store_writable {
+    if !status.store_writable || !status.audit_failure.is_empty() {
         std::process::exit(UNHEALTHY_EXIT_CODE);
     }
     Ok(())
@@ -65,6 +67,7 @@ fn to_json(s: &pb::ServerStatus) -> serde_json::Value {
         "last_audit_sequence": s.last_audit_sequence,
         "audit_head": audit_head(s),
         "store": { "writable": s.store_writable, "bytes": s.store_bytes },
+        "audit_failure": (!s.audit_failure.is_empty()).then_some(&s.audit_failure),
     })
 }
 
@@ -89,9 +92,17 @@ fn text(s: &pb::ServerStatus) -> String {
                 .to_owned()
         }
     };
+    let audit = match s.audit_failure.as_str() {
+        "" => String::new(),
+        failure => format!(
+            "  audit journal  REFUSING RECORDS: {failure} (audited calls fail; see the server \
+             log, then restart)\n"
+        ),
+    };
     format!(
         "credvault {}, up {} (since {} UTC)\n\
          \x20 store          {store}, {:.1} MiB on disk\n\
+         {audit}\
          \x20 root key       v{}, {}\n\
          \x20 primary KEK    v{}, {}, {} DEK wraps\n\
          \x20 rotation jobs  {} running\n\
@@ -138,6 +149,7 @@ mod tests {
                 sequence: 1234,
                 mac: vec![0xab; 32],
             }),
+            audit_failure: String::new(),
         };
         let table = text(&status);
         for needle in [
@@ -153,9 +165,27 @@ mod tests {
         ] {
             assert!(table.contains(needle), "{needle:?} in\n{table}");
         }
+        assert!(!table.contains("audit journal"), "{table}");
+        assert_eq!(to_json(&status)["audit_failure"], serde_json::Value::Null);
         status.store_writable = false;
-        assert!(text(&status).contains("REFUSING WRITES"));
+        status.audit_failure = "writing the audit journal: disk quota exceeded".into();
+        let table = text(&status);
+        assert!(table.contains("REFUSING WRITES"), "{table}");
+        assert!(
+            table.contains(
+                "audit journal  REFUSING RECORDS: writing the audit journal: disk quota exceeded"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("\n  root key"),
+            "the rows stay aligned: {table}"
+        );
         assert_eq!(to_json(&status)["store"]["writable"], false);
+        assert_eq!(
+            to_json(&status)["audit_failure"],
+            "writing the audit journal: disk quota exceeded"
+        );
         assert_eq!(to_json(&status)["root_key"]["version"], 2);
     }
 }

@@ -8,7 +8,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::audit::who;
+use super::audit::{Unrecorded, who};
 use super::{Shared, convert, pb, tenant_error};
 use crate::audit::{AuditEntry, AuditFilter, Head};
 use crate::authz::Rpc;
@@ -104,7 +104,9 @@ impl pb::admin_server::Admin for AdminService {
             Ok(Response::new(convert::rotation_job(result?)))
         }
         .await;
-        self.0.audit_status(&who, &audit_tenant, result, true).await
+        self.0
+            .audit_status(&who, &audit_tenant, result, Unrecorded::Answer)
+            .await
     }
 
     async fn rotate_tenant_key(
@@ -142,7 +144,9 @@ impl pb::admin_server::Admin for AdminService {
             }
         }
         .await;
-        self.0.audit_status(&who, &audit_tenant, result, true).await
+        self.0
+            .audit_status(&who, &audit_tenant, result, Unrecorded::Answer)
+            .await
     }
 
     async fn rotate_root_key(
@@ -159,7 +163,9 @@ impl pb::admin_server::Admin for AdminService {
         let shared = self.0.clone();
         let rotation = async move {
             let result = rotate_root_from_file(&shared.vault, &caller.identity, file).await;
-            shared.audit_status(&who, "", result, true).await
+            shared
+                .audit_status(&who, "", result, Unrecorded::Answer)
+                .await
         };
         tokio::spawn(rotation)
             .await
@@ -198,7 +204,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         .await;
         self.0
-            .audit_status(&who, &audit_tenant, result, false)
+            .audit_status(&who, &audit_tenant, result, Unrecorded::Refuse)
             .await
     }
 
@@ -245,7 +251,9 @@ impl pb::admin_server::Admin for AdminService {
             Ok(Response::new(pb::DestroyKeyVersionResponse {}))
         }
         .await;
-        self.0.audit_status(&who, &audit_tenant, result, true).await
+        self.0
+            .audit_status(&who, &audit_tenant, result, Unrecorded::Answer)
+            .await
     }
 
     async fn get_rotation_job(
@@ -267,7 +275,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         .await;
         self.0
-            .audit_status(&who, &audit_tenant, result, false)
+            .audit_status(&who, &audit_tenant, result, Unrecorded::Refuse)
             .await
     }
 
@@ -316,7 +324,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         .await;
         self.0
-            .audit_status(&who, &audit_tenant, result, false)
+            .audit_status(&who, &audit_tenant, result, Unrecorded::Refuse)
             .await
     }
 
@@ -350,7 +358,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         .await;
         self.0
-            .audit_status(&who, &audit_tenant, result, false)
+            .audit_status(&who, &audit_tenant, result, Unrecorded::Refuse)
             .await
     }
 
@@ -382,9 +390,14 @@ impl pb::admin_server::Admin for AdminService {
                 store_writable: status.store.writable,
                 store_bytes: status.store.bytes_on_disk.unwrap_or(0),
                 audit_head: status.audit_head.map(Into::into),
+                audit_failure: status.audit_failure.unwrap_or_default(),
             })
         });
-        self.0.audit_status(&who, "", response, false).await
+        // Answered even when its record cannot be written: the status is how
+        // an operator learns that the audit log is down.
+        self.0
+            .audit_status(&who, "", response, Unrecorded::Answer)
+            .await
     }
 
     async fn backup(
@@ -411,7 +424,10 @@ impl pb::admin_server::Admin for AdminService {
                 consistent_at_ms: summary.consistent_at_ms,
             })
         });
-        let audited = self.0.audit_status(&who, "", response, false).await;
+        let audited = self
+            .0
+            .audit_status(&who, "", response, Unrecorded::Refuse)
+            .await;
         if audited.is_err()
             && let Some(file) = written
         {

@@ -26,6 +26,17 @@ pub(crate) trait AuditTarget {
     }
 }
 
+/// What becomes of a successful call whose audit record cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unrecorded {
+    /// A read: it fails (AUDIT_UNAVAILABLE) and returns nothing.
+    Refuse,
+    /// A change already made durable, or the server's status (which holds no
+    /// tenant data, and is what an operator reads to learn that the audit log
+    /// is down): returned as it is; the lost record is logged at error level.
+    Answer,
+}
+
 macro_rules! no_credential {
     ($($t:ty),* $(,)?) => { $(impl AuditTarget for $t {})* };
 }
@@ -160,14 +171,14 @@ impl Shared {
     }
 
     /// Records the outcome of a call that ends in a gRPC result: its reason
-    /// when it failed. A read (`change` false) whose success cannot be recorded
-    /// fails with AUDIT_UNAVAILABLE; a change is returned as it is.
+    /// when it failed. A success that cannot be recorded fails with
+    /// AUDIT_UNAVAILABLE or is returned as it is, as `unrecorded` says.
     pub(crate) async fn audit_status<T>(
         &self,
         who: &vault::Caller,
         tenant: &str,
         result: Result<T, Status>,
-        change: bool,
+        unrecorded: Unrecorded,
     ) -> Result<T, Status> {
         let outcome = match &result {
             Ok(_) => "ok".to_owned(),
@@ -176,7 +187,7 @@ impl Shared {
             }
         };
         match self.vault.audit(who, tenant, "", 0, &outcome).await {
-            Err(error) if result.is_ok() && !change => Err(error.into()),
+            Err(error) if result.is_ok() && unrecorded == Unrecorded::Refuse => Err(error.into()),
             Err(error) => {
                 tracing::error!(%error, rpc = %who.rpc, "audit record not written");
                 result

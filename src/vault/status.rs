@@ -17,6 +17,8 @@ pub struct VaultStatus {
     /// The newest audit record and its MAC (`None`: none yet, or records off).
     pub audit_head: Option<crate::audit::Head>,
     pub store: StoreHealth,
+    /// Why the audit log refuses records (`None`: it takes them, or records off).
+    pub audit_failure: Option<String>,
     /// The vault's clock when the status was read.
     pub now_ms: u64,
 }
@@ -34,6 +36,17 @@ impl Vault {
         Ok((root, primary_kek))
     }
 
+    /// Why the vault cannot do its work, if it cannot: the store refuses
+    /// writes, or the audit log refuses records (audited calls then fail).
+    /// Both last until a restart; the server's health turns NOT_SERVING.
+    pub fn serving_problem(&self) -> Option<String> {
+        if !self.store.health().writable {
+            return Some("the store refuses writes (a write could not be made durable)".into());
+        }
+        let failure = self.audit.as_ref()?.failure()?;
+        Some(format!("the audit log refuses records ({failure})"))
+    }
+
     /// The status, read from the store (blocking: a few point reads and the
     /// KEK and job records).
     pub fn status(&self) -> Result<VaultStatus> {
@@ -43,7 +56,11 @@ impl Vault {
             .iter()
             .filter(|job| job.state == JobState::Running)
             .count() as u64;
+        let audit_failure = self.audit.as_ref().and_then(|log| log.failure());
+        // After the journal failed, what the store holds (waiting for the
+        // journal would fail, and the status is how an operator learns why).
         let audit_head = match &self.audit {
+            Some(log) if audit_failure.is_some() => log.stored_head()?,
             Some(log) => log.head()?,
             None => None,
         };
@@ -54,6 +71,7 @@ impl Vault {
             last_event_sequence: self.last_event_sequence(),
             audit_head,
             store: self.store.health(),
+            audit_failure,
             now_ms: self.clock.now_ms(),
         })
     }
