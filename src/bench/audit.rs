@@ -84,6 +84,8 @@ pub struct Params {
     pub cache_bytes: u64,
     /// The audit journal's linger ([`VaultOptions::audit_linger`]).
     pub linger: std::time::Duration,
+    /// Seconds of each row of the ceiling model run at the end (0: no ceiling).
+    pub ceiling_seconds: f64,
     /// Where the JSON goes.
     pub out: PathBuf,
 }
@@ -124,6 +126,24 @@ pub struct Results {
     pub cpu: Vec<CpuWindow>,
     /// /proc/loadavg at the start, after the Unseal rows, and at the end.
     pub load_average: Vec<String>,
+    /// What the leanest durable-before-return design reaches at this run's
+    /// unaudited CPU per call (`None`: not asked for).
+    pub ceiling: Option<Ceiling>,
+}
+
+/// `bench journal`'s model run at the end, calibrated to the unaudited row:
+/// the ratio no design that makes the record durable before the return can
+/// beat on this machine with Unseals this cheap (docs/performance.md).
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceiling {
+    /// The unaudited row's CPU per call (this process, client included), in µs.
+    pub work_us: u64,
+    pub linger_us: u64,
+    /// On / off of the model at `in_flight` and at twice as many.
+    pub in_flight: usize,
+    pub ratio: f64,
+    pub ratio_twice_in_flight: f64,
+    pub records_per_sync: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -227,6 +247,20 @@ impl Results {
         }
         for l in &self.load_average {
             println!("loadavg: {l}");
+        }
+        if let Some(c) = &self.ceiling {
+            println!(
+                "ceiling (`bench journal --work-us {} --linger-us {}`, the unaudited row's CPU \
+                 per call): {:.3} at {} in flight, {:.3} at {}, {:.1} records per sync: the most \
+                 a design that makes each record durable before the Unseal returns reaches here",
+                c.work_us,
+                c.linger_us,
+                c.ratio,
+                c.in_flight,
+                c.ratio_twice_in_flight,
+                c.in_flight * 2,
+                c.records_per_sync
+            );
         }
         super::write_json(out, self)
     }
@@ -366,6 +400,14 @@ pub async fn run(params: &Params) -> anyhow::Result<Results> {
     load_average.push(loadavg());
 
     let rate = |name: &str| report.row(name).map_or(0.0, |r| r.ops_per_sec);
+    let unaudited_cpu = cpu
+        .iter()
+        .find(|c| c.phase.starts_with(UNAUDITED_ROW))
+        .map_or(0.0, |c| c.process);
+    let ceiling = match params.ceiling_seconds > 0.0 {
+        true => Some(ceiling(params, unaudited_cpu / rate(UNAUDITED_ROW).max(1.0)).await?),
+        false => None,
+    };
     report.bars.push(Bar::new(
         "throughput: unseal audited / not audited",
         rate(AUDITED_ROW) / rate(UNAUDITED_ROW),
@@ -384,6 +426,39 @@ pub async fn run(params: &Params) -> anyhow::Result<Results> {
         revocation: stats,
         cpu,
         load_average,
+        ceiling,
+    })
+}
+
+/// Runs `bench journal`'s model with `seconds_per_call` of CPU per call (the
+/// unaudited row's), this run's calls in flight and linger, once the servers
+/// are gone.
+async fn ceiling(params: &Params, seconds_per_call: f64) -> anyhow::Result<Ceiling> {
+    let model = super::journal::Params {
+        in_flight: params.in_flight,
+        work_us: (seconds_per_call * 1e6).round().max(1.0) as u64,
+        linger_us: params.linger.as_micros() as u64,
+        seconds: params.ceiling_seconds,
+        warmup_seconds: 0.5,
+        rounds: 2,
+        out: params.out.clone(),
+    };
+    eprintln!(
+        "ceiling: the journal model at {} µs of CPU per call…",
+        model.work_us
+    );
+    let results = super::journal::run(&model).await?;
+    results.passed()?;
+    let bar = |k: usize| results.report.bars.get(k).map_or(0.0, |b| b.ratio);
+    let records: u64 = results.journal.iter().map(|j| j.records).sum();
+    let syncs: u64 = results.journal.iter().map(|j| j.syncs).sum();
+    Ok(Ceiling {
+        work_us: model.work_us,
+        linger_us: model.linger_us,
+        in_flight: params.in_flight,
+        ratio: bar(0),
+        ratio_twice_in_flight: bar(1),
+        records_per_sync: records as f64 / syncs.max(1) as f64,
     })
 }
 

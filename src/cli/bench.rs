@@ -91,6 +91,10 @@ pub struct BenchArgs {
     /// previous group held more than one [default: the server's, 500].
     #[arg(long)]
     linger_us: Option<u64>,
+    /// audit: seconds of each row of the ceiling run at the end (`bench
+    /// journal`'s model at the unaudited row's CPU per call; 0: skip it).
+    #[arg(long, default_value_t = 2.0)]
+    ceiling_seconds: f64,
     /// Where to write the JSON results (default: bench-results/SCENARIO.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -178,6 +182,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     credvault::audit::journal::LINGER,
                     std::time::Duration::from_micros,
                 ),
+                ceiling_seconds: args.ceiling_seconds,
                 out: args
                     .out
                     .unwrap_or_else(|| "bench-results/audit.json".into()),

@@ -213,6 +213,12 @@ pub trait Store: Send + Sync + 'static {
     /// Whether writes are still taken, and the size on disk.
     fn health(&self) -> StoreHealth;
 
+    /// Whether writes are still taken ([`StoreHealth::writable`]), without
+    /// measuring the size on disk: the server's health asks every second.
+    fn writable(&self) -> bool {
+        self.health().writable
+    }
+
     /// A directory on local disk that this process holds exclusively for as
     /// long as the store is open, for files that live and die with the store
     /// (the audit journal). `None` for a backend without one (say, a

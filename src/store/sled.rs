@@ -1462,6 +1462,10 @@ impl Store for SledStore {
         }
     }
 
+    fn writable(&self) -> bool {
+        self.failure.get().is_none()
+    }
+
     fn local_dir(&self) -> Option<&Path> {
         Some(&self.path)
     }
@@ -2196,10 +2200,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = holding(dir.path(), Durability::GroupCommit, &["k"], &[7; 4096]).await;
         let health = store.health();
-        assert!(health.writable);
+        assert!(health.writable && store.writable());
         assert!(health.bytes_on_disk.unwrap() > 4096, "{health:?}");
         store.failure.set("a test", "injected");
-        assert!(!store.health().writable);
+        assert!(!store.health().writable && !store.writable());
         let refused = store.commit(Batch::default()).await;
         assert!(
             matches!(refused, Err(StoreError::Poisoned(_))),

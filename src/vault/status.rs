@@ -40,7 +40,7 @@ impl Vault {
     /// writes, or the audit log refuses records (audited calls then fail).
     /// Both last until a restart; the server's health turns NOT_SERVING.
     pub fn serving_problem(&self) -> Option<String> {
-        if !self.store.health().writable {
+        if !self.store.writable() {
             return Some("the store refuses writes (a write could not be made durable)".into());
         }
         let failure = self.audit.as_ref()?.failure()?;
