@@ -82,7 +82,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 200)]
     revocations: usize,
     /// journal: CPU per call standing in for the rest of an Unseal, in µs
-    /// (80: unaudited gRPC Unseal here, 1.96 cores / 24,000 calls/s).
+    /// (80: an unaudited gRPC Unseal on session 8's VM, 1.96 cores / 24,000
+    /// calls/s; `bench audit` ends with this model at its own measured figure).
     #[arg(long, default_value_t = 80)]
     work_us: u64,
     /// journal: how long the writer waits after a group's first record

@@ -52,7 +52,7 @@ pub enum Command {
     /// file and then the audit chain); `--check` only checks the backup.
     Restore(backup::RestoreArgs),
     /// The server at a glance: version and uptime, root key and primary KEK ages, rotation
-    /// jobs, the logs' ends, the store (exit 2 when it refuses writes).
+    /// jobs, the logs' ends, the store and the audit journal (exit 2 when either refuses writes).
     Status(status::StatusArgs),
     /// Rotate a key layer (`kek`, `tenant ID`, `root`) or follow a rotation job (`status ID`).
     Rotate(rotate::RotateArgs),
