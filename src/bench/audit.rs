@@ -126,14 +126,15 @@ pub struct Results {
     pub cpu: Vec<CpuWindow>,
     /// /proc/loadavg at the start, after the Unseal rows, and at the end.
     pub load_average: Vec<String>,
-    /// What the leanest durable-before-return design reaches at this run's
-    /// unaudited CPU per call (`None`: not asked for).
+    /// What the leanest group-commit journal reaches at this run's unaudited
+    /// CPU per call (`None`: not asked for).
     pub ceiling: Option<Ceiling>,
 }
 
 /// `bench journal`'s model run at the end, calibrated to the unaudited row:
-/// the ratio no design that makes the record durable before the return can
-/// beat on this machine with Unseals this cheap (docs/performance.md).
+/// the ratio the leanest group-commit journal (one writer, a write and an
+/// fdatasync per group) reaches on this machine with Unseals this cheap, to
+/// read the bar's ratio against (docs/performance.md).
 #[derive(Debug, Clone, Serialize)]
 pub struct Ceiling {
     /// The unaudited row's CPU per call (this process, client included), in µs.
@@ -251,8 +252,8 @@ impl Results {
         if let Some(c) = &self.ceiling {
             println!(
                 "ceiling (`bench journal --work-us {} --linger-us {}`, the unaudited row's CPU \
-                 per call): {:.3} at {} in flight, {:.3} at {}, {:.1} records per sync: the most \
-                 a design that makes each record durable before the Unseal returns reaches here",
+                 per call): {:.3} at {} in flight, {:.3} at {}, {:.1} records per sync: what the \
+                 leanest group-commit journal reaches here with Unseals this cheap",
                 c.work_us,
                 c.linger_us,
                 c.ratio,
@@ -438,6 +439,7 @@ async fn ceiling(params: &Params, seconds_per_call: f64) -> anyhow::Result<Ceili
         in_flight: params.in_flight,
         work_us: (seconds_per_call * 1e6).round().max(1.0) as u64,
         linger_us: params.linger.as_micros() as u64,
+        append: false,
         seconds: params.ceiling_seconds,
         warmup_seconds: 0.5,
         rounds: 2,

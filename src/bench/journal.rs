@@ -12,8 +12,13 @@
 //!   previous MAC ‖ seq ‖ length ‖ record), the entry (seq ‖ length ‖ record ‖
 //!   MAC) is appended to a shared buffer and a oneshot is queued; the task
 //!   awaits it. One `journal-writer` thread takes the whole buffer and its
-//!   waiters, does one `write_all` + `sync_data` (fdatasync) on a file in a
-//!   temporary directory, then wakes every waiter: group commit.
+//!   waiters, does one write + `sync_data` (fdatasync) on a file in a
+//!   temporary directory, then wakes every waiter: group commit. The file is
+//!   preallocated (64 MiB of zeros) and overwritten from its start once full,
+//!   as the product's journal is, so a sync writes data blocks only; with
+//!   `append` it grows instead, and every sync also commits its new size (the
+//!   model before session 11, about half as fast a sync on the development
+//!   VM).
 //!
 //! It leaves out everything but the CPU stand-in: no TLS, no HTTP/2, no
 //! store, no B-tree or index over the records, no second copy, no record
@@ -30,7 +35,9 @@
 //! On and off run in `rounds` interleaved slices (on, off, then the reverse,
 //! …) after a warm-up, so that drift in the VM's disk latency or in other
 //! load weighs on both alike. Afterwards the journal file is read back: its
-//! chain must verify and hold exactly one entry per records-on call.
+//! chain must verify and end at the entry of the last records-on call (when
+//! overwritten, from the first entry of its last lap, chained to the MAC of
+//! the entry before it).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -58,6 +65,9 @@ pub struct Params {
     /// How long the writer waits after a group's first record before taking
     /// the group, in µs (0: greedy group commit).
     pub linger_us: u64,
+    /// Append to a growing file (each sync also writes its new size) instead
+    /// of overwriting a preallocated one, as the product's journal does.
+    pub append: bool,
     /// How long each row is measured, after its warm-up.
     pub seconds: f64,
     /// Warm-up before each row's first slice; later slices get 0.25 s.
@@ -75,6 +85,9 @@ const MAC_BYTES: usize = 32;
 const HEADER_BYTES: usize = 12;
 /// Settle before every slice after a row's first.
 const SETTLE_SECONDS: f64 = 0.25;
+/// Size of the preallocated file the writer overwrites, from its start again
+/// once full (unless `append`).
+const OVERWRITE_BYTES: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
 /// The bar of issue 5: audited / unaudited Unseal throughput.
 const BAR: f64 = 0.85;
 
@@ -200,11 +213,18 @@ pub async fn run(params: &Params) -> anyhow::Result<Results> {
     let key = hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
         .map_err(|_| anyhow::anyhow!("no random HMAC key"))?;
     let linger = Duration::from_micros(params.linger_us);
-    let (journal, writer) = Journal::start(&path, key.clone(), linger)?;
+    let (journal, writer) = Journal::start(&path, key.clone(), linger, !params.append)?;
     let commit = if linger.is_zero() {
         "greedy group commit".to_owned()
     } else {
         format!("group commit lingering {} µs", params.linger_us)
+    };
+    let commit = match params.append {
+        true => format!("{commit}, appending to a growing file"),
+        false => format!(
+            "{commit}, overwriting a preallocated {} MiB file",
+            OVERWRITE_BYTES >> 20
+        ),
     };
 
     let mut report = Report::new("journal");
@@ -251,12 +271,16 @@ pub async fn run(params: &Params) -> anyhow::Result<Results> {
     stopped?;
 
     eprintln!("reading the journal back…");
+    // Overwritten from its start once full: only the last lap can be read
+    // back, from the entry it started with, chained to the MAC before it.
+    let lap = journal.lap();
     let mut check = JournalCheck {
         calls,
-        bytes: std::fs::metadata(&path)?.len(),
+        bytes: lap.bytes,
         ..JournalCheck::default()
     };
-    match verify(&key, io::BufReader::new(File::open(&path)?), check.bytes) {
+    let reader = io::BufReader::new(File::open(&path)?);
+    match verify_from(&key, reader, lap.bytes, lap.after_seq, &lap.after_mac) {
         Ok(entries) => {
             check.entries = entries;
             check.verify_ok = true;
@@ -518,8 +542,21 @@ fn append_entry(
 
 /// Reads `bytes` of journal entries from `reader` and checks the chain:
 /// sequence numbers 1, 2, … and every MAC. Returns the entries.
-fn verify(key: &hmac::Key, mut reader: impl Read, bytes: u64) -> anyhow::Result<u64> {
-    let (mut previous, mut seq, mut read) = ([0; MAC_BYTES], 0u64, 0u64);
+#[cfg(test)]
+fn verify(key: &hmac::Key, reader: impl Read, bytes: u64) -> anyhow::Result<u64> {
+    verify_from(key, reader, bytes, 0, &[0; MAC_BYTES])
+}
+
+/// [`verify`] of entries that follow entry `after_seq`, whose MAC is
+/// `after_mac`. Returns the last sequence number.
+fn verify_from(
+    key: &hmac::Key,
+    mut reader: impl Read,
+    bytes: u64,
+    after_seq: u64,
+    after_mac: &[u8; MAC_BYTES],
+) -> anyhow::Result<u64> {
+    let (mut previous, mut seq, mut read) = (*after_mac, after_seq, 0u64);
     let mut entry = Vec::new();
     while read < bytes {
         let mut header = [0; HEADER_BYTES];
@@ -601,6 +638,19 @@ struct Journal {
     syncs: AtomicU64,
     records: AtomicU64,
     sync_ns: AtomicU64,
+    /// Overwrite the preallocated file instead of appending.
+    overwrite: bool,
+    /// What the file holds of the current lap.
+    lap: Mutex<Lap>,
+}
+
+/// The entries of the file's current lap: `bytes` from its start, following
+/// entry `after_seq` (MAC `after_mac`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Lap {
+    bytes: u64,
+    after_seq: u64,
+    after_mac: [u8; MAC_BYTES],
 }
 
 #[derive(Default)]
@@ -621,9 +671,22 @@ struct Writer {
 
 impl Journal {
     /// Creates the journal file at `path` and starts its writer.
-    fn start(path: &Path, key: hmac::Key, linger: Duration) -> anyhow::Result<(Arc<Self>, Writer)> {
+    fn start(
+        path: &Path,
+        key: hmac::Key,
+        linger: Duration,
+        overwrite: bool,
+    ) -> anyhow::Result<(Arc<Self>, Writer)> {
         let file = File::create_new(path)
             .with_context(|| format!("creating the journal {}", path.display()))?;
+        if overwrite {
+            // Written, not fallocated: an overwrite then changes no metadata.
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..(OVERWRITE_BYTES >> 20) {
+                (&file).write_all(&zeros)?;
+            }
+            file.sync_all()?;
+        }
         let journal = Arc::new(Self {
             key,
             linger,
@@ -632,6 +695,8 @@ impl Journal {
             syncs: AtomicU64::new(0),
             records: AtomicU64::new(0),
             sync_ns: AtomicU64::new(0),
+            overwrite,
+            lap: Mutex::new(Lap::default()),
         });
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
@@ -644,6 +709,12 @@ impl Journal {
             thread: Some(thread),
         };
         Ok((journal, writer))
+    }
+
+    /// What the file holds of its current lap (after the writer stopped: all
+    /// that can be read back).
+    fn lap(&self) -> Lap {
+        *self.lap.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Chains `record` into the journal and returns once it is durable.
@@ -701,7 +772,7 @@ impl Journal {
                 std::mem::swap(&mut state.waiters, &mut waiters);
             }
             let started = Instant::now();
-            file.write_all(&buffer)?;
+            self.write_group(file, &buffer)?;
             file.sync_data()?;
             let took = started.elapsed().as_nanos() as u64;
             self.sync_ns.fetch_add(took, Ordering::Relaxed);
@@ -713,6 +784,32 @@ impl Journal {
                 let _ = waiter.send(()); // its task may have failed and gone
             }
         }
+    }
+}
+
+impl Journal {
+    /// Writes one group's entries after the last ones, or, overwriting, from
+    /// the start of the file when they do not fit before its end.
+    fn write_group(&self, file: &mut File, buffer: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut guard = self.lap.lock().unwrap_or_else(PoisonError::into_inner);
+        let lap = &mut *guard;
+        if self.overwrite && lap.bytes + buffer.len() as u64 > OVERWRITE_BYTES {
+            if lap.bytes == 0 {
+                return Err(io::Error::other("a group larger than the journal file"));
+            }
+            // The new lap follows the last entry written: its MAC ends the lap.
+            file.read_exact_at(&mut lap.after_mac, lap.bytes - MAC_BYTES as u64)?;
+            let first = u64::from_be_bytes(buffer[..8].try_into().expect("8 bytes"));
+            lap.after_seq = first - 1;
+            lap.bytes = 0;
+        }
+        match self.overwrite {
+            true => file.write_all_at(buffer, lap.bytes)?,
+            false => file.write_all(buffer)?,
+        }
+        lap.bytes += buffer.len() as u64;
+        Ok(())
     }
 }
 
@@ -816,5 +913,47 @@ mod tests {
         swapped.extend_from_slice(&bytes[first + second..]);
         swapped.extend_from_slice(&bytes[first..first + second]);
         assert!(verify(&key(), &swapped[..], len).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overwritten_file_keeps_its_last_lap_verifiable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (journal, writer) = Journal::start(&path, key(), Duration::ZERO, true).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), OVERWRITE_BYTES);
+        // 4,000 entries of 344 bytes: the 1 MiB file is overwritten a few times.
+        let mut record = Vec::new();
+        for seq in 0..4_000u64 {
+            record.clear();
+            fill_record(&mut record, 1, seq).unwrap();
+            journal.append(&record).await.unwrap();
+        }
+        writer.stop().unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            OVERWRITE_BYTES,
+            "never grows"
+        );
+        let lap = journal.lap();
+        assert!(lap.after_seq > 0, "it wrapped: {lap:?}");
+        let file = File::open(&path).unwrap();
+        let last = verify_from(
+            &key(),
+            io::BufReader::new(file),
+            lap.bytes,
+            lap.after_seq,
+            &lap.after_mac,
+        );
+        assert_eq!(last.unwrap(), 4_000);
+        // Another starting MAC does not verify.
+        let file = File::open(&path).unwrap();
+        let wrong = verify_from(
+            &key(),
+            io::BufReader::new(file),
+            lap.bytes,
+            lap.after_seq,
+            &[1; MAC_BYTES],
+        );
+        assert!(wrong.is_err());
     }
 }

@@ -92,6 +92,11 @@ pub struct BenchArgs {
     /// previous group held more than one [default: the server's, 500].
     #[arg(long)]
     linger_us: Option<u64>,
+    /// journal: append to a growing file (every sync then also writes the
+    /// file's size) instead of overwriting a preallocated one, as the
+    /// product's journal does (and as this model did before session 11).
+    #[arg(long)]
+    append_journal: bool,
     /// audit: seconds of each row of the ceiling run at the end (`bench
     /// journal`'s model at the unaudited row's CPU per call; 0: skip it).
     #[arg(long, default_value_t = 2.0)]
@@ -212,6 +217,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 in_flight: args.in_flight,
                 work_us: args.work_us,
                 linger_us: args.linger_us.unwrap_or(0),
+                append: args.append_journal,
                 seconds: args.seconds.unwrap_or(5.0),
                 warmup_seconds: 1.0,
                 rounds: args.rounds,
