@@ -275,6 +275,21 @@ async fn with_the_journal_a_log_that_refuses_its_records_fails_later_unseals_and
         .await
         .unwrap();
     assert_eq!(unsealed.secret.expose(), b"sk-live-1");
+    // The status waits for the journal, which fails on the refused feed (now,
+    // or already at its 5 ms feed): it answers anyway, naming the failure,
+    // with the head the store holds.
+    let status = vault
+        .status()
+        .expect("the status answers once the journal failed");
+    let failure = status.audit_failure.expect("the journal's failure");
+    assert!(failure.contains("injected write failure"), "{failure}");
+    assert_eq!(
+        status.audit_head.map(|h| h.sequence),
+        Some(1),
+        "the Seal's record only"
+    );
+    let problem = vault.serving_problem().expect("a problem to report");
+    assert!(problem.contains("audit log refuses records"), "{problem}");
     let log = vault.audit_log().unwrap();
     assert!(log.settled().await.is_err(), "the log took the record");
     // From then on no Unseal returns a secret: fail closed.

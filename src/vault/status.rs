@@ -56,14 +56,17 @@ impl Vault {
             .iter()
             .filter(|job| job.state == JobState::Running)
             .count() as u64;
-        let audit_failure = self.audit.as_ref().and_then(|log| log.failure());
-        // After the journal failed, what the store holds (waiting for the
-        // journal would fail, and the status is how an operator learns why).
+        // Once the journal has failed (before or while this waits for it),
+        // what the store holds: the status is how an operator learns why.
         let audit_head = match &self.audit {
-            Some(log) if audit_failure.is_some() => log.stored_head()?,
-            Some(log) => log.head()?,
+            Some(log) => match log.head() {
+                Ok(head) => head,
+                Err(_) if log.failure().is_some() => log.stored_head()?,
+                Err(error) => return Err(error.into()),
+            },
             None => None,
         };
+        let audit_failure = self.audit.as_ref().and_then(|log| log.failure());
         Ok(VaultStatus {
             root,
             primary_kek,
