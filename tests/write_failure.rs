@@ -3,7 +3,7 @@
 //! disk loses nothing that was acknowledged and records nothing that was not.
 //!
 //! The failure is real: the process's file-size limit (`RLIMIT_FSIZE`) drops
-//! to 0, so every write to the journal and the store's log fails with EFBIG
+//! to 0, so every file write (the journal's, the store's log) fails with EFBIG
 //! (SIGXFSZ, which would end the process, is caught). The limit is the whole
 //! process's, so this file holds one test and nothing else runs beside it.
 
@@ -88,7 +88,7 @@ async fn a_disk_that_refuses_writes_fails_audited_calls_closed_and_turns_health_
         ServingStatus::Serving as i32
     );
 
-    // From here no file can grow: writes past offset 0 fail with EFBIG.
+    // From here every file write fails with EFBIG (a file-size limit of 0).
     let _xfsz = signal(SignalKind::from_raw(Signal::XFSZ.as_raw())).expect("catch SIGXFSZ");
     let limit = getrlimit(Resource::Fsize);
     setrlimit(
@@ -113,8 +113,7 @@ async fn a_disk_that_refuses_writes_fails_audited_calls_closed_and_turns_health_
             b"li_at=lost",
         ))
         .await;
-    let status = refused.expect_err("a seal on a disk that refuses writes");
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    expect_status(refused, Code::Unavailable, "STORAGE");
 
     // Health follows within a few checks: the server and its Vault service
     // are out of rotation, Admin still answers so that status can say why.
