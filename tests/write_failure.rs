@@ -53,6 +53,17 @@ async fn gmail_unseals(
         .collect()
 }
 
+async fn unseal_gmail(
+    vault: &mut pb::vault_client::VaultClient<tonic::transport::Channel>,
+) -> Vec<u8> {
+    vault
+        .unseal(unseal_request("acme", "gmail"))
+        .await
+        .unwrap_or_else(|s| panic!("Unseal on a healthy disk: {s:?}"))
+        .into_inner()
+        .secret
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_refuses_writes_fails_audited_calls_closed_and_turns_health_not_serving() {
     credvault::tls::install_default_provider();
@@ -77,12 +88,7 @@ async fn a_disk_that_refuses_writes_fails_audited_calls_closed_and_turns_health_
         ))
         .await
         .expect("seal on a healthy disk");
-    let before = vault
-        .unseal(unseal_request("acme", "gmail"))
-        .await
-        .expect("unseal on a healthy disk")
-        .into_inner();
-    assert_eq!(before.secret, b"SID=kept-1");
+    assert_eq!(unseal_gmail(&mut vault).await, b"SID=kept-1");
     assert_eq!(
         health_of(&mut health, "").await,
         ServingStatus::Serving as i32
@@ -159,12 +165,7 @@ async fn a_disk_that_refuses_writes_fails_audited_calls_closed_and_turns_health_
     server.restart().await;
     let mut vault = server.vault(&executor).await;
     let mut admin = server.admin(&server.pki.role("admin")).await;
-    let after = vault
-        .unseal(unseal_request("acme", "gmail"))
-        .await
-        .expect("unseal after the restart")
-        .into_inner();
-    assert_eq!(after.secret, b"SID=kept-1");
+    assert_eq!(unseal_gmail(&mut vault).await, b"SID=kept-1");
     expect_status(
         vault.unseal(unseal_request("acme", "linkedin")).await,
         Code::NotFound,

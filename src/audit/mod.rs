@@ -526,16 +526,16 @@ impl AuditLog {
     }
 
     /// The newest record's sequence number and MAC, as stored (not verified);
-    /// `None` while the log is empty.
+    /// `None` while the log is empty. Once the journal has failed (before this
+    /// call or while it waits for the journal), the head the store holds: the
+    /// records the journal made durable but did not hand on are appended at
+    /// the next start, after it (so the status and the published heads still
+    /// answer, and a head published now is still reached later).
     pub fn head(&self) -> Result<Option<Head>, AuditError> {
-        self.settled_blocking()?;
-        self.stored_head()
-    }
-
-    /// [`Self::head`] of what the store holds now, without waiting for the
-    /// journal (so that it answers after the journal failed; records it
-    /// acknowledged but had not fed are then not counted).
-    pub fn stored_head(&self) -> Result<Option<Head>, AuditError> {
+        match self.settled_blocking() {
+            Err(_) if self.failure().is_some() => {}
+            settled => settled?,
+        }
         let Some((key, value)) = self.store.last(PREFIX)? else {
             return Ok(None);
         };

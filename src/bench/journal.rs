@@ -785,9 +785,7 @@ impl Journal {
             }
         }
     }
-}
 
-impl Journal {
     /// Writes one group's entries after the last ones, or, overwriting, from
     /// the start of the file when they do not fit before its end.
     fn write_group(&self, file: &mut File, buffer: &[u8]) -> io::Result<()> {
@@ -936,24 +934,12 @@ mod tests {
         );
         let lap = journal.lap();
         assert!(lap.after_seq > 0, "it wrapped: {lap:?}");
-        let file = File::open(&path).unwrap();
-        let last = verify_from(
-            &key(),
-            io::BufReader::new(file),
-            lap.bytes,
-            lap.after_seq,
-            &lap.after_mac,
-        );
-        assert_eq!(last.unwrap(), 4_000);
+        let read_back = |after_mac: &[u8; MAC_BYTES]| {
+            let file = io::BufReader::new(File::open(&path).unwrap());
+            verify_from(&key(), file, lap.bytes, lap.after_seq, after_mac)
+        };
+        assert_eq!(read_back(&lap.after_mac).unwrap(), 4_000);
         // Another starting MAC does not verify.
-        let file = File::open(&path).unwrap();
-        let wrong = verify_from(
-            &key(),
-            io::BufReader::new(file),
-            lap.bytes,
-            lap.after_seq,
-            &[1; MAC_BYTES],
-        );
-        assert!(wrong.is_err());
+        assert!(read_back(&[1; MAC_BYTES]).is_err());
     }
 }

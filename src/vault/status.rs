@@ -56,14 +56,8 @@ impl Vault {
             .iter()
             .filter(|job| job.state == JobState::Running)
             .count() as u64;
-        // Once the journal has failed (before or while this waits for it),
-        // what the store holds: the status is how an operator learns why.
         let audit_head = match &self.audit {
-            Some(log) => match log.head() {
-                Ok(head) => head,
-                Err(_) if log.failure().is_some() => log.stored_head()?,
-                Err(error) => return Err(error.into()),
-            },
+            Some(log) => log.head()?,
             None => None,
         };
         let audit_failure = self.audit.as_ref().and_then(|log| log.failure());
