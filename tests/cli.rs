@@ -2068,6 +2068,114 @@ fn audit_query_tail_export_and_verify_online_and_offline_detect_an_edited_record
     );
 }
 
+/// Every file under `dir`, by its path relative to `dir`, with its bytes.
+fn files_under(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, into: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for entry in fs::read_dir(dir).expect("reading a directory") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                walk(root, &path, into);
+            } else {
+                let relative = path.strip_prefix(root).expect("under root").to_path_buf();
+                into.insert(relative, fs::read(&path).expect("reading a file"));
+            }
+        }
+    }
+    let mut files = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut files);
+    files
+}
+
+#[test]
+fn offline_verify_after_kill_9_reads_a_copy_and_leaves_the_data_directory_as_it_was() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let server = Server::dev(tmp.path(), &[]);
+    run(
+        server
+            .client("seal")
+            .args(["--tenant", "acme", "--id", "gmail/alice"]),
+        b"SID=abc",
+    )
+    .assert_success("seal");
+    for _ in 0..3 {
+        let unsealed = run(
+            server
+                .client("unseal")
+                .args(["--tenant", "acme", "--id", "gmail/alice"]),
+            b"",
+        );
+        assert_eq!(unsealed.assert_success("unseal").stdout, b"SID=abc");
+    }
+    // SIGKILL: the store's log holds writes its tree lacks, and the journal may hold
+    // records the log lacks; opening the store in place would apply both.
+    drop(server);
+    let store = tmp.path().join("data/store");
+    let before = files_under(&store);
+    let scratch = tmp.path().join("scratch");
+    fs::create_dir(&scratch).expect("scratch dir");
+
+    let mut command = verify_offline_command(tmp.path());
+    let verified = run(command.arg("--scratch").arg(&scratch), b"");
+    verified.assert_success("offline verify after kill -9");
+    let text = verified.stdout_text();
+    // The seal, the three unseals and the dev server's own records at least.
+    let count = verified_count(&text);
+    assert!(count >= 4, "{text}");
+    assert!(text.contains("is not written"), "{text}");
+    let after = files_under(&store);
+    let changed: std::collections::BTreeSet<_> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|path| before.get(*path) != after.get(*path))
+        .collect();
+    assert!(changed.is_empty(), "offline verify changed {changed:?}");
+    assert_eq!(
+        fs::read_dir(&scratch).expect("scratch dir").count(),
+        0,
+        "the copy was left behind"
+    );
+
+    // The same again: the same records (nothing was appended to the original).
+    let again = verify_offline(tmp.path());
+    again.assert_success("second offline verify");
+    assert_eq!(verified_count(&again.stdout_text()), count);
+
+    // The server starts on the untouched directory and serves what it acknowledged.
+    let server = Server::dev(tmp.path(), &[]);
+    let unsealed = run(
+        server
+            .client("unseal")
+            .args(["--tenant", "acme", "--id", "gmail/alice"]),
+        b"",
+    );
+    assert_eq!(
+        unsealed.assert_success("unseal after restart").stdout,
+        b"SID=abc"
+    );
+    let online = audit(&server, "verify", &[]);
+    online.assert_success("audit verify after restart");
+    assert!(verified_count(&online.stdout_text()) > count);
+
+    // A directory that holds no store is refused, and nothing is created there.
+    let typo = tmp.path().join("data/stor");
+    let mut command = credvault();
+    let refused = run(
+        command
+            .args(["audit", "verify", "--data-dir"])
+            .arg(&typo)
+            .arg("--root-key-file")
+            .arg(tmp.path().join("data/root.key")),
+        b"",
+    );
+    refused.assert_failure("offline verify of a directory without a store");
+    assert!(
+        refused.stderr.contains("holds no credvault store"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!typo.exists());
+}
+
 #[test]
 fn audit_retention_is_validated_and_prunes_old_records_keeping_the_chain_verifiable() {
     let tmp = tempfile::tempdir().expect("temp dir");

@@ -93,7 +93,8 @@ enum AuditCommand {
         after: u64,
     },
     /// Verify the HMAC chain: exit 0 when it holds, 2 when it is broken. Online by
-    /// default (VerifyAudit); with --data-dir, offline on a stopped server's store.
+    /// default (VerifyAudit); with --data-dir, offline on a copy of a stopped server's
+    /// store (the data directory itself is not written).
     #[command(group(
         ArgGroup::new("root_key").args(["root_key_file", "root_key_env"]).multiple(false)
     ))]
@@ -102,7 +103,8 @@ enum AuditCommand {
         conn: Connection,
         /// Verify offline: the store directory (the config's data_dir; `data/store` under
         /// a `credvault dev` directory). The server must be stopped: the store is locked
-        /// while it runs.
+        /// while it runs. The directory is copied (into --scratch) and the copy opened
+        /// and verified, so nothing in it changes.
         #[arg(long, requires = "root_key")]
         data_dir: Option<PathBuf>,
         /// With --data-dir: the root key file.
@@ -111,6 +113,11 @@ enum AuditCommand {
         /// With --data-dir: the environment variable holding the root key (base64).
         #[arg(long, requires = "data_dir")]
         root_key_env: Option<String>,
+        /// With --data-dir: where the copy that is verified goes (a directory created
+        /// and removed inside it; it needs room for the whole store) [default: the
+        /// system's temporary directory, $TMPDIR or /tmp].
+        #[arg(long, requires = "data_dir")]
+        scratch: Option<PathBuf>,
         /// A head kept from earlier (SEQUENCE:MAC, as `verify` prints it and the server
         /// logs it as "audit head"): the log must still hold that record, which catches
         /// the newest records being cut off.
@@ -191,13 +198,15 @@ async fn execute(command: AuditCommand) -> anyhow::Result<Verdict> {
             data_dir,
             root_key_file,
             root_key_env,
+            scratch,
             seen,
         } => {
             let seen = parse_head(seen)?;
             return match data_dir {
                 None => verify_online(&conn, seen).await,
                 Some(dir) => {
-                    verify_offline(dir, load_root(root_key_file, root_key_env)?, seen).await
+                    let root = load_root(root_key_file, root_key_env)?;
+                    verify_offline(dir, scratch, root, seen).await
                 }
             };
         }
@@ -433,30 +442,68 @@ async fn verify_online(conn: &Connection, seen: Option<Head>) -> anyhow::Result<
     Ok(report(&verification, seen))
 }
 
-/// Opens the stopped server's store in `dir` with `root` and verifies its
-/// audit chain (and that it still holds `seen`), printing the verdict.
+/// Verifies the audit chain of a stopped server's store in `dir` with `root`
+/// (and that it still holds `seen`), printing the verdict, without writing to
+/// `dir`: the store is copied into a scratch directory under `scratch` (the
+/// system's temporary directory by default), which is opened, verified and
+/// removed. Opening a store in place writes to it (sled's recovery, the
+/// replay of its log, the audit journal's records), and a store kept as
+/// evidence must stay as it was.
 pub(super) async fn verify_offline(
+    dir: PathBuf,
+    scratch: Option<PathBuf>,
+    root: credvault::crypto::SymmetricKey,
+    seen: Option<Head>,
+) -> anyhow::Result<Verdict> {
+    use credvault::store::{CopyError, SledStore};
+
+    let parent = scratch.unwrap_or_else(std::env::temp_dir);
+    let work = tempfile::Builder::new()
+        .prefix("credvault-verify-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a scratch directory in {}", parent.display()))?;
+    let copy = work.path().join("store");
+    let copied = SledStore::copy_stopped(&dir, &copy).map_err(|error| match error {
+        // Opening creates a missing directory: a typo must not verify an empty store.
+        CopyError::NoStore(_) => anyhow::anyhow!(
+            "{} holds no credvault store (it should be the server's data_dir)",
+            dir.display()
+        ),
+        CopyError::InUse(_) => anyhow::anyhow!(
+            "cannot read the store at {}: is the server still running? The server locks \
+             its data directory; stop it before verifying offline (or verify online: \
+             `credvault audit verify` without --data-dir)",
+            dir.display()
+        ),
+        other => anyhow::Error::new(other).context(format!(
+            "copying the store at {} into {} (--scratch chooses where)",
+            dir.display(),
+            parent.display()
+        )),
+    })?;
+    println!(
+        "verifying a copy ({:.1} MiB in {}); {} is not written",
+        copied as f64 / f64::from(1 << 20),
+        parent.display(),
+        dir.display()
+    );
+    verify_in_place(copy, root, seen)
+        .await
+        .with_context(|| format!("verifying the copy of {}", dir.display()))
+}
+
+/// Opens the store in `dir` with `root` (writing to it, as every opening
+/// does) and verifies its audit chain (and that it still holds `seen`),
+/// printing the verdict.
+pub(super) async fn verify_in_place(
     dir: PathBuf,
     root: credvault::crypto::SymmetricKey,
     seen: Option<Head>,
 ) -> anyhow::Result<Verdict> {
     use credvault::store::{SledStore, StoreOptions};
 
-    // Opening creates a missing directory: a typo must not verify an empty store.
-    if !dir.join("db").is_file() {
-        anyhow::bail!(
-            "{} holds no credvault store (it should be the server's data_dir)",
-            dir.display()
-        );
-    }
-    let store = SledStore::open(&StoreOptions::new(&dir)).with_context(|| {
-        format!(
-            "cannot open the store at {}: is the server still running? The server locks \
-             its data directory; stop it before verifying offline (or verify online: \
-             `credvault audit verify` without --data-dir)",
-            dir.display()
-        )
-    })?;
+    let store = SledStore::open(&StoreOptions::new(&dir))
+        .with_context(|| format!("cannot open the store at {}", dir.display()))?;
     let vault = credvault::vault::Vault::open(
         Arc::new(store),
         root,

@@ -11,7 +11,7 @@ use credvault::service::pb;
 use credvault::store::StoreOptions;
 use credvault::vault::backup::{self, BackupSummary};
 
-use super::audit::{Verdict, verify_offline};
+use super::audit::{Verdict, verify_in_place};
 use super::client::{Connection, status as status_error};
 use super::keys::{admin, load_root, utc};
 
@@ -91,7 +91,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let verdict = runtime
-        .block_on(verify_offline(data_dir.clone(), root, None))
+        .block_on(verify_in_place(data_dir.clone(), root, None))
         .with_context(|| format!("opening the restored store in {}", data_dir.display()))?;
     if let Verdict::Broken = verdict {
         anyhow::bail!(

@@ -18,7 +18,7 @@ mod wal;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use self::sled::{Durability, ImportError, SledStore, StoreOptions, dir_bytes};
+pub use self::sled::{CopyError, Durability, ImportError, SledStore, StoreOptions, dir_bytes};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]

@@ -476,6 +476,83 @@ pub fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(total)
 }
 
+/// Why [`SledStore::copy_stopped`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// `path` holds no store (no `db` file).
+    #[error("{0} holds no credvault store")]
+    NoStore(PathBuf),
+    /// A process (a server) has the store open.
+    #[error("{0} is in use: a server has it open")]
+    InUse(PathBuf),
+    /// Something in the directory is neither a file nor a directory.
+    #[error("{0} is neither a file nor a directory; not copied")]
+    Unexpected(PathBuf),
+    /// Reading the store or writing the copy failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl CopyError {
+    /// Turns an I/O error about `path` into one.
+    fn at(path: &Path) -> impl FnOnce(std::io::Error) -> Self + use<> {
+        let path = path.to_path_buf();
+        move |source| Self::Io { path, source }
+    }
+}
+
+impl SledStore {
+    /// Copies the store of a stopped server in `from` into `into` (which must
+    /// not exist), writing nothing in `from`; returns the bytes copied. sled's
+    /// lock on `from` is held throughout, so a server cannot start on it
+    /// meanwhile (it would find the store locked and stop). Opening a store
+    /// writes to it (sled's recovery, the log's replay, the audit journal's
+    /// records): whoever must leave a data directory as it is, as evidence,
+    /// opens such a copy instead.
+    pub fn copy_stopped(from: &Path, into: &Path) -> Result<u64, CopyError> {
+        let io = CopyError::at;
+        let db = from.join("db");
+        let lock = match File::open(&db) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CopyError::NoStore(from.to_path_buf()));
+            }
+            Err(e) => return Err(io(&db)(e)),
+        };
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(CopyError::InUse(from.to_path_buf()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&db)(e)),
+        }
+        fn copy_dir(from: &Path, into: &Path) -> Result<u64, CopyError> {
+            let io = CopyError::at;
+            std::fs::create_dir(into).map_err(io(into))?;
+            let mut bytes = 0;
+            for entry in std::fs::read_dir(from).map_err(io(from))? {
+                let entry = entry.map_err(io(from))?;
+                let (source, target) = (entry.path(), into.join(entry.file_name()));
+                let kind = entry.file_type().map_err(io(&source))?;
+                if kind.is_dir() {
+                    bytes += copy_dir(&source, &target)?;
+                } else if kind.is_file() {
+                    bytes += std::fs::copy(&source, &target).map_err(io(&source))?;
+                } else {
+                    return Err(CopyError::Unexpected(source));
+                }
+            }
+            Ok(bytes)
+        }
+        let bytes = copy_dir(from, into)?;
+        drop(lock); // closing the file lets go of the lock
+        Ok(bytes)
+    }
+}
+
 /// How long opening a store waits for a tree closed a moment ago.
 const REOPEN_WAIT: Duration = Duration::from_secs(2);
 
