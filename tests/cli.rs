@@ -1648,10 +1648,16 @@ fn verify_offline(dir: &Path) -> Output {
 }
 
 fn verify_offline_command(dir: &Path) -> Command {
+    offline_audit_command(dir, "verify", &dir.join("data/store"))
+}
+
+/// `credvault audit SUBCOMMAND --data-dir STORE --root-key-file KEY`, the key of the `dev`
+/// directory `dir`.
+fn offline_audit_command(dir: &Path, subcommand: &str, store: &Path) -> Command {
     let mut command = credvault();
     command
-        .args(["audit", "verify", "--data-dir"])
-        .arg(dir.join("data/store"))
+        .args(["audit", subcommand, "--data-dir"])
+        .arg(store)
         .arg("--root-key-file")
         .arg(dir.join("data/root.key"));
     command
@@ -2087,7 +2093,7 @@ fn files_under(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
 }
 
 #[test]
-fn offline_verify_after_kill_9_reads_a_copy_and_leaves_the_data_directory_as_it_was() {
+fn offline_verify_and_export_after_kill_9_read_a_copy_and_leave_the_data_directory_as_it_was() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let server = Server::dev(tmp.path(), &[]);
     run(
@@ -2121,7 +2127,28 @@ fn offline_verify_after_kill_9_reads_a_copy_and_leaves_the_data_directory_as_it_
     // The seal, the three unseals and the dev server's own records at least.
     let count = verified_count(&text);
     assert!(count >= 4, "{text}");
-    assert!(text.contains("is not written"), "{text}");
+    assert!(
+        verified.stderr.contains("is not written"),
+        "{}",
+        verified.stderr
+    );
+
+    // `export --data-dir`: every record of the copy, as the online export prints them.
+    let mut command = offline_audit_command(tmp.path(), "export", &store);
+    let exported = run(command.arg("--scratch").arg(&scratch), b"");
+    let records = json_lines(exported.assert_success("offline export after kill -9"));
+    assert_eq!(sequences(&records), (1..=count).collect::<Vec<_>>());
+    let unseals = records
+        .iter()
+        .filter(|r| r["rpc"] == "Unseal" && r["outcome"] == "ok")
+        .filter(|r| r["tenant_id"] == "acme" && r["credential_id"] == "gmail/alice")
+        .count();
+    assert_eq!(unseals, 3, "{records:?}");
+    assert!(
+        !contains(&exported.stdout, b"SID=abc"),
+        "a secret in the export"
+    );
+
     let after = files_under(&store);
     let changed: std::collections::BTreeSet<_> = before
         .keys()
@@ -2158,15 +2185,7 @@ fn offline_verify_after_kill_9_reads_a_copy_and_leaves_the_data_directory_as_it_
 
     // A directory that holds no store is refused, and nothing is created there.
     let typo = tmp.path().join("data/stor");
-    let mut command = credvault();
-    let refused = run(
-        command
-            .args(["audit", "verify", "--data-dir"])
-            .arg(&typo)
-            .arg("--root-key-file")
-            .arg(tmp.path().join("data/root.key")),
-        b"",
-    );
+    let refused = run(&mut offline_audit_command(tmp.path(), "verify", &typo), b"");
     refused.assert_failure("offline verify of a directory without a store");
     assert!(
         refused.stderr.contains("holds no credvault store"),

@@ -1,5 +1,7 @@
 //! `credvault audit …`: the audit log of a running server (Admin `QueryAudit`
-//! and `VerifyAudit`), or, for `verify --data-dir`, of a stopped server's store.
+//! and `VerifyAudit`), or, for `verify` and `export` with `--data-dir`, of a
+//! copy of a stopped server's store ([`OfflineCopy`]: the directory itself is
+//! never written).
 //!
 //! The online commands connect like the client commands (`--server`, `--dir`,
 //! `--ca`, `--cert`, `--key`, the same `CREDVAULT_*` variables), with the admin
@@ -84,10 +86,14 @@ enum AuditCommand {
         #[arg(long, short = 'f')]
         follow: bool,
     },
-    /// Every record after a sequence number, oldest first, as JSON lines.
+    /// Every record after a sequence number, oldest first, as JSON lines. Online by
+    /// default (QueryAudit); with --data-dir, offline from a copy of a stopped server's
+    /// store (the data directory itself is not written).
     Export {
         #[command(flatten)]
         conn: Connection,
+        #[command(flatten)]
+        offline: Offline,
         /// Start after this sequence number (0: from the oldest record kept).
         #[arg(long, default_value_t = 0)]
         after: u64,
@@ -95,29 +101,11 @@ enum AuditCommand {
     /// Verify the HMAC chain: exit 0 when it holds, 2 when it is broken. Online by
     /// default (VerifyAudit); with --data-dir, offline on a copy of a stopped server's
     /// store (the data directory itself is not written).
-    #[command(group(
-        ArgGroup::new("root_key").args(["root_key_file", "root_key_env"]).multiple(false)
-    ))]
     Verify {
         #[command(flatten)]
         conn: Connection,
-        /// Verify offline: the store directory (the config's data_dir; `data/store` under
-        /// a `credvault dev` directory). The server must be stopped: the store is locked
-        /// while it runs. The directory is copied (into --scratch) and the copy opened
-        /// and verified, so nothing in it changes.
-        #[arg(long, requires = "root_key")]
-        data_dir: Option<PathBuf>,
-        /// With --data-dir: the root key file.
-        #[arg(long, requires = "data_dir")]
-        root_key_file: Option<PathBuf>,
-        /// With --data-dir: the environment variable holding the root key (base64).
-        #[arg(long, requires = "data_dir")]
-        root_key_env: Option<String>,
-        /// With --data-dir: where the copy that is verified goes (a directory created
-        /// and removed inside it; it needs room for the whole store) [default: the
-        /// system's temporary directory, $TMPDIR or /tmp].
-        #[arg(long, requires = "data_dir")]
-        scratch: Option<PathBuf>,
+        #[command(flatten)]
+        offline: Offline,
         /// A head kept from earlier (SEQUENCE:MAC, as `verify` prints it and the server
         /// logs it as "audit head"): the log must still hold that record, which catches
         /// the newest records being cut off.
@@ -125,6 +113,32 @@ enum AuditCommand {
         #[arg(long)]
         seen: Option<String>,
     },
+}
+
+/// `--data-dir` and what goes with it: the offline `verify` and `export`.
+#[derive(Debug, Args)]
+#[group(skip)]
+#[command(group(
+    ArgGroup::new("root_key").args(["root_key_file", "root_key_env"]).multiple(false)
+))]
+struct Offline {
+    /// Offline: the store directory (the config's data_dir; `data/store` under a
+    /// `credvault dev` directory). The server must be stopped: the store is locked while
+    /// it runs. The directory is copied (into --scratch) and the copy opened, so nothing
+    /// in it changes.
+    #[arg(long, requires = "root_key")]
+    data_dir: Option<PathBuf>,
+    /// With --data-dir: the root key file.
+    #[arg(long, requires = "data_dir")]
+    root_key_file: Option<PathBuf>,
+    /// With --data-dir: the environment variable holding the root key (base64).
+    #[arg(long, requires = "data_dir")]
+    root_key_env: Option<String>,
+    /// With --data-dir: where the copy goes (a directory created and removed inside it;
+    /// it needs room for the whole store) [default: the system's temporary directory,
+    /// $TMPDIR or /tmp].
+    #[arg(long, requires = "data_dir")]
+    scratch: Option<PathBuf>,
 }
 
 fn parse_head(text: Option<String>) -> anyhow::Result<Option<Head>> {
@@ -186,28 +200,29 @@ async fn execute(command: AuditCommand) -> anyhow::Result<Verdict> {
             lines,
             follow,
         } => tail(&conn, lines, follow).await?,
-        AuditCommand::Export { conn, after } => {
-            let request = pb::QueryAuditRequest {
-                page_token: token(after),
-                ..Default::default()
-            };
-            query(&conn, request, 0).await?;
-        }
+        AuditCommand::Export {
+            conn,
+            offline,
+            after,
+        } => match OfflineCopy::open(offline).await? {
+            None => {
+                let request = pb::QueryAuditRequest {
+                    page_token: token(after),
+                    ..Default::default()
+                };
+                query(&conn, request, 0).await?;
+            }
+            Some(copy) => copy.export(after)?,
+        },
         AuditCommand::Verify {
             conn,
-            data_dir,
-            root_key_file,
-            root_key_env,
-            scratch,
+            offline,
             seen,
         } => {
             let seen = parse_head(seen)?;
-            return match data_dir {
+            return match OfflineCopy::open(offline).await? {
                 None => verify_online(&conn, seen).await,
-                Some(dir) => {
-                    let root = load_root(root_key_file, root_key_env)?;
-                    verify_offline(dir, scratch, root, seen).await
-                }
+                Some(copy) => copy.verify(seen),
             };
         }
     }
@@ -442,83 +457,126 @@ async fn verify_online(conn: &Connection, seen: Option<Head>) -> anyhow::Result<
     Ok(report(&verification, seen))
 }
 
-/// Verifies the audit chain of a stopped server's store in `dir` with `root`
-/// (and that it still holds `seen`), printing the verdict, without writing to
-/// `dir`: the store is copied into a scratch directory under `scratch` (the
-/// system's temporary directory by default), which is opened, verified and
-/// removed. Opening a store in place writes to it (sled's recovery, the
-/// replay of its log, the audit journal's records), and a store kept as
-/// evidence must stay as it was.
-pub(super) async fn verify_offline(
-    dir: PathBuf,
-    scratch: Option<PathBuf>,
-    root: credvault::crypto::SymmetricKey,
-    seen: Option<Head>,
-) -> anyhow::Result<Verdict> {
-    use credvault::store::{CopyError, SledStore};
-
-    let parent = scratch.unwrap_or_else(std::env::temp_dir);
-    let work = tempfile::Builder::new()
-        .prefix("credvault-verify-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a scratch directory in {}", parent.display()))?;
-    let copy = work.path().join("store");
-    let copied = SledStore::copy_stopped(&dir, &copy).map_err(|error| match error {
-        // Opening creates a missing directory: a typo must not verify an empty store.
-        CopyError::NoStore(_) => anyhow::anyhow!(
-            "{} holds no credvault store (it should be the server's data_dir)",
-            dir.display()
-        ),
-        CopyError::InUse(_) => anyhow::anyhow!(
-            "cannot read the store at {}: is the server still running? The server locks \
-             its data directory; stop it before verifying offline (or verify online: \
-             `credvault audit verify` without --data-dir)",
-            dir.display()
-        ),
-        other => anyhow::Error::new(other).context(format!(
-            "copying the store at {} into {} (--scratch chooses where)",
-            dir.display(),
-            parent.display()
-        )),
-    })?;
-    println!(
-        "verifying a copy ({:.1} MiB in {}); {} is not written",
-        copied as f64 / f64::from(1 << 20),
-        parent.display(),
-        dir.display()
-    );
-    verify_in_place(copy, root, seen)
-        .await
-        .with_context(|| format!("verifying the copy of {}", dir.display()))
+/// A stopped server's store, copied into a scratch directory and opened there:
+/// opening a store in place writes to it (sled's recovery, the replay of its
+/// log, the audit journal's records), and a store kept as evidence must stay
+/// as it was. Removed on drop.
+struct OfflineCopy {
+    // Declared first, so dropped first: the store closes before its files go.
+    vault: credvault::vault::Vault,
+    _scratch: tempfile::TempDir,
 }
 
-/// Opens the store in `dir` with `root` (writing to it, as every opening
-/// does) and verifies its audit chain (and that it still holds `seen`),
-/// printing the verdict.
-pub(super) async fn verify_in_place(
+impl OfflineCopy {
+    /// Copies and opens the store `offline` names; `None` without `--data-dir`.
+    async fn open(offline: Offline) -> anyhow::Result<Option<Self>> {
+        use credvault::store::{CopyError, SledStore};
+
+        let Some(dir) = offline.data_dir else {
+            return Ok(None);
+        };
+        let root = load_root(offline.root_key_file, offline.root_key_env)?;
+        let parent = offline.scratch.unwrap_or_else(std::env::temp_dir);
+        let scratch = tempfile::Builder::new()
+            .prefix("credvault-copy-")
+            .tempdir_in(&parent)
+            .with_context(|| format!("creating a scratch directory in {}", parent.display()))?;
+        let copy = scratch.path().join("store");
+        let copied = SledStore::copy_stopped(&dir, &copy).map_err(|error| match error {
+            // Opening creates a missing directory: a typo must not read an empty store.
+            CopyError::NoStore(_) => anyhow::anyhow!(
+                "{} holds no credvault store (it should be the server's data_dir)",
+                dir.display()
+            ),
+            CopyError::InUse(_) => anyhow::anyhow!(
+                "cannot read the store at {}: is the server still running? The server \
+                 locks its data directory; stop it first (or leave out --data-dir to ask \
+                 the server)",
+                dir.display()
+            ),
+            other => anyhow::Error::new(other).context(format!(
+                "copying the store at {} into {} (--scratch chooses where)",
+                dir.display(),
+                parent.display()
+            )),
+        })?;
+        // stderr: an export's stdout holds JSON lines only.
+        eprintln!(
+            "reading a copy ({:.1} MiB in {}); {} is not written",
+            copied as f64 / f64::from(1 << 20),
+            parent.display(),
+            dir.display()
+        );
+        let vault = open_vault(copy, root)
+            .await
+            .with_context(|| format!("opening the copy of {}", dir.display()))?;
+        Ok(Some(Self {
+            vault,
+            _scratch: scratch,
+        }))
+    }
+
+    fn log(&self) -> anyhow::Result<&credvault::audit::AuditLog> {
+        self.vault
+            .audit_log()
+            .context("the vault was opened without its audit log")
+    }
+
+    /// Verifies the copy's audit chain (and that it still holds `seen`).
+    fn verify(&self, seen: Option<Head>) -> anyhow::Result<Verdict> {
+        let verification = self.log()?.verify_against(seen)?;
+        Ok(report(&verification.into(), seen))
+    }
+
+    /// Prints every record after `after`, as the online export does.
+    fn export(&self, mut after: u64) -> anyhow::Result<()> {
+        let log = self.log()?;
+        loop {
+            let entries = log.export(after, MAX_PAGE as usize)?;
+            let Some(last) = entries.last() else {
+                return Ok(());
+            };
+            after = last.sequence;
+            let records: Vec<_> = entries.into_iter().map(pb::AuditRecord::from).collect();
+            print(&records)?;
+        }
+    }
+}
+
+/// Opens the vault over the store in `dir` with `root`, writing to it as every
+/// opening does.
+async fn open_vault(
     dir: PathBuf,
     root: credvault::crypto::SymmetricKey,
-    seen: Option<Head>,
-) -> anyhow::Result<Verdict> {
+) -> anyhow::Result<credvault::vault::Vault> {
     use credvault::store::{SledStore, StoreOptions};
 
     let store = SledStore::open(&StoreOptions::new(&dir))
         .with_context(|| format!("cannot open the store at {}", dir.display()))?;
-    let vault = credvault::vault::Vault::open(
+    credvault::vault::Vault::open(
         Arc::new(store),
         root,
         Arc::new(credvault::clock::SystemClock),
         credvault::vault::VaultOptions::default(),
     )
     .await
-    .with_context(|| format!("opening the vault in {}", dir.display()))?;
-    let log = vault
+    .with_context(|| format!("opening the vault in {}", dir.display()))
+}
+
+/// Opens the store in `dir` with `root` (writing to it, as every opening
+/// does) and verifies its audit chain, printing the verdict: `restore`'s check
+/// of the directory it has just made.
+pub(super) async fn verify_in_place(
+    dir: PathBuf,
+    root: credvault::crypto::SymmetricKey,
+) -> anyhow::Result<Verdict> {
+    let vault = open_vault(dir.clone(), root).await?;
+    let verification = vault
         .audit_log()
-        .context("the vault was opened without its audit log")?;
-    let verification = log
-        .verify_against(seen)
+        .context("the vault was opened without its audit log")?
+        .verify_against(None)
         .with_context(|| format!("reading the audit log in {}", dir.display()))?;
-    Ok(report(&verification.into(), seen))
+    Ok(report(&verification.into(), None))
 }
 
 /// Prints what `verify` found, online or offline, and the head to keep.

@@ -91,7 +91,7 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let verdict = runtime
-        .block_on(verify_in_place(data_dir.clone(), root, None))
+        .block_on(verify_in_place(data_dir.clone(), root))
         .with_context(|| format!("opening the restored store in {}", data_dir.display()))?;
     if let Verdict::Broken = verdict {
         anyhow::bail!(

@@ -318,7 +318,11 @@ impl pb::admin_server::Admin for AdminService {
             );
             let page = result?;
             Ok(Response::new(pb::QueryAuditResponse {
-                records: page.entries.into_iter().map(audit_record).collect(),
+                records: page
+                    .entries
+                    .into_iter()
+                    .map(pb::AuditRecord::from)
+                    .collect(),
                 next_page_token: page.next_page_token.unwrap_or_default(),
             }))
         }
@@ -439,19 +443,21 @@ impl pb::admin_server::Admin for AdminService {
 }
 
 /// An audit record on the wire (never a secret: records hold none).
-fn audit_record(entry: AuditEntry) -> pb::AuditRecord {
-    let r = entry.record;
-    pb::AuditRecord {
-        sequence: entry.sequence,
-        at_ms: r.at_ms,
-        caller: r.caller,
-        rpc: r.rpc,
-        tenant_id: r.tenant,
-        credential_id: r.credential,
-        version: r.version,
-        purpose: r.purpose,
-        outcome: r.outcome,
-        mac: r.mac,
+impl From<AuditEntry> for pb::AuditRecord {
+    fn from(entry: AuditEntry) -> Self {
+        let r = entry.record;
+        pb::AuditRecord {
+            sequence: entry.sequence,
+            at_ms: r.at_ms,
+            caller: r.caller,
+            rpc: r.rpc,
+            tenant_id: r.tenant,
+            credential_id: r.credential,
+            version: r.version,
+            purpose: r.purpose,
+            outcome: r.outcome,
+            mac: r.mac,
+        }
     }
 }
 
