@@ -5,8 +5,13 @@
 //! A record is framed, MAC'd and queued by the caller; one writer thread writes
 //! every queued frame with one positioned `write` and one `fdatasync`, then
 //! wakes their callers. When the previous group held more than one record the
-//! writer first waits [`LINGER`] so that groups grow under load (one sync for
-//! dozens of records) and a lone call is not delayed. A feeder thread then
+//! writer takes the next no sooner than [`LINGER`] after it took that one, so
+//! that groups grow under load (one sync for dozens of records, at most one
+//! sync per linger) and a lone call is not delayed. The linger runs from the
+//! last group's taking, not from this one's first record: the last sync, and
+//! the wait for a first record, count towards it (since session 12; lingering
+//! a full [`LINGER`] after the first record made a group's cycle about twice
+//! as long, docs/performance.md). A feeder thread then
 //! appends each durable group to the audit log in the store as one batch
 //! (numbered and chained there, in commit order, like every other record) that
 //! also records the newest journal id it holds (`m\0audit.journal`). On open,
@@ -53,8 +58,9 @@ const HEADER: usize = 12;
 const MAC: usize = chain::MAC_LEN;
 /// Largest body: a record's text fields are capped at 1 KiB each.
 const MAX_BODY: usize = 64 << 10;
-/// How long the writer waits for more records once the previous group held
-/// more than one (measured with `credvault bench audit`, docs/performance.md).
+/// Under load (the previous group held more than one record), the least time
+/// between the taking of two groups (measured with `credvault bench audit`,
+/// docs/performance.md).
 pub const LINGER: Duration = Duration::from_micros(500);
 /// How long the feeder gathers durable groups before appending them to the
 /// store's log, unless a reader of the log (or a Revoke) waits for them.
@@ -436,6 +442,7 @@ fn write(
     let mut last_group = 0usize;
     let mut spare: (Vec<u8>, Vec<Waiter>) = Default::default();
     let mut written = shared.progress.borrow().fed;
+    let mut last_taken = std::time::Instant::now();
     loop {
         let mut queue = shared.queue.lock().expect("journal lock");
         while queue.waiters.is_empty() && !queue.stop {
@@ -446,9 +453,13 @@ fn write(
         if queue.waiters.is_empty() {
             return; // stopping, nothing queued; dropping `to_feed` stops the feeder
         }
-        if last_group > 1 && !linger.is_zero() && !queue.stop {
+        // Under load, a group is taken no sooner than `linger` after the last
+        // one was: the time that one spent in its sync, and waiting for this
+        // one's first record, counts towards the linger.
+        let wait = (last_taken + linger).saturating_duration_since(std::time::Instant::now());
+        if last_group > 1 && !wait.is_zero() && !queue.stop {
             drop(queue);
-            std::thread::sleep(linger);
+            std::thread::sleep(wait);
             queue = shared.queue.lock().expect("journal lock");
             if queue.failed.is_some() {
                 continue;
@@ -458,6 +469,7 @@ fn write(
         // do not grow new ones from nothing for every group.
         let mut frames = std::mem::replace(&mut queue.frames, std::mem::take(&mut spare.0));
         let records = std::mem::take(&mut queue.records);
+        last_taken = std::time::Instant::now();
         let mut waiters = std::mem::replace(&mut queue.waiters, std::mem::take(&mut spare.1));
         drop(queue);
         last_group = waiters.len();

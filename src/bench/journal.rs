@@ -28,9 +28,11 @@
 //! the same disk flush. With `linger_us` 0 the writer flushes as soon as
 //! anything is pending (greedy group commit), so groups stay as small as the
 //! flush is fast and the per-flush CPU (syscalls, wake-ups, ext4's journal
-//! commit for the growing file) is paid often; with `linger_us` > 0 it waits
-//! that long after the first record of a group before taking the group,
-//! trading latency for fewer, bigger flushes.
+//! commit for the growing file) is paid often; with `linger_us` > 0 it takes
+//! a group no sooner than that long after it took the last one (once that
+//! held more than one record), trading latency for fewer, bigger flushes: the
+//! product's journal's rule since session 12 (until then both waited that
+//! long after a group's first record).
 //!
 //! On and off run in `rounds` interleaved slices (on, off, then the reverse,
 //! …) after a warm-up, so that drift in the VM's disk latency or in other
@@ -62,8 +64,8 @@ pub struct Params {
     pub in_flight: usize,
     /// CPU burnt per call standing in for the rest of an Unseal, in µs.
     pub work_us: u64,
-    /// How long the writer waits after a group's first record before taking
-    /// the group, in µs (0: greedy group commit).
+    /// Least time between the taking of two groups under load, in µs (0:
+    /// greedy group commit).
     pub linger_us: u64,
     /// Append to a growing file (each sync also writes its new size) instead
     /// of overwriting a preallocated one, as the product's journal does.
@@ -754,6 +756,7 @@ impl Journal {
     fn commit_groups(&self, file: &mut File) -> io::Result<()> {
         let poisoned = |_| io::Error::other("journal lock poisoned");
         let (mut buffer, mut waiters) = (Vec::new(), Vec::new());
+        let (mut last_taken, mut last_group) = (Instant::now(), 0);
         loop {
             {
                 let mut state = self.state.lock().map_err(poisoned)?;
@@ -763,13 +766,18 @@ impl Journal {
                 if state.buffer.is_empty() {
                     return Ok(());
                 }
-                if !self.linger.is_zero() && !state.stop {
+                // As the product's journal: no sooner than `linger` after the
+                // last group was taken, once that one held more than one record.
+                let wait = (last_taken + self.linger).saturating_duration_since(Instant::now());
+                if last_group > 1 && !wait.is_zero() && !state.stop {
                     drop(state);
-                    std::thread::sleep(self.linger);
+                    std::thread::sleep(wait);
                     state = self.state.lock().map_err(poisoned)?;
                 }
                 std::mem::swap(&mut state.buffer, &mut buffer);
+                last_taken = Instant::now();
                 std::mem::swap(&mut state.waiters, &mut waiters);
+                last_group = waiters.len();
             }
             let started = Instant::now();
             self.write_group(file, &buffer)?;

@@ -194,8 +194,8 @@ pub struct VaultOptions {
     /// Whether audit records are written. Off only in benchmarks (to measure
     /// what they cost); a server always writes them.
     pub audit: bool,
-    /// How long the audit journal waits for more records once its previous
-    /// group held more than one ([`crate::audit::journal::LINGER`]).
+    /// Under load, the least time between the audit journal's taking of two
+    /// groups ([`crate::audit::journal::LINGER`]).
     pub audit_linger: std::time::Duration,
 }
 
