@@ -288,6 +288,15 @@ impl Server {
         command
     }
 
+    /// `credvault unseal --tenant TENANT --id ID` as the executor: the secret, which
+    /// the call must return (`what` names it in a failure).
+    #[track_caller]
+    fn unsealed(&self, tenant: &str, id: &str, what: &str) -> Vec<u8> {
+        let mut command = self.client("unseal");
+        let output = run(command.args(["--tenant", tenant, "--id", id]), b"");
+        output.assert_success(what).stdout.clone()
+    }
+
     fn stdout_text(&self) -> String {
         fs::read_to_string(&self.stdout).expect("server stdout")
     }
@@ -549,14 +558,8 @@ fn dev_on_an_empty_directory_serves_the_client_commands_and_a_restart_reuses_eve
     let listed = run(server.client("list").args(["--tenant", "acme"]), b"");
     let text = listed.assert_success("list after restart").stdout_text();
     assert_eq!(text.lines().count(), 2, "{text}");
-    let unsealed = run(
-        server
-            .client("unseal")
-            .args(["--tenant", "acme", "--id", "openai"]),
-        b"",
-    );
     assert_eq!(
-        unsealed.assert_success("unseal after restart").stdout,
+        server.unsealed("acme", "openai", "unseal after restart"),
         api_key
     );
     let refused = run(
@@ -2104,13 +2107,7 @@ fn offline_verify_and_export_after_kill_9_read_a_copy_and_leave_the_data_directo
     )
     .assert_success("seal");
     for _ in 0..3 {
-        let unsealed = run(
-            server
-                .client("unseal")
-                .args(["--tenant", "acme", "--id", "gmail/alice"]),
-            b"",
-        );
-        assert_eq!(unsealed.assert_success("unseal").stdout, b"SID=abc");
+        assert_eq!(server.unsealed("acme", "gmail/alice", "unseal"), b"SID=abc");
     }
     // SIGKILL: the store's log holds writes its tree lacks, and the journal may hold
     // records the log lacks; opening the store in place would apply both.
@@ -2169,14 +2166,8 @@ fn offline_verify_and_export_after_kill_9_read_a_copy_and_leave_the_data_directo
 
     // The server starts on the untouched directory and serves what it acknowledged.
     let server = Server::dev(tmp.path(), &[]);
-    let unsealed = run(
-        server
-            .client("unseal")
-            .args(["--tenant", "acme", "--id", "gmail/alice"]),
-        b"",
-    );
     assert_eq!(
-        unsealed.assert_success("unseal after restart").stdout,
+        server.unsealed("acme", "gmail/alice", "unseal after restart"),
         b"SID=abc"
     );
     let online = audit(&server, "verify", &[]);

@@ -516,21 +516,14 @@ impl OfflineCopy {
         }))
     }
 
-    fn log(&self) -> anyhow::Result<&credvault::audit::AuditLog> {
-        self.vault
-            .audit_log()
-            .context("the vault was opened without its audit log")
-    }
-
     /// Verifies the copy's audit chain (and that it still holds `seen`).
     fn verify(&self, seen: Option<Head>) -> anyhow::Result<Verdict> {
-        let verification = self.log()?.verify_against(seen)?;
-        Ok(report(&verification.into(), seen))
+        verify_vault(&self.vault, seen)
     }
 
     /// Prints every record after `after`, as the online export does.
     fn export(&self, mut after: u64) -> anyhow::Result<()> {
-        let log = self.log()?;
+        let log = audit_log(&self.vault)?;
         loop {
             let entries = log.export(after, MAX_PAGE as usize)?;
             let Some(last) = entries.last() else {
@@ -571,12 +564,21 @@ pub(super) async fn verify_in_place(
     root: credvault::crypto::SymmetricKey,
 ) -> anyhow::Result<Verdict> {
     let vault = open_vault(dir.clone(), root).await?;
-    let verification = vault
+    verify_vault(&vault, None)
+        .with_context(|| format!("reading the audit log in {}", dir.display()))
+}
+
+fn audit_log(vault: &credvault::vault::Vault) -> anyhow::Result<&credvault::audit::AuditLog> {
+    vault
         .audit_log()
-        .context("the vault was opened without its audit log")?
-        .verify_against(None)
-        .with_context(|| format!("reading the audit log in {}", dir.display()))?;
-    Ok(report(&verification.into(), None))
+        .context("the vault was opened without its audit log")
+}
+
+/// Verifies `vault`'s audit chain (and that it still holds `seen`), printing
+/// the verdict.
+fn verify_vault(vault: &credvault::vault::Vault, seen: Option<Head>) -> anyhow::Result<Verdict> {
+    let verification = audit_log(vault)?.verify_against(seen)?;
+    Ok(report(&verification.into(), seen))
 }
 
 /// Prints what `verify` found, online or offline, and the head to keep.

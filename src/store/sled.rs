@@ -513,22 +513,11 @@ impl SledStore {
     /// records): whoever must leave a data directory as it is, as evidence,
     /// opens such a copy instead.
     pub fn copy_stopped(from: &Path, into: &Path) -> Result<u64, CopyError> {
-        let io = CopyError::at;
-        let db = from.join("db");
-        let lock = match File::open(&db) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(CopyError::NoStore(from.to_path_buf()));
-            }
-            Err(e) => return Err(io(&db)(e)),
+        let lock = match lock_tree(from).map_err(CopyError::at(&from.join("db")))? {
+            TreeLock::NoTree => return Err(CopyError::NoStore(from.to_path_buf())),
+            TreeLock::Busy => return Err(CopyError::InUse(from.to_path_buf())),
+            TreeLock::Held(file) => file,
         };
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(CopyError::InUse(from.to_path_buf()));
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(&db)(e)),
-        }
         fn copy_dir(from: &Path, into: &Path) -> Result<u64, CopyError> {
             let io = CopyError::at;
             std::fs::create_dir(into).map_err(io(into))?;
@@ -563,24 +552,40 @@ const REOPEN_WAIT: Duration = Duration::from_secs(2);
 /// opened right after it was closed (a restore, then the check of what it
 /// restored) could find it still locked: seen once in CI, under load.
 fn wait_until_released(path: &Path, wait: Duration) -> Result<bool, StoreError> {
-    let db = path.join("db");
-    let file = match File::open(&db) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
-        Err(e) => return Err(backend(format!("{}: {e}", db.display()))),
-    };
     let deadline = Instant::now() + wait;
     loop {
-        match file.try_lock() {
-            Ok(()) => return file.unlock().map(|()| true).map_err(backend),
-            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+        match lock_tree(path).map_err(|e| backend(format!("{}: {e}", path.join("db").display())))? {
+            TreeLock::NoTree | TreeLock::Held(_) => return Ok(true), // dropping the file unlocks
+            TreeLock::Busy if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(backend(format!("{}: {e}", db.display())));
-            }
+            TreeLock::Busy => return Ok(false),
         }
+    }
+}
+
+/// What [`lock_tree`] found.
+enum TreeLock {
+    /// No `db` file: no tree yet.
+    NoTree,
+    /// Another holder has sled's lock.
+    Busy,
+    /// The lock, held until the file is dropped.
+    Held(File),
+}
+
+/// Tries to take sled's lock on the tree in `path` (an exclusive `flock` on
+/// its `db` file), without waiting.
+fn lock_tree(path: &Path) -> std::io::Result<TreeLock> {
+    let file = match File::open(path.join("db")) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TreeLock::NoTree),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(TreeLock::Held(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(TreeLock::Busy),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 
